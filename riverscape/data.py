@@ -1,0 +1,257 @@
+"""Built-in datasets that need no download: every one ships with a package or is generated.
+
+===================  ===================================================================
+name                 source
+===================  ===================================================================
+``digits``           ``sklearn.datasets.load_digits`` (1797 8x8 images, 10 classes)
+``mnist1d``          ``mnist1d.data.make_dataset`` (procedural 1-D digits, length 40)
+``teacher_linear``   linear teacher ``y = w*.x / sqrt(d) + noise``, Gaussian inputs
+``teacher_sign``     sign-perceptron teacher ``y = sign(w*.x / sqrt(d))``, w* in {-1, +1}^d
+``text``             characters of text shipped with the Python standard library
+===================  ===================================================================
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Dataset", "load_dataset", "digits", "mnist1d", "teacher_student", "stdlib_text", "DATASET_NAMES"]
+
+
+@dataclass
+class Dataset:
+    """Train/test tensors and what a model needs to know about them.
+
+    Attributes
+    ----------
+    name : str
+    x_train, y_train, x_test, y_test : Tensor
+    loss : str
+        ``"cross_entropy"`` or ``"mse"``.
+    num_classes : int or None
+        Classes (vocabulary size for text); ``None`` for regression.
+    input_shape : tuple of int
+        Shape of one input.
+    info : dict
+        Extra facts (teacher weights, vocabulary, generator settings).
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    loss: str
+    num_classes: int | None
+    input_shape: tuple[int, ...]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def train(self) -> tuple[Tensor, Tensor]:
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return self.x_test, self.y_test
+
+    def model_kwargs(self, model: str) -> dict:
+        """Keyword arguments that fit built-in model ``model`` to this data."""
+        n_in = int(np.prod(self.input_shape))
+        out = self.num_classes if self.num_classes is not None else 1
+        if model == "mlp":
+            return {"in_dim": n_in, "out_dim": out}
+        if model == "cnn":
+            side = int(round(np.sqrt(n_in)))
+            return {"in_channels": 1, "num_classes": out, "image_size": side}
+        if model == "cnn1d":
+            return {"length": n_in, "num_classes": out}
+        if model in ("resnet20", "cifar_cnn"):
+            channels = self.input_shape[0] if len(self.input_shape) == 3 else 1
+            return {"num_classes": out, "in_channels": channels}
+        if model == "transformer":
+            return {"vocab_size": out, "seq_len": self.input_shape[0]}
+        if model == "linear":
+            return {"dim": n_in}
+        raise ValueError(f"no default arguments of model {model!r} for dataset {self.name!r}")
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def digits(*, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
+    """sklearn's 8x8 handwritten digits, pixels scaled to [0, 1], a seeded train/test split."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = (raw.data / 16.0).astype(np.float64)
+    y = raw.target.astype(np.int64)
+    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    return Dataset(
+        "digits",
+        torch.as_tensor(xtr, dtype=dtype),
+        torch.as_tensor(ytr),
+        torch.as_tensor(xte, dtype=dtype),
+        torch.as_tensor(yte),
+        "cross_entropy",
+        10,
+        (64,),
+        {"image_size": 8},
+    )
+
+
+def mnist1d(*, num_samples: int = 5000, seed: int = 42, dtype: torch.dtype = torch.float32) -> Dataset:
+    """MNIST-1D (Greydanus 2020) generated procedurally with ``mnist1d``'s ``make_dataset``.
+
+    Inputs are standardised with the training mean and standard deviation.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    raw = make_dataset(args)
+    xtr, xte = raw["x"].astype(np.float64), raw["x_test"].astype(np.float64)
+    mean, std = xtr.mean(), xtr.std()
+    return Dataset(
+        "mnist1d",
+        torch.as_tensor((xtr - mean) / std, dtype=dtype),
+        torch.as_tensor(raw["y"].astype(np.int64)),
+        torch.as_tensor((xte - mean) / std, dtype=dtype),
+        torch.as_tensor(raw["y_test"].astype(np.int64)),
+        "cross_entropy",
+        10,
+        (xtr.shape[1],),
+        {"generator": "mnist1d.make_dataset", "seed": seed},
+    )
+
+
+def teacher_student(
+    dim: int = 100,
+    n_train: int = 1000,
+    n_test: int = 1000,
+    *,
+    teacher: str = "linear",
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """Gaussian inputs labelled by a teacher of any dimension.
+
+    Parameters
+    ----------
+    dim : int
+        Input dimension d.
+    teacher : {"linear", "sign"}
+        ``"linear"``: ``y = w*.x / sqrt(d) + noise * eps`` with ``w* ~ N(0, I)``
+        (regression, MSE loss). ``"sign"``: ``y = sign(w*.x / sqrt(d))`` with
+        ``w*`` in {-1, +1}^d, returned as class labels {0, 1} (cross-entropy); with
+        ``noise > 0`` that fraction of labels is flipped.
+    """
+    if teacher not in ("linear", "sign"):
+        raise ValueError(f"teacher must be 'linear' or 'sign', got {teacher!r}")
+    if dim < 1 or n_train < 1 or n_test < 0:
+        raise ValueError("dim and n_train must be positive")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, dim, generator=g, dtype=torch.float64)
+    if teacher == "linear":
+        w = torch.randn(dim, generator=g, dtype=torch.float64)
+        y = x @ w / dim**0.5 + noise * torch.randn(n_train + n_test, generator=g, dtype=torch.float64)
+        y, loss, classes = y.to(dtype), "mse", None
+    else:
+        w = torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+        labels = (x @ w >= 0).to(torch.int64)
+        flip = torch.rand(n_train + n_test, generator=g) < noise
+        y, loss, classes = torch.where(flip, 1 - labels, labels), "cross_entropy", 2
+    x = x.to(dtype)
+    return Dataset(
+        f"teacher_{teacher}",
+        x[:n_train],
+        y[:n_train],
+        x[n_train:],
+        y[n_train:],
+        loss,
+        classes,
+        (dim,),
+        {"teacher": w.to(dtype), "noise": noise, "seed": seed},
+    )
+
+
+_TEXT_MODULES = ("this", "collections", "functools", "itertools", "json", "argparse", "textwrap", "random", "statistics", "pathlib")
+
+
+def _stdlib_corpus() -> str:
+    import codecs
+
+    import this  # noqa: F401  (prints the Zen once on first import)
+
+    parts = [codecs.decode(this.s, "rot13")]
+    for name in _TEXT_MODULES[1:]:
+        doc = importlib.import_module(name).__doc__ or ""
+        parts.append(doc)
+    return "\n".join(parts)
+
+
+def stdlib_text(*, seq_len: int = 32, stride: int = 4, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Character-level next-character data from text shipped with Python itself.
+
+    The corpus is the Zen of Python (``this``) plus the module docstrings of a fixed list
+    of standard-library modules. Windows of ``seq_len + 1`` characters (every ``stride``
+    characters) give inputs ``x = c[0:T]`` and targets ``y = c[1:T+1]``. The last
+    ``test_fraction`` of the corpus is held out (no window straddles the split).
+    """
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        text = _stdlib_corpus()
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.int64)
+    cut = int(len(codes) * (1 - test_fraction))
+
+    def windows(seq: Tensor) -> tuple[Tensor, Tensor]:
+        starts = torch.arange(0, len(seq) - seq_len - 1, stride)
+        idx = starts[:, None] + torch.arange(seq_len + 1)[None]
+        chunk = seq[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    xtr, ytr = windows(codes[:cut])
+    xte, yte = windows(codes[cut:])
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(xtr), generator=g)
+    return Dataset(
+        "text", xtr[perm], ytr[perm], xte, yte, "cross_entropy", len(vocab), (seq_len,),
+        {"vocab": "".join(vocab), "characters": len(text)},
+    )
+
+
+_LOADERS = {
+    "digits": digits,
+    "mnist1d": mnist1d,
+    "teacher_linear": lambda **kw: teacher_student(teacher="linear", **kw),
+    "teacher_sign": lambda **kw: teacher_student(teacher="sign", **kw),
+    "text": stdlib_text,
+}
+DATASET_NAMES = tuple(_LOADERS)
+
+
+def load_dataset(name: str, **kwargs) -> Dataset:
+    """Load a built-in dataset by name (see the module table).
+
+    >>> load_dataset("digits").x_train.shape
+    torch.Size([1348, 64])
+    """
+    try:
+        loader = _LOADERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(_LOADERS)}") from None
+    return loader(**kwargs)

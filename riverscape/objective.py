@@ -1,0 +1,567 @@
+"""The Objective: a model, a loss and data, seen as a function of a flat parameter vector.
+
+Every other module of riverscape asks questions of points ``theta`` in weight space
+through this one object. The user's ``nn.Module`` is never touched: the Objective keeps
+a private copy in eval mode (buffers such as BatchNorm running statistics frozen) and
+swaps parameters in with :func:`torch.func.functional_call`.
+
+Shapes: ``dim`` is the number of selected parameters (D); a batch of points is ``(n, D)``;
+a block of tangent vectors for :meth:`Objective.hvps` is ``(D, K)``.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+
+__all__ = [
+    "Objective",
+    "ParamSpec",
+    "cross_entropy",
+    "mse",
+    "resolve_loss",
+    "HVP_MODES",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ParamSelector = Union[None, str, Sequence[str], Callable[[str, Tensor], bool]]
+HVP_MODES = ("auto", "reuse", "forward", "reverse")
+
+
+def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over all leading dimensions (works for (N, C) and (N, T, C))."""
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error with the output squeezed to the target's shape."""
+    return F.mse_loss(outputs.reshape(targets.shape), targets)
+
+
+_NAMED_LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "ce": cross_entropy, "mse": mse}
+
+
+def resolve_loss(loss_fn: Union[str, LossFn]) -> LossFn:
+    """Turn a loss name (``"cross_entropy"``, ``"mse"``) or callable into a callable."""
+    if isinstance(loss_fn, str):
+        try:
+            return _NAMED_LOSSES[loss_fn]
+        except KeyError:
+            raise ValueError(
+                f"unknown loss {loss_fn!r}; choose one of {sorted(_NAMED_LOSSES)} or pass a callable"
+            ) from None
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable or a name, got {type(loss_fn).__name__}")
+    return loss_fn
+
+
+def _is_classification_loss(loss_fn: LossFn) -> bool:
+    return loss_fn is cross_entropy or loss_fn is F.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where one parameter tensor lives inside the flat vector ``theta``.
+
+    Attributes
+    ----------
+    name : str
+        Fully qualified parameter name (``"net.0.weight"``).
+    shape : tuple of int
+        The tensor's shape.
+    offset : int
+        Start index in ``theta``.
+    numel : int
+        Number of entries.
+    module_type : str
+        Class name of the module that owns the parameter (``"Linear"``, ``"Conv2d"``, ...).
+    kind : str
+        ``"weight"``, ``"bias"`` or the attribute name for other parameters.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+    module_type: str
+    kind: str
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+def _select_names(named: list[tuple[str, Tensor]], params: ParamSelector) -> list[str]:
+    names = [n for n, _ in named]
+    if params is None:
+        return [n for n, p in named if p.requires_grad]
+    if callable(params):
+        chosen = [n for n, p in named if params(n, p)]
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        chosen = []
+        for pattern in patterns:
+            hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise ValueError(f"parameter selector {pattern!r} matches no parameter; available: {names}")
+            chosen.extend(h for h in hits if h not in chosen)
+        chosen = [n for n in names if n in chosen]  # keep model order
+    if not chosen:
+        raise ValueError("the parameter selection is empty")
+    return chosen
+
+
+def _to_batches(data, batch_size: int | None, max_batches: int | None) -> list[tuple]:
+    """Materialise data as a fixed list of ``(inputs, targets)`` batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
+        if batch_size is None or batch_size >= x.shape[0]:
+            batches = [(x, y)]
+        else:
+            batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    else:
+        try:
+            iterator = iter(data)
+        except TypeError:
+            raise TypeError("data must be a tuple (inputs, targets) of tensors or an iterable of such batches") from None
+        batches = []
+        for batch in iterator:
+            if max_batches is not None and len(batches) >= max_batches:
+                break
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise TypeError("each batch must be a tuple (inputs, targets)")
+            batches.append((batch[0], batch[1]))
+    if max_batches is not None:
+        if max_batches < 1:
+            raise ValueError("max_batches must be at least 1")
+        batches = batches[:max_batches]
+    if not batches:
+        raise ValueError("data holds no batch")
+    return batches
+
+
+class Objective:
+    """Model + loss + data as a function of a flat parameter vector ``theta``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network. It is deep-copied once; the copy is put in eval mode, so the
+        caller's module (parameters, buffers, training flag) is never modified.
+    loss_fn : callable or str
+        ``loss_fn(outputs, targets) -> scalar`` (mean over the batch), or ``"cross_entropy"``
+        / ``"mse"``.
+    data : tuple of Tensor or iterable
+        ``(inputs, targets)`` tensors, or an iterable of such batches (e.g. a DataLoader).
+        Batches are materialised once, so every evaluation uses the same analysis set.
+    params : None, str, list of str, or callable, optional
+        Which parameters form ``theta``: ``None`` for all trainable parameters, names or
+        glob patterns (``"*.weight"``), or a predicate ``(name, tensor) -> bool``.
+    max_batches : int, optional
+        Use only the first ``max_batches`` batches.
+    batch_size : int, optional
+        Split tensor data into batches of this size (bounds memory; the result is the
+        same full-data average).
+    device, dtype : optional
+        Where and in which floating dtype to evaluate (``torch.float64`` for exact tests).
+        Default: the model's own.
+    metric : "auto", None or callable
+        ``"auto"`` gives accuracy for classification losses with integer targets;
+        a callable ``metric(outputs, targets) -> Tensor`` (mean over the batch) is used as is.
+    hvp_mode : {"auto", "reuse", "forward", "reverse"}
+        How :meth:`hessian` computes repeated HVPs at one point: ``"reuse"`` keeps the
+        gradient graph and runs only the second backward (about 1.5 gradients per HVP),
+        ``"forward"`` is forward-over-reverse (``jvp`` of ``grad``; no memory held between
+        calls), ``"reverse"`` is reverse-over-reverse. ``"auto"`` reuses the graph when the
+        analysis set has at most ``reuse_max_batches`` batches.
+
+    Notes
+    -----
+    The loss is the exact average over all samples: ``sum_b n_b * loss_b / sum_b n_b``,
+    so results do not depend on how the data are split into batches.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    >>> obj = Objective(model, "cross_entropy", (x, y))
+    >>> obj.dim
+    8
+    >>> g = obj.grad(obj.theta0); g.shape
+    torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Union[str, LossFn],
+        data,
+        *,
+        params: ParamSelector = None,
+        max_batches: int | None = None,
+        batch_size: int | None = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype | None = None,
+        metric: Union[str, None, Callable[[Tensor, Tensor], Tensor]] = "auto",
+        hvp_mode: str = "auto",
+        reuse_max_batches: int = 32,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+        self.loss_fn = resolve_loss(loss_fn)
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+        module = copy.deepcopy(model).to(device=self.device)
+        if dtype is not None:
+            module = module.to(dtype=dtype)
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.module = module
+        self.hvp_mode = hvp_mode
+        self.reuse_max_batches = reuse_max_batches
+
+        named = list(model.named_parameters())
+        owner = {}
+        for mod_name, mod in model.named_modules():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (type(mod).__name__, p_name)
+        selected = _select_names(named, params)
+        module_params = dict(module.named_parameters())
+        layout, offset = [], 0
+        for name in selected:
+            p = module_params[name]
+            mtype, kind = owner.get(name, ("", name.rsplit(".", 1)[-1]))
+            layout.append(ParamSpec(name, tuple(p.shape), offset, p.numel(), mtype, kind))
+            offset += p.numel()
+        self.layout: tuple[ParamSpec, ...] = tuple(layout)
+        self.dim = offset
+        self.theta0 = torch.cat([module_params[s.name].detach().reshape(-1) for s in self.layout]).clone()
+
+        batches = _to_batches(data, batch_size, max_batches)
+        self.batches = [(self._move(x), self._move(y)) for x, y in batches]
+        self.batch_sizes = [int(_leading(x)) for x, _ in self.batches]
+        self.n_samples = sum(self.batch_sizes)
+        self._weights = [n / self.n_samples for n in self.batch_sizes]
+
+        if metric == "auto":
+            int_targets = all(not torch.is_floating_point(y) for _, y in self.batches)
+            self._metric = _accuracy if (_is_classification_loss(self.loss_fn) and int_targets) else None
+        elif metric is None or callable(metric):
+            self._metric = metric
+        else:
+            raise ValueError(f"metric must be 'auto', None or a callable, got {metric!r}")
+        self._reverse_hvp = hvp_mode == "reverse"
+        self._vmap_ok = True
+
+    # ------------------------------------------------------------------ helpers
+    def _move(self, t):
+        if isinstance(t, Tensor):
+            t = t.to(self.device)
+            if torch.is_floating_point(t):
+                t = t.to(self.dtype)
+            return t
+        if isinstance(t, (tuple, list)):
+            return type(t)(self._move(u) for u in t)
+        return t
+
+    @property
+    def has_metric(self) -> bool:
+        """Whether :meth:`metric` gives a number (accuracy for classifiers)."""
+        return self._metric is not None
+
+    @property
+    def param_names(self) -> list[str]:
+        return [s.name for s in self.layout]
+
+    def check_theta(self, theta: Tensor) -> Tensor:
+        """Validate a point and bring it to the Objective's device and dtype."""
+        if not isinstance(theta, Tensor):
+            theta = torch.as_tensor(np.asarray(theta))
+        if theta.shape != (self.dim,):
+            raise ValueError(f"theta must have shape ({self.dim},), got {tuple(theta.shape)}")
+        return theta.to(device=self.device, dtype=self.dtype)
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of ``theta`` as named parameter tensors."""
+        return {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.layout}
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`unflatten` (missing names raise ``KeyError``)."""
+        return torch.cat([tensors[s.name].reshape(-1).to(self.device, self.dtype) for s in self.layout])
+
+    def forward(self, theta: Tensor, inputs) -> Tensor:
+        """Model outputs at ``theta`` (functional; the stored module is untouched)."""
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return functional_call(self.module, self.unflatten(theta), args)
+
+    def batch_loss(self, theta: Tensor, inputs, targets) -> Tensor:
+        """Mean loss of one batch at ``theta`` as a differentiable tensor."""
+        return self.loss_fn(self.forward(theta, inputs), targets)
+
+    def loss_tensor(self, theta: Tensor) -> Tensor:
+        """Full-data loss as a differentiable tensor (autograd flows into ``theta``)."""
+        return sum(w * self.batch_loss(theta, x, y) for w, (x, y) in zip(self._weights, self.batches))
+
+    # ------------------------------------------------------------------ values
+    def loss(self, theta: Tensor) -> float:
+        """Full-data mean loss ``L(theta)``."""
+        theta = self.check_theta(theta)
+        with torch.no_grad():
+            return float(self.loss_tensor(theta))
+
+    def metric(self, theta: Tensor) -> float | None:
+        """Full-data metric (accuracy in [0, 1] for classifiers), ``None`` if there is none."""
+        if self._metric is None:
+            return None
+        theta = self.check_theta(theta)
+        with torch.no_grad():
+            total = sum(w * float(self._metric(self.forward(theta, x), y)) for w, (x, y) in zip(self._weights, self.batches))
+        return float(total)
+
+    def loss_and_metric(self, theta: Tensor) -> tuple[float, float | None]:
+        """Loss and metric from one pass over the data."""
+        losses, metrics = self.evaluate(self.check_theta(theta)[None])
+        return float(losses[0]), (None if metrics is None else float(metrics[0]))
+
+    def grad(self, theta: Tensor) -> Tensor:
+        """Gradient ``dL/dtheta`` (shape ``(D,)``)."""
+        return self.value_and_grad(theta)[1]
+
+    def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
+        """Loss and gradient from one forward-backward pass per batch."""
+        theta = self.check_theta(theta)
+        total_g = torch.zeros_like(theta)
+        total_l = 0.0
+        gv = grad_and_value(self.batch_loss)
+        for w, (x, y) in zip(self._weights, self.batches):
+            g, value = gv(theta, x, y)
+            total_g.add_(g, alpha=w)
+            total_l += w * float(value)
+        return total_l, total_g
+
+    # ------------------------------------------------------------------ curvature
+    def _hvp_batch(self, theta: Tensor, v: Tensor, x, y) -> Tensor:
+        grad_fn = grad(self.batch_loss)
+        if not self._reverse_hvp:
+            try:
+                return jvp(lambda t: grad_fn(t, x, y), (theta,), (v,))[1]
+            except RuntimeError as err:  # pytorch issue 123996: jvp(grad(mse_loss)) -> ZeroTensor
+                if "ZeroTensor" not in str(err):
+                    raise
+                self._reverse_hvp = True
+        _, pullback = vjp(lambda t: grad_fn(t, x, y), theta)
+        return pullback(v)[0]
+
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """Exact Hessian-vector product ``H(theta) v`` (forward-over-reverse).
+
+        Falls back to reverse-over-reverse for losses that hit PyTorch issue 123996.
+        """
+        theta = self.check_theta(theta)
+        v = self.check_theta(v)
+        out = torch.zeros_like(theta)
+        for w, (x, y) in zip(self._weights, self.batches):
+            out.add_(self._hvp_batch(theta, v, x, y), alpha=w)
+        return out
+
+    def hvps(self, theta: Tensor, vectors: Tensor) -> Tensor:
+        """Hessian times a block of vectors: ``(D, K) -> (D, K)``, vectorised with ``vmap``."""
+        theta = self.check_theta(theta)
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        if vectors.ndim != 2 or vectors.shape[0] != self.dim:
+            raise ValueError(f"vectors must have shape ({self.dim}, K), got {tuple(vectors.shape)}")
+        out = torch.zeros_like(vectors)
+        for w, (x, y) in zip(self._weights, self.batches):
+            batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
+            out.add_(batched.T, alpha=w)
+        return out
+
+    def hessian(self, theta: Tensor, *, mode: str | None = None) -> "HessianOperator":
+        """The Hessian at ``theta`` as a scipy ``LinearOperator`` (float64 in and out).
+
+        Parameters
+        ----------
+        theta : Tensor
+            Point of evaluation.
+        mode : {"auto", "reuse", "forward", "reverse"}, optional
+            Overrides the Objective's ``hvp_mode`` for this operator.
+        """
+        return HessianOperator(self, self.check_theta(theta), mode or self.hvp_mode)
+
+    def dense_hessian(self, theta: Tensor) -> Tensor:
+        """The full ``(D, D)`` Hessian (D HVPs, vectorised). Only for small models."""
+        theta = self.check_theta(theta)
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        chunks = [self.hvps(theta, eye[:, i : i + 256]) for i in range(0, self.dim, 256)]
+        h = torch.cat(chunks, dim=1)
+        return 0.5 * (h + h.T)
+
+    # ------------------------------------------------------------------ batched
+    def _point_eval(self, theta: Tensor, x, y) -> tuple[Tensor, Tensor]:
+        out = self.forward(theta, x)
+        value = self.loss_fn(out, y)
+        score = self._metric(out, y).to(value.dtype) if self._metric is not None else value
+        return value, score
+
+    def _evaluate_chunk(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        losses = torch.zeros(chunk.shape[0], dtype=self.dtype, device=self.device)
+        metrics = torch.zeros_like(losses)
+        for w, (x, y) in zip(self._weights, self.batches):
+            if self._vmap_ok:
+                try:
+                    l, m = vmap(self._point_eval, in_dims=(0, None, None))(chunk, x, y)
+                except Exception:  # an op without a batching rule: fall back to a loop
+                    self._vmap_ok = False
+            if not self._vmap_ok:
+                pairs = [self._point_eval(t, x, y) for t in chunk]
+                l = torch.stack([p[0] for p in pairs])
+                m = torch.stack([p[1] for p in pairs])
+            losses += w * l
+            metrics += w * m
+        return losses, metrics
+
+    def evaluate(self, thetas: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Loss (and metric) at many points in one batched pass.
+
+        Parameters
+        ----------
+        thetas : Tensor, shape (n, D)
+        chunk_size : int, optional
+            Points evaluated together by ``vmap``; default bounds the activations held
+            at once to roughly 2e7 numbers.
+
+        Returns
+        -------
+        losses : Tensor, shape (n,)
+        metrics : Tensor of shape (n,) or None
+        """
+        thetas = thetas.to(device=self.device, dtype=self.dtype)
+        if thetas.ndim != 2 or thetas.shape[1] != self.dim:
+            raise ValueError(f"thetas must have shape (n, {self.dim}), got {tuple(thetas.shape)}")
+        chunk = chunk_size or self.default_chunk_size()
+        losses, metrics = [], []
+        with torch.no_grad():
+            for i in range(0, thetas.shape[0], chunk):
+                l, m = self._evaluate_chunk(thetas[i : i + chunk])
+                losses.append(l)
+                metrics.append(m)
+        loss = torch.cat(losses)
+        metric = None if self._metric is None else torch.cat(metrics)
+        return loss, metric
+
+    def losses(self, thetas: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """Losses at many points, shape ``(n, D) -> (n,)`` (batched with ``vmap``)."""
+        return self.evaluate(thetas, chunk_size=chunk_size)[0]
+
+    def default_chunk_size(self) -> int:
+        """Points per vmap call: bounded by a rough activation budget."""
+        largest = max(_numel(x) for x, _ in self.batches)
+        budget = 2e7 / max(1, largest * 8)
+        return int(max(1, min(64, math.floor(budget))))
+
+
+class HessianOperator(LinearOperator):
+    """``H(theta)`` as a symmetric scipy ``LinearOperator`` (float64 numpy in and out).
+
+    Counts its products in ``matvecs`` so benchmarks and tests can report HVP budgets.
+    In ``"reuse"`` mode the gradient graph of every batch is built once (create_graph)
+    and each product runs only the second backward pass.
+    """
+
+    def __init__(self, objective: Objective, theta: Tensor, mode: str) -> None:
+        if mode not in HVP_MODES:
+            raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
+        super().__init__(dtype=np.float64, shape=(objective.dim, objective.dim))
+        self.objective = objective
+        self.theta = theta
+        if mode == "auto":
+            mode = "reuse" if len(objective.batches) <= objective.reuse_max_batches else "forward"
+        self.mode = mode
+        self.matvecs = 0
+        self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
+
+    def _build_graphs(self) -> None:
+        graphs = []
+        obj = self.objective
+        for w, (x, y) in zip(obj._weights, obj.batches):
+            leaf = self.theta.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = obj.batch_loss(leaf, x, y)
+                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            graphs.append((w, leaf, g))
+        self._graphs = graphs
+
+    def torch_matvec(self, v: Tensor) -> Tensor:
+        """``H v`` on torch tensors in the Objective's dtype."""
+        self.matvecs += 1
+        if self.mode == "reuse":
+            if self._graphs is None:
+                self._build_graphs()
+            out = torch.zeros_like(v)
+            for w, leaf, g in self._graphs:
+                (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+                out.add_(hv, alpha=w)
+            return out
+        if self.mode == "reverse":
+            self.objective._reverse_hvp = True
+        return self.objective.hvp(self.theta, v)
+
+    def torch_matmat(self, vectors: Tensor) -> Tensor:
+        """``H V`` for a block ``(D, K)``."""
+        if self.mode == "reuse":
+            return torch.stack([self.torch_matvec(v) for v in vectors.T], dim=1)
+        self.matvecs += vectors.shape[1]
+        return self.objective.hvps(self.theta, vectors)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.objective.dtype, device=self.objective.device)
+        return self.torch_matvec(v).detach().cpu().double().numpy()
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.asarray(x), dtype=self.objective.dtype, device=self.objective.device)
+        return self.torch_matmat(v).detach().cpu().double().numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # symmetric
+        return self._matvec(x)
+
+    def _adjoint(self):
+        return self
+
+    def release(self) -> None:
+        """Free the stored gradient graphs."""
+        self._graphs = None
+
+
+def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    pred = outputs.argmax(dim=-1)
+    return (pred.reshape(-1) == targets.reshape(-1)).to(outputs.dtype).mean()
+
+
+def _leading(x) -> int:
+    if isinstance(x, (tuple, list)):
+        return _leading(x[0])
+    return x.shape[0]
+
+
+def _numel(x) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_numel(u) for u in x)
+    return x.numel()

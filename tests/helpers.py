@@ -1,0 +1,32 @@
+"""Test helpers: tiny float64 models and an assert_close that explains disagreements."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, what: str = "") -> None:
+    """assert_close that says where and by how much two arrays disagree."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    if not bool((err <= bound).all()):
+        i = int((err - bound).argmax())
+        raise AssertionError(
+            f"{what}: max violation at flat index {i}: actual {actual.reshape(-1)[i].item():.6e} "
+            f"expected {expected.reshape(-1)[i].item():.6e} (abs err {err.reshape(-1)[i].item():.3e}, "
+            f"rtol {rtol}, atol {atol}); max abs err {err.max().item():.3e}"
+        )
+
+
+def tiny_mlp(seed: int = 0, bias: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3, bias=bias)).double()
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
