@@ -1,63 +1,600 @@
-"""Command line: ``riverscape demo | --version``."""
+"""Command line: ``riverscape train | analyze | demo``.
+
+The CLI parses strings, builds validated configs, calls the library and writes files,
+nothing more. Every expected failure (bad argument, unreadable checkpoint, data that do not
+fit the model, NaN loss) ends with one line ``riverscape: error: ...`` on stderr and exit
+code 2; Ctrl-C ends with ``riverscape: interrupted`` and exit code 130; anything else is a
+bug: one line, a hint to rerun with ``--debug`` (full traceback), exit code 1. Outputs are
+written atomically, so a failed or interrupted run leaves nothing behind.
+
+Imports of torch-heavy modules happen inside the commands.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import signal
 import sys
+import threading
 import time
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn, Optional
 
 from . import __version__
+from .errors import AnalysisUnavailableError, InputError, RiverscapeError
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_REPORT_ROOT = "riverscape-report"
+
+_MAIN_EPILOG = """\
+examples:
+  riverscape demo                                   # train the digits MLP, show its PTQ cliff
+  riverscape train --model mlp --data digits --out mlp.pt
+  riverscape analyze mlp.pt --bits 4 2              # report in riverscape-report/mlp/
+  riverscape analyze weights.pt --model my_models.py:make_net --data digits --bits 2
+
+run 'riverscape COMMAND --help' for the options of a command.
+"""
+
+_TRAIN_EPILOG = """\
+examples:
+  riverscape train --model mlp --data digits --out mlp.pt
+  riverscape train --model mlp --hidden 64,32 --data mnist1d --steps 3000 --out mnist1d.pt
+  riverscape train --model cnn --data digits --optimizer sgd --lr 0.05 --out cnn.pt
+  riverscape train --model my_models.py:make_net --model-kwargs '{"width": 64}' --data digits --out net.pt
+
+The checkpoint is a plain dict (torch.load(path, weights_only=True) reads it) holding the
+weights, how to rebuild model and data, and the training trajectory (the raw material of
+the river path). Built-in models: mlp cnn cnn1d cifar_cnn resnet20 transformer linear;
+built-in data: digits mnist1d teacher_linear teacher_sign text.
+"""
+
+_ANALYZE_EPILOG = """\
+examples:
+  riverscape analyze mlp.pt --bits 4 2
+  riverscape analyze mlp.pt --bits 2 --range minmax --per-tensor --keep-first-last --out report/
+  riverscape analyze weights.pt --model mlp --model-kwargs '{"in_dim": 64, "out_dim": 10}' --data digits
+  riverscape analyze model.safetensors --model pkg.models:build --data pkg.data:load_test_set
+  riverscape analyze old_full_model.pt --trust-checkpoint --data digits
+
+CHECKPOINT may be a riverscape checkpoint (from 'riverscape train'), a state dict saved
+with torch.save (also nested under 'state_dict', 'model_state_dict' or 'model', with or
+without a DataParallel 'module.' prefix) or a .safetensors file. The last two hold no
+architecture: name it with --model (a built-in name, package.module:factory or
+path/to/file.py:factory). --data takes a built-in name or a factory returning
+(inputs, targets) tensors, a torch Dataset or a DataLoader.
+
+security: a checkpoint that pickles a whole model (torch.save(model, path)) can execute
+arbitrary code when loaded, so it is refused unless you pass --trust-checkpoint; prefer
+torch.save(model.state_dict(), path). A factory named inside a checkpoint is imported only
+if you name it again (--model/--data) or pass --trust-checkpoint.
+
+The report directory (report.html, metrics.json, figures) is written atomically: a failed
+or interrupted run leaves no partial directory. An existing directory is kept unless --force.
+"""
 
 
-def _demo(args: argparse.Namespace) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in the riverscape format (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(EXIT_INPUT, f"riverscape: error: {message}{hint}\n")
+
+
+# ----------------------------------------------------------------------- parsing helpers
+
+
+def _json_object(text: Optional[str], option: str) -> Optional[dict]:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option} is not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} must be a JSON object such as '{{\"in_dim\": 64}}', got {text!r}")
+    return value
+
+
+def _int_list(values: list[str], option: str) -> list[int]:
+    out = []
+    for part in (p for v in values for p in v.split(",")):
+        if not part.strip():
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise InputError(f"{option} takes integers, got {part!r}") from None
+    return out
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _note(message: str) -> None:
+    print(f"riverscape: note: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _train_model_spec(name: str, model_kwargs: Optional[dict], hidden: Optional[str], data: Any) -> dict:
+    """Model spec for training: built-in defaults fitted to the data, then --hidden, then --model-kwargs."""
+    from .checkpoint import make_spec
+
+    kwargs: dict = {}
+    if ":" not in name and data.dataset is not None:
+        try:
+            kwargs = data.dataset.model_kwargs(name)
+        except ValueError:
+            kwargs = {}
+    if hidden is not None:
+        if name != "mlp":
+            raise InputError("--hidden only applies to --model mlp; use --model-kwargs for other models")
+        kwargs["hidden"] = _int_list([hidden], "--hidden")
+        if not kwargs["hidden"] or min(kwargs["hidden"]) < 1:
+            raise InputError(f"--hidden takes positive comma-separated widths such as 64,32, got {hidden!r}")
+    return make_spec(name, {**kwargs, **(model_kwargs or {})}, kind="model")
+
+
+def _fit(model_spec: dict, data: Any, *, loss: str, config: dict, seed: int) -> tuple[Any, dict]:
+    """Build and train a model; return the :class:`~riverscape.train.TrainResult` and its metrics."""
     import torch
 
-    from .data import load_dataset
-    from .models import build_model
+    from .checkpoint import build_model_from_spec
     from .objective import Objective
-    from .quant import UniformQuantizer, ptq
+    from .threads import threads_for
     from .train import train
 
+    if data.dataset is not None:
+        train_data: Any = data.dataset
+    elif isinstance(data.train, tuple):
+        train_data = data.train
+    else:
+        raise InputError("riverscape train needs data as (inputs, targets) tensors or a built-in dataset, not a DataLoader")
+    torch.manual_seed(seed)  # model initialisation (the CLI owns this process)
+    model = build_model_from_spec(model_spec)
+    with threads_for(model):
+        result = train(model, train_data, loss_fn=loss, seed=seed, progress=_progress(), **config)
+    objective = Objective(result.model, loss, data.evaluation)
+    eval_loss, eval_metric = objective.loss_and_metric(objective.theta0)
+    if not math.isfinite(eval_loss):
+        raise FloatingPointError(f"the trained model's loss is {eval_loss}; lower the learning rate")
+    split = "test" if data.test is not None else "train"
+    metrics = {f"{split}_loss": eval_loss, "final_batch_loss": result.loss_history[-1]}
+    if eval_metric is not None:
+        metrics[f"{split}_accuracy"] = eval_metric
+    return result, metrics
+
+
+def _describe_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items() if k != "final_batch_loss")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_data, save_checkpoint, spec_label
+    from .objective import resolve_loss
+    from .outdir import check_output_file
+
+    check_output_file(args.out, args.force)
+    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--record-every", args.record_every)):
+        if value is not None and value < (0 if name == "--batch-size" else 1):
+            raise InputError(f"{name} must be positive, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
+    data = resolve_data(args.data, _json_object(args.data_kwargs, "--data-kwargs"))
+    loss = args.loss or data.loss or "cross_entropy"
+    resolve_loss(loss)
+    spec = _train_model_spec(args.model, model_kwargs, args.hidden, data)
+    config = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "batch_size": args.batch_size or None,
+        "record_every": args.record_every,
+    }
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    ds = load_dataset("digits")
-    result = train(build_model("mlp", **ds.model_kwargs("mlp")), ds, steps=1500, lr=1e-2, seed=args.seed, progress=True)
-    obj = Objective(result.model, ds.loss, ds.test)
-    print(f"digits MLP ({obj.dim} parameters): FP test accuracy {obj.metric(obj.theta0):.4f}, loss {obj.loss(obj.theta0):.4f}")
-    print(f"{'bits':>4} {'minmax acc':>11} {'mse acc':>9} {'minmax loss':>12} {'mse loss':>9}")
-    for bits in (8, 6, 4, 3, 2, 1):
-        row = []
-        for method in ("minmax", "mse"):
-            theta_q = ptq(obj, UniformQuantizer(bits, range=method))
-            row.append(obj.loss_and_metric(theta_q))
-        print(f"{bits:>4} {row[0][1]:>11.4f} {row[1][1]:>9.4f} {row[0][0]:>12.4f} {row[1][0]:>9.4f}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
+    result, metrics = _fit(spec, data, loss=loss, config=config, seed=args.seed)
+    save_checkpoint(
+        args.out,
+        result.model,
+        model_spec=spec,
+        data_spec=data.spec,
+        loss=loss,
+        train_result=result,
+        train_config={**config, "seed": args.seed},
+        metrics=metrics,
+        overwrite=args.force,
+    )
+    print(
+        f"wrote {args.out}: {spec_label(spec)} on {spec_label(data.spec)}, {result.trajectory.shape[1]} parameters, "
+        f"{len(result.steps)} trajectory points, {_describe_metrics(metrics)} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- analyze
+
+
+def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
+    """The analysis hook: ``riverscape.analysis.analyze(loaded, data, options, out_dir) -> metrics``.
+
+    Parameters
+    ----------
+    loaded : LoadedCheckpoint
+        ``loaded.loss`` is always set (``--loss`` > checkpoint > dataset > cross-entropy).
+    data : ResolvedData
+    options : AnalyzeOptions
+    out_dir : Path
+        Temporary directory that becomes the report directory if this returns.
+
+    Returns
+    -------
+    dict
+        JSON-friendly metrics (stored under ``"metrics"`` in ``metrics.json``).
+    """
+    import importlib
+
+    try:
+        analysis = importlib.import_module(f"{__package__}.analysis")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.analysis":
+            raise
+        raise AnalysisUnavailableError(
+            "the analysis module (riverscape/analysis.py) is not part of this build yet; "
+            "the checkpoint and data were loaded and validated, no report was written"
+        ) from None
+    metrics = analysis.analyze(loaded, data, options, out_dir)
+    if not isinstance(metrics, dict):
+        raise TypeError(f"riverscape.analysis.analyze returned a {type(metrics).__name__}, expected a dict of metrics")
+    return metrics
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON values: tensors/arrays to lists, NaN/inf to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _analysis_data(args: argparse.Namespace, raw: Any, data_kwargs: Optional[dict]) -> Any:
+    from .checkpoint import resolve_data
+
+    if args.data is not None:
+        return resolve_data(args.data, data_kwargs)
+    if raw.data_spec is None:
+        raise InputError(f"{args.checkpoint} does not say which data it was trained on: pass --data NAME or --data package.module:factory")
+    return resolve_data(raw.data_spec, data_kwargs, allow_factory=args.trust_checkpoint)
+
+
+def _default_model_kwargs(args: argparse.Namespace, model_kwargs: Optional[dict], data: Any) -> Optional[dict]:
+    """A built-in --model without --model-kwargs gets the arguments that fit the data."""
+    if args.model is None or model_kwargs is not None or ":" in args.model or data.dataset is None:
+        return model_kwargs
+    try:
+        return data.dataset.model_kwargs(args.model)
+    except ValueError:
+        return model_kwargs
+
+
+def _analyze_options(args: argparse.Namespace) -> Any:
+    from .analysis_options import AnalyzeOptions
+
+    return AnalyzeOptions(
+        bits=tuple(_int_list(args.bits, "--bits")),
+        range_method=args.range_method,
+        per_channel=args.per_channel,
+        symmetric=args.symmetric,
+        include=tuple(args.include or ()),
+        exclude=tuple(args.exclude or ()),
+        keep_first_last=args.keep_first_last,
+        top_k=args.top_k,
+        grid_steps=args.grid_steps,
+        grid_span=args.grid_span,
+        max_samples=args.max_samples or None,
+        qat_steps=args.qat_steps,
+        qat_estimator=args.qat_estimator,
+        seed=args.seed,
+        device=args.device,
+        json=args.json,
+    )
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .checkpoint import check_model_data, read_checkpoint
+    from .objective import resolve_loss
+    from .outdir import check_output_dir
+
+    options = _analyze_options(args)
+    out = Path(args.out) if args.out else Path(DEFAULT_REPORT_ROOT) / Path(args.checkpoint).stem
+    check_output_dir(out, args.force)
+    if args.loss is not None:
+        resolve_loss(args.loss)
+    model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
+    data_kwargs = _json_object(args.data_kwargs, "--data-kwargs")
+    raw = read_checkpoint(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    data = _analysis_data(args, raw, data_kwargs)
+    loaded = raw.instantiate(
+        model=args.model, model_kwargs=_default_model_kwargs(args, model_kwargs, data), trust_checkpoint=args.trust_checkpoint
+    )
+    loaded = dataclasses.replace(loaded, loss=args.loss or loaded.loss or data.loss or "cross_entropy")
+    resolve_loss(loaded.loss)
+    for note in loaded.notes:
+        _note(note)
+    check_model_data(loaded.model, data.train, loaded.loss)
+    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint))
+    return EXIT_OK
+
+
+def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str) -> dict:
+    """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``."""
+    from .outdir import atomic_output_dir
+
+    with atomic_output_dir(out, force=force) as tmp:
+        metrics = run_analysis(loaded, data, options, tmp)
+        payload = _json_safe(
+            {
+                **metrics,
+                "run": {
+                    "riverscape_version": __version__,
+                    "checkpoint": checkpoint,
+                    "source_format": loaded.source_format,
+                    "model": loaded.model_spec,
+                    "data": data.spec,
+                    "loss": loaded.loss,
+                    "options": options.to_dict(),
+                },
+            }
+        )
+        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    if options.json:
+        print(json.dumps(payload, indent=2, allow_nan=False))
+    else:
+        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        print(f"wrote {out}/ ({files})")
+    return payload
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Train the digits MLP (recording its trajectory), analyse it at 2 bits, print where the report is."""
+    from .analysis_options import AnalyzeOptions
+    from .checkpoint import LoadedCheckpoint, make_spec, resolve_data
+    from .outdir import check_output_dir
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    check_output_dir(out, args.force)
+    options = AnalyzeOptions(bits=(args.bits,), seed=args.seed, qat_steps=args.qat_steps)
+    data = resolve_data("digits")
+    spec = make_spec("mlp", data.dataset.model_kwargs("mlp"))
+    config = {"steps": 1500, "lr": 1e-2, "optimizer": "adam", "batch_size": 128, "record_every": 75}
+    print("training the 64-32-10 digits MLP (1500 Adam steps) ...", flush=True)
+    result, metrics = _fit(spec, data, loss=data.loss, config=config, seed=args.seed)
+    loaded = LoadedCheckpoint.from_train_result(
+        result, model_spec=spec, data_spec=data.spec, loss=data.loss, train_config={**config, "seed": args.seed}, metrics=metrics
+    )
+    print(f"analysing it at {args.bits} bits (PTQ, {args.qat_steps} QAT steps, Hessian, landscapes, alignment) ...", flush=True)
+    payload = _write_analysis(loaded, data, options, out, force=args.force, checkpoint="(trained by riverscape demo)")
+    fp, ptq, qat = payload["fp"], payload["ptq"], payload.get("qat", {})
+    print(
+        f"test accuracy: full precision {fp['accuracy']:.3f}, PTQ {ptq['accuracy']:.3f}"
+        + (f", QAT {qat['accuracy']:.3f}" if qat else "")
+        + f" at {args.bits} bits; PTQ loss increase {ptq['measured_loss_increase']:.3g} measured vs "
+        f"{ptq['predicted_loss_increase']:.3g} predicted by the Hessian"
+    )
+    print(f"report: {(out / 'report.html').resolve()}  ({time.perf_counter() - start:.0f} s)")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _add_model_data(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument(
+        "--model",
+        default="mlp" if defaults else None,
+        metavar="SPEC",
+        help="built-in model name (mlp, cnn, cnn1d, cifar_cnn, resnet20, transformer, linear), "
+        "package.module:factory or path/to/file.py:factory"
+        + (" (default: mlp)" if defaults else "; needed when CHECKPOINT does not name its architecture"),
+    )
+    group.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of the model factory, e.g. '{\"in_dim\": 64}'")
+    group.add_argument(
+        "--data",
+        default="digits" if defaults else None,
+        metavar="SPEC",
+        help="built-in dataset (digits, mnist1d, teacher_linear, teacher_sign, text) or a factory returning "
+        "(inputs, targets), a Dataset or a DataLoader" + (" (default: digits)" if defaults else " (default: the checkpoint's)"),
+    )
+    group.add_argument("--data-kwargs", metavar="JSON", help="keyword arguments of the dataset loader or factory")
+    group.add_argument("--loss", choices=("cross_entropy", "mse"), help="loss (default: the checkpoint's, else the data's)")
+
+
+def _subcommand(sub: Any, name: str, summary: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_train(sub: Any) -> None:
+    p = _subcommand(
+        sub,
+        "train",
+        "train a full-precision model and save a checkpoint with its trajectory",
+        "Train a full-precision model, recording its trajectory, and save a safe riverscape checkpoint.",
+        _TRAIN_EPILOG,
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="checkpoint file to write (e.g. mlp.pt)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint file")
+    _add_model_data(p, defaults=True)
+    p.add_argument("--hidden", metavar="W[,W...]", help="hidden widths of the mlp, e.g. 64,32 (default 32)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
+    opt.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 0.01)")
+    opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser (default adam)")
+    opt.add_argument("--batch-size", type=int, default=128, help="mini-batch size, 0 = full batch (default 128)")
+    opt.add_argument("--record-every", type=int, metavar="N", help="record the trajectory every N steps (default: 20 records)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default 0)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_analyze(sub: Any) -> None:
+    from .analysis_options import QAT_ESTIMATORS, RANGE_METHODS, AnalyzeOptions
+
+    d = AnalyzeOptions.__dataclass_fields__
+    p = _subcommand(
+        sub,
+        "analyze",
+        "explain a checkpoint's PTQ collapse: curvature, river path, slices, QAT (HTML report)",
+        "Analyse how quantizing CHECKPOINT moves it in the loss landscape and write an interactive report.",
+        _ANALYZE_EPILOG,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt, .pth, .safetensors)")
+    _add_model_data(p, defaults=False)
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in CHECKPOINT (only for files from a trusted source)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", nargs="+", default=[",".join(map(str, d["bits"].default))], metavar="B",
+                   help="bit-widths from 1 to 16, e.g. --bits 4 2 (default 8 4 2)")
+    q.add_argument("--range", dest="range_method", choices=RANGE_METHODS, default=d["range_method"].default,
+                   help=f"clipping range of the quantizer (default {d['range_method'].default})")
+    q.add_argument("--per-channel", dest="per_channel", action="store_true", default=True, help="one scale per output channel (default)")
+    q.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one scale per weight tensor")
+    q.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="symmetric grid without zero point (default)")
+    q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="affine grid with a zero point")
+    q.add_argument("--include", action="append", metavar="PATTERN", help="quantize only these layers (names or globs; repeatable)")
+    q.add_argument("--exclude", action="append", metavar="PATTERN", help="keep these layers in full precision (repeatable)")
+    q.add_argument("--keep-first-last", action="store_true", help="keep the first and last layers in full precision")
+    a = p.add_argument_group("analysis")
+    a.add_argument("--top-k", type=int, default=d["top_k"].default, help="Hessian eigenpairs to compute (default %(default)s)")
+    a.add_argument("--grid-steps", type=int, default=d["grid_steps"].default, help="points per axis of the landscape slices (default %(default)s)")
+    a.add_argument("--grid-span", type=float, default=d["grid_span"].default, help="extent of the slices in direction norms (default %(default)s)")
+    a.add_argument("--max-samples", type=int, default=d["max_samples"].default, metavar="N",
+                   help="use at most N data samples, 0 = all (default %(default)s)")
+    a.add_argument("--qat-steps", type=int, default=d["qat_steps"].default, help="QAT steps per bit-width, 0 = skip QAT (default %(default)s)")
+    a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
+    a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
+    a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")
+    o.add_argument("--force", action="store_true", help="replace an existing report directory")
+    o.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    _add_common(p)
+    p.set_defaults(func=_cmd_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``riverscape`` argument parser (subcommands ``train``, ``analyze``, ``demo``)."""
+    parser = _Parser(
         prog="riverscape",
         description="Loss-landscape geometry of quantization: why PTQ collapses at low bit-widths and QAT recovers.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"riverscape {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="train the digits MLP and show its PTQ accuracy at 8..1 bits")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub)
+    _add_analyze(sub)
+    demo = _subcommand(
+        sub,
+        "demo",
+        "train the digits MLP and write a full 2-bit report (about a minute on CPU)",
+        "Train the 64-32-10 digits MLP on sklearn's digits, analyse it at 2 bits (PTQ vs QAT, Hessian spectra,\n"
+        "FP and quantized landscapes, gradient alignment) and write report.html + metrics.json.",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_demo)
+    demo.add_argument("--bits", type=int, default=2, help="bit-width to analyse (default 2)")
+    demo.add_argument("--qat-steps", type=int, default=300, help="QAT steps shown next to PTQ (default 300)")
+    demo.add_argument("--out", default=f"{DEFAULT_REPORT_ROOT}/demo", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/demo)")
+    demo.add_argument("--force", action="store_true", help="replace an existing report directory")
+    _add_common(demo)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------- main
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 bug, 2 bad input, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("riverscape: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        parser.print_help(sys.stderr)
+        return EXIT_INPUT
+    if os.getcwd() not in sys.path:  # `--model my_models:make` finds modules in the working directory
+        sys.path.append(os.getcwd())
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: outputs are cleaned up
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command and map exceptions to messages and exit codes."""
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("riverscape: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except (InputError, ValueError, OSError, FloatingPointError) as exc:  # expected: bad input or environment
+        if debug:
+            traceback.print_exc()
+        print(f"riverscape: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except RiverscapeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"riverscape: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    except Exception as exc:  # a bug: keep the console clean, point to --debug
+        if debug:
+            traceback.print_exc()
+        print(
+            f"riverscape: error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -428,8 +428,10 @@ class Objective:
             if self._vmap_ok:
                 try:
                     l, m = vmap(self._point_eval, in_dims=(0, None, None))(chunk, x, y)
-                except Exception:  # an op without a batching rule: fall back to a loop
-                    self._vmap_ok = False
+                except (RuntimeError, NotImplementedError) as err:
+                    if not _is_batching_error(err):  # a genuine error in the model or loss
+                        raise
+                    self._vmap_ok = False  # an op without a batching rule: loop from now on
             if not self._vmap_ok:
                 pairs = [self._point_eval(t, x, y) for t in chunk]
                 l = torch.stack([p[0] for p in pairs])
@@ -548,6 +550,12 @@ class HessianOperator(LinearOperator):
     def release(self) -> None:
         """Free the stored gradient graphs."""
         self._graphs = None
+
+
+def _is_batching_error(err: BaseException) -> bool:
+    """Whether an exception raised under ``vmap`` means "this op cannot be batched"."""
+    text = str(err).lower()
+    return any(hint in text for hint in ("vmap", "batching rule", "batched", "functorch", "vmapped"))
 
 
 def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 
 import riverscape as rs
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription; heavier tests are still fast
 
 
 from helpers import assert_close, tiny_cnn, tiny_mlp  # noqa: F401  (re-exported for fixtures)

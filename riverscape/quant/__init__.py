@@ -1,4 +1,20 @@
-"""Quantization: uniform quantizers, the layout-aware map theta -> Q(theta), and PTQ."""
+"""Quantization: uniform quantizers, the layout-aware map theta -> Q(theta), PTQ, and QAT with gradient estimators."""
+from .estimators import (
+    ESTIMATORS,
+    clip_mask,
+    clipped_ste,
+    ewgs,
+    get_estimator,
+    lsq,
+    lsq_grad_scale,
+    lsq_initial_scale,
+    make_estimator,
+    pege,
+    pege_mask,
+    pege_rho,
+    ste,
+)
+from .qat import LSQ_INITS, SCALE_MODES, QATResult, count_grid_flips, ewgs_deltas, first_hitting_time, qat
 from .qmap import QUANTIZABLE_MODULES, QuantMap, QuantTarget, ptq
 from .quantizers import RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
 
@@ -12,4 +28,24 @@ __all__ = [
     "QuantTarget",
     "ptq",
     "QUANTIZABLE_MODULES",
+    "qat",
+    "QATResult",
+    "SCALE_MODES",
+    "LSQ_INITS",
+    "count_grid_flips",
+    "first_hitting_time",
+    "ewgs_deltas",
+    "ESTIMATORS",
+    "get_estimator",
+    "make_estimator",
+    "ste",
+    "clipped_ste",
+    "lsq",
+    "ewgs",
+    "pege",
+    "clip_mask",
+    "lsq_grad_scale",
+    "lsq_initial_scale",
+    "pege_mask",
+    "pege_rho",
 ]

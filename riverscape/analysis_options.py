@@ -1,0 +1,148 @@
+"""Validated settings of one ``riverscape analyze`` run (the seam between CLI and analysis).
+
+The command line only parses strings into an :class:`AnalyzeOptions`;
+``riverscape.analysis.analyze(loaded, data, options, out_dir)`` reads nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from .errors import InputError
+from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
+from .quant.quantizers import MAX_BITS, RANGE_METHODS
+
+__all__ = ["AnalyzeOptions", "QAT_ESTIMATORS", "RANGE_METHODS", "MAX_BITS"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _names(value: Iterable[str] | str | None, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else tuple(value)
+    names = tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
+    for name in names:
+        if any(c.isspace() for c in name):
+            raise InputError(f"{what} pattern {name!r} contains whitespace; give layer names or globs such as '0.weight' or 'fc*'")
+    return names
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """Everything ``riverscape analyze`` can be told, validated on construction.
+
+    Attributes
+    ----------
+    bits : tuple of int
+        Bit-widths to analyse, each 1..16; stored unique and sorted from high to low.
+    range_method : {"minmax", "mse", "percentile"}
+        How the quantizer picks its clipping range.
+    per_channel, symmetric : bool
+        Quantizer granularity (per output channel vs per tensor) and grid (restricted
+        symmetric vs affine with zero point).
+    include, exclude : tuple of str
+        Layer names or glob patterns selecting the quantized weights (empty include = all
+        Linear/Conv/Embedding weights). Comma-separated strings are split.
+    keep_first_last : bool
+        Keep the first and last quantizable layers in full precision.
+    top_k : int
+        Number of top Hessian eigenpairs (>= 1).
+    grid_steps : int
+        Points per axis of the 1-D/2-D landscape slices (3..401).
+    grid_span : float
+        Extent of the slices around their centre, in units of the slice directions' norms
+        (> 0).
+    max_samples : int or None
+        Evaluate losses/curvature on at most this many samples (None = all).
+    qat_steps : int
+        Steps of quantization-aware training per bit-width (0 = skip QAT).
+    qat_estimator : {"ste", "clipped_ste", "lsq", "ewgs", "pege"}
+        Gradient estimator of the QAT run.
+    seed : int
+        Seed of every random choice (directions, probes, subsets), >= 0.
+    device : str
+        Torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    json : bool
+        Print the metrics as JSON on stdout (machine-readable output).
+    """
+
+    bits: tuple[int, ...] = (8, 4, 2)
+    range_method: str = "mse"
+    per_channel: bool = True
+    symmetric: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_first_last: bool = False
+    top_k: int = 5
+    grid_steps: int = 25
+    grid_span: float = 1.0
+    max_samples: Optional[int] = 1024
+    qat_steps: int = 300
+    qat_estimator: str = "ste"
+    seed: int = 0
+    device: str = "cpu"
+    json: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = (self.bits,) if _is_int(self.bits) else tuple(self.bits)
+        if not bits:
+            raise InputError("give at least one bit-width, e.g. --bits 4 2")
+        for b in bits:
+            if not _is_int(b) or not 1 <= b <= MAX_BITS:
+                raise InputError(f"bits must be integers from 1 to {MAX_BITS}, got {b!r}")
+        object.__setattr__(self, "bits", tuple(sorted(set(bits), reverse=True)))
+        if self.range_method not in RANGE_METHODS:
+            raise InputError(f"unknown range method {self.range_method!r}; choose one of {list(RANGE_METHODS)}")
+        if self.qat_estimator not in QAT_ESTIMATORS:
+            raise InputError(f"unknown QAT estimator {self.qat_estimator!r}; choose one of {list(QAT_ESTIMATORS)}")
+        object.__setattr__(self, "include", _names(self.include, "include"))
+        object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        for name, low, high in (("top_k", 1, None), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+                raise InputError(f"{name} must be an integer {allowed}, got {value!r}")
+        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
+            raise InputError(f"max_samples must be a positive integer or None (all samples), got {self.max_samples!r}")
+        span = self.grid_span
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
+            raise InputError(f"grid_span must be a positive finite number, got {span!r}")
+        object.__setattr__(self, "grid_span", float(span))
+        for name in ("per_channel", "symmetric", "keep_first_last", "json"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InputError(f"unknown device {self.device!r}; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {self.device!r} requested but CUDA is not available; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise InputError(f"device {self.device!r} requested but MPS is not available; use --device cpu")
+
+    def quantizer(self, bits: int):
+        """The :class:`~riverscape.quant.UniformQuantizer` these options describe at ``bits``."""
+        from .quant import UniformQuantizer
+
+        return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method)
+
+    def qmap_options(self) -> dict:
+        """Keyword arguments of :class:`~riverscape.quant.QuantMap` (layer selection)."""
+        return {
+            "include": list(self.include) or None,
+            "exclude": list(self.exclude) or None,
+            "keep_first_last": self.keep_first_last,
+        }
+
+    def to_dict(self) -> dict:
+        """JSON-friendly copy (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

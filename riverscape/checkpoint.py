@@ -1,0 +1,891 @@
+"""Safe checkpoints: save, load, and resolve the model and data a checkpoint needs.
+
+The riverscape format is a plain dict that loads with ``torch.load(path, weights_only=True)``
+(tensors, strings, numbers, lists and dicts only; no pickled code)::
+
+    {"format": "riverscape-checkpoint", "version": 1,
+     "state_dict": {name: Tensor},
+     "model": {"name": "mlp", "kwargs": {...}}          # built-in (riverscape.build_model)
+           or {"factory": "pkg.module:fn" | "path/to/file.py:fn", "kwargs": {...}},
+     "data": {"name": "digits", "kwargs": {...}} or {"factory": ..., "kwargs": ...} or None,
+     "loss": "cross_entropy",
+     "trajectory": Tensor (n, D),  "trajectory_steps": [int] * n,   # optional
+     "loss_history": [float],  "train": {hyper-parameters},  "metrics": {...},
+     "riverscape_version": "0.1.0"}
+
+:func:`load_checkpoint` also reads foreign files: a bare state dict, a state dict nested
+under ``state_dict``/``model_state_dict``/``model`` (e.g. ``{"epoch": 3, "state_dict": ...}``),
+DataParallel/``torch.compile`` key prefixes (``module.``, ``_orig_mod.``), and
+``.safetensors`` files; those carry no architecture and need ``model=`` (``--model``).
+A pickled full ``nn.Module`` is refused unless ``trust_checkpoint=True``, because
+unpickling it can execute arbitrary code.
+
+Model and data specs are a built-in name, ``package.module:callable`` (imported) or
+``path/to/file.py:callable`` (loaded from the file). A factory named *inside* a checkpoint
+is only imported with ``trust_checkpoint=True`` or when the caller names it again:
+importing a module runs its code, so a file must not choose which code runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import os
+import pickle
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, InputError
+from .outdir import atomic_output_file
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LoadedCheckpoint",
+    "RawCheckpoint",
+    "ResolvedData",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint",
+    "make_spec",
+    "spec_label",
+    "resolve_factory",
+    "build_model_from_spec",
+    "resolve_data",
+    "check_model_data",
+]
+
+FORMAT_NAME = "riverscape-checkpoint"
+FORMAT_VERSION = 1
+NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+_SHOWN = 4  # how many offending keys an error message lists
+
+PathLike = Union[str, os.PathLike]
+Spec = dict  # {"name": str, "kwargs": dict} or {"factory": str, "kwargs": dict}
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+def make_spec(spec: Union[str, Mapping], kwargs: Optional[Mapping] = None, *, kind: str = "model") -> Spec:
+    """Normalise a spec string or dict to ``{"name"|"factory": str, "kwargs": dict}``.
+
+    Parameters
+    ----------
+    spec : str or mapping
+        ``"mlp"`` (built-in name), ``"pkg.module:fn"``, ``"path/to/file.py:fn"``, or a dict
+        with one of the keys ``name``/``factory`` and optional ``kwargs``.
+    kwargs : mapping, optional
+        Keyword arguments; they update the spec's own ``kwargs``.
+    kind : str
+        ``"model"`` or ``"data"`` (for messages).
+
+    >>> make_spec("mlp", {"in_dim": 64})
+    {'name': 'mlp', 'kwargs': {'in_dim': 64}}
+    >>> make_spec("models.py:make")["factory"]
+    'models.py:make'
+    """
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise InputError(f"empty {kind} spec; give a built-in name, package.module:factory or path/to/file.py:factory")
+        out: Spec = {"factory": spec} if ":" in spec else {"name": spec}
+        base: Mapping = {}
+    elif isinstance(spec, Mapping):
+        keys = [k for k in ("name", "factory") if isinstance(spec.get(k), str)]
+        if len(keys) != 1 or set(spec) - {"name", "factory", "kwargs"}:
+            raise InputError(f"invalid {kind} spec {dict(spec)!r}; expected {{'name' or 'factory': str, 'kwargs': dict}}")
+        out = {keys[0]: spec[keys[0]]}
+        base = spec.get("kwargs") or {}
+    else:
+        raise InputError(f"invalid {kind} spec {spec!r}; expected a string or a dict")
+    for extra in (base, kwargs or {}):
+        if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
+            raise InputError(f"{kind} kwargs must be a JSON object with string keys, got {extra!r}")
+    out["kwargs"] = {**base, **(kwargs or {})}
+    return out
+
+
+def spec_label(spec: Optional[Mapping]) -> str:
+    """Short human-readable form of a spec: ``'mlp'`` or ``'models.py:make'``."""
+    if spec is None:
+        return "<none>"
+    return str(spec.get("name") or spec.get("factory"))
+
+
+def _import_file(file: Path) -> Any:
+    """Import a Python file as a module (its directory is on ``sys.path`` while it runs)."""
+    resolved = file.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    name = f"riverscape_user_{re.sub(r'[^0-9a-zA-Z_]', '_', resolved.stem)}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"cannot import {str(file)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # lets classes defined in the file pickle and dataclass normally
+    folder = str(resolved.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        if added:
+            sys.path.remove(folder)
+    return module
+
+
+def resolve_factory(target: str, *, kind: str = "model") -> Callable:
+    """Import the callable named by ``"pkg.module:fn"`` or ``"path/to/file.py:fn"``.
+
+    ``fn`` may be dotted (``"pkg.mod:Class.build"``). Importing runs the module's code:
+    only resolve targets the user chose.
+
+    Raises
+    ------
+    InputError
+        Malformed target, missing file or module, missing or non-callable attribute.
+    """
+    module_part, sep, attr = target.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise InputError(f"{kind} factory {target!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+    if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
+        file = Path(module_part)
+        if not file.is_file():
+            raise InputError(f"{kind} factory file not found: {module_part!r} (from {target!r})")
+        module = _import_file(file)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_part.split(".")[0] == exc.name.split(".")[0]:
+                raise InputError(
+                    f"cannot import module {module_part!r} of the {kind} factory {target!r}: {exc}; "
+                    "run from the directory that contains it or add it to PYTHONPATH"
+                ) from exc
+            raise
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))[:8]
+            raise InputError(f"{kind} factory {target!r}: {module_part!r} has no attribute {attr!r} (callables there: {public})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{kind} factory {target!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def build_model_from_spec(spec: Spec) -> nn.Module:
+    """Build the ``nn.Module`` a (normalised) model spec describes.
+
+    The global RNG state is restored afterwards (the random initialisation is about to be
+    overwritten by a state dict and must not shift the caller's random stream).
+    """
+    from .models import MODEL_NAMES, build_model
+
+    kwargs = dict(spec.get("kwargs") or {})
+    if "name" in spec:
+        if spec["name"] not in MODEL_NAMES:
+            raise InputError(
+                f"unknown model {spec['name']!r}; built-in models are {list(MODEL_NAMES)}, "
+                "or pass package.module:factory or path/to/file.py:factory"
+            )
+        factory: Callable = partial(build_model, spec["name"])
+    else:
+        factory = resolve_factory(spec["factory"], kind="model")
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise InputError(f"cannot build model {spec_label(spec)!r} with kwargs {kwargs}: {exc}; set them with --model-kwargs JSON") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model factory {spec_label(spec)!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------------- state dicts
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, Tensor) for v in obj.values())
+    )
+
+
+def _strip_wrapper_prefix(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    out, notes = dict(state_dict), []
+    for prefix in WRAPPER_PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+            notes.append(f"stripped the {prefix!r} prefix from all {len(out)} state-dict keys")
+    return out, notes
+
+
+def _shown(items: list[str]) -> str:
+    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], label: str) -> list[str]:
+    """Strictly load ``state_dict`` into ``model``; explain every mismatch in one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_shown(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_shown(unexpected)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({_shown(mismatched)})")
+        raise CheckpointError(f"state dict does not fit the model {label!r}: " + "; ".join(parts) + "; check --model and --model-kwargs")
+    notes = []
+    float_dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    model_dtypes = {v.dtype for v in expected.values() if v.is_floating_point()}
+    if len(float_dtypes) == 1 and float_dtypes != model_dtypes:
+        (dtype,) = float_dtypes
+        model.to(dtype)  # our own freshly built module: keep the checkpoint's precision
+        notes.append(f"converted the model to the checkpoint's {dtype}")
+    model.load_state_dict(state_dict, strict=True)
+    return notes
+
+
+# ------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A model with its weights loaded, and what the checkpoint says about it.
+
+    Attributes
+    ----------
+    model : nn.Module
+        Weights loaded, in eval mode, on the CPU (riverscape owns this module).
+    model_spec, data_spec : dict or None
+        ``{"name"|"factory": str, "kwargs": dict}``; ``None`` when unknown.
+    loss : str or None
+        Loss name stored in the checkpoint.
+    trajectory : Tensor, shape (n, D), or None
+        Flat trainable parameters along full-precision training (``D`` = trainable
+        parameter count in model order).
+    trajectory_steps : list of int or None
+        Optimiser step of each trajectory row.
+    source_format : str
+        ``"riverscape"``, ``"state_dict"``, ``"nested:<key>"``, ``"safetensors"`` or
+        ``"pickled-module"``.
+    path : Path or None
+    train, metrics : dict
+        Training hyper-parameters and metrics stored by ``riverscape train``.
+    loss_history : list of float or None
+        Mini-batch training loss per step.
+    notes : tuple of str
+        What loading adjusted (stripped key prefixes, dtype conversion).
+    """
+
+    model: nn.Module
+    model_spec: Optional[Spec]
+    data_spec: Optional[Spec]
+    loss: Optional[str]
+    trajectory: Optional[Tensor]
+    trajectory_steps: Optional[list[int]]
+    source_format: str
+    path: Optional[Path] = None
+    train: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    loss_history: Optional[list[float]] = None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_train_result(
+        cls,
+        result: Any,
+        *,
+        model_spec: Union[str, Mapping],
+        data_spec: Union[str, Mapping, None],
+        loss: Optional[str],
+        train_config: Optional[Mapping] = None,
+        metrics: Optional[Mapping] = None,
+    ) -> "LoadedCheckpoint":
+        """What :func:`load_checkpoint` would return for a just-trained :class:`~riverscape.train.TrainResult`."""
+        return cls(
+            model=result.model,
+            model_spec=make_spec(model_spec, kind="model"),
+            data_spec=None if data_spec is None else make_spec(data_spec, kind="data"),
+            loss=loss,
+            trajectory=result.trajectory,
+            trajectory_steps=list(result.steps),
+            source_format="riverscape",
+            train=dict(train_config or {}),
+            metrics=dict(metrics or {}),
+            loss_history=list(result.loss_history),
+        )
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """The contents of a checkpoint file before a model is built (see :func:`read_checkpoint`)."""
+
+    path: Path
+    source_format: str
+    state_dict: Optional[dict[str, Tensor]] = None
+    module: Optional[nn.Module] = None
+    model_spec: Optional[Spec] = None
+    data_spec: Optional[Spec] = None
+    loss: Optional[str] = None
+    trajectory: Optional[Tensor] = None
+    trajectory_steps: Optional[list[int]] = None
+    train: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    loss_history: Optional[list[float]] = None
+    notes: tuple[str, ...] = ()
+
+    def instantiate(
+        self,
+        *,
+        model: Union[str, Mapping, None] = None,
+        model_kwargs: Optional[Mapping] = None,
+        trust_checkpoint: bool = False,
+    ) -> LoadedCheckpoint:
+        """Build the model (``model`` spec overrides the stored one) and load the weights."""
+        notes = list(self.notes)
+        spec: Optional[Spec]
+        if model is not None:
+            spec = make_spec(model, model_kwargs, kind="model")
+        elif self.model_spec is not None:
+            spec = make_spec(self.model_spec, model_kwargs, kind="model")
+            if "factory" in spec and not trust_checkpoint:
+                raise CheckpointError(
+                    f"{self.path} names the model factory {spec['factory']!r}; importing it runs code chosen by the file: "
+                    f"confirm with --model {spec['factory']} or pass --trust-checkpoint"
+                )
+        else:
+            spec = None
+        if spec is None and self.module is not None:
+            net = self.module
+        elif spec is None:
+            raise CheckpointError(
+                f"{self.path} ({self.source_format}) holds weights but not the architecture: pass --model NAME, "
+                "--model package.module:factory or --model path/to/file.py:factory (with --model-kwargs JSON if needed)"
+            )
+        else:
+            net = build_model_from_spec(spec)
+            weights = self.state_dict if self.module is None else self.module.state_dict()
+            notes += _load_weights(net, weights, spec_label(spec))
+        net.eval()
+        self._check_trajectory(net)
+        return LoadedCheckpoint(
+            model=net,
+            model_spec=spec,
+            data_spec=self.data_spec,
+            loss=self.loss,
+            trajectory=self.trajectory,
+            trajectory_steps=self.trajectory_steps,
+            source_format=self.source_format,
+            path=self.path,
+            train=dict(self.train),
+            metrics=dict(self.metrics),
+            loss_history=self.loss_history,
+            notes=tuple(notes),
+        )
+
+    def _check_trajectory(self, net: nn.Module) -> None:
+        if self.trajectory is None:
+            return
+        dim = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        if self.trajectory.shape[1] != dim:
+            raise CheckpointError(
+                f"{self.path}: the trajectory has {self.trajectory.shape[1]} coordinates but the model has {dim} trainable parameters"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end of the sample
+        if exc.start < len(head) - 3:
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\n\r\t\f" for c in text)
+
+
+def _sniff(head: bytes, size: int) -> str:
+    """``"zip"``, ``"pickle"``, ``"safetensors"``, ``"text"`` or ``"unknown"`` from the first bytes."""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if _looks_like_text(head):
+        return "text"
+    return "unknown"
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} contains pickled Python objects (it needs {found.group(1)}), not just tensors: loading it could "
+                "execute arbitrary code. If you trust its source, rerun with --trust-checkpoint; better, save "
+                "model.state_dict() instead of the model"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(exc).removesuffix('.')})") from None
+    except EOFError:
+        raise CheckpointError(f"{path} is truncated (unexpected end of file); save it again") from None
+    except RuntimeError as exc:
+        message = str(exc)
+        if any(phrase in message for phrase in ("central directory", "EOF", "end of file")):
+            raise CheckpointError(f"{path} is truncated or corrupt (the file ends too early); save or copy it again") from None
+        if trust and not any(phrase in message for phrase in ("PytorchStreamReader", "archive", "magic number", "corrupt")):
+            raise
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except OSError as exc:  # the file was readable a moment ago: the zip reader found it malformed
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc.strerror or _first_line(exc)}); save or copy it again") from None
+    except (ImportError, AttributeError) as exc:  # trusted pickles whose classes are not importable here
+        raise CheckpointError(
+            f"{path} holds a pickled object whose code is not importable here ({_first_line(exc)}); "
+            "pickled models only load where their class is importable: save model.state_dict() instead"
+        ) from None
+    except Exception as exc:
+        if trust:  # may come from code inside a trusted pickle: not ours to reinterpret
+            raise
+        # weights_only unpickling runs no foreign code: any other failure is a malformed file
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({_first_line(exc)}); it may be truncated") from None
+    if not tensors:
+        raise CheckpointError(f"{path} is a safetensors file without tensors")
+    return tensors
+
+
+def _riverscape_contents(obj: Mapping, path: Path) -> dict:
+    version = obj.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid riverscape format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses riverscape checkpoint format {version}; this riverscape reads up to {FORMAT_VERSION}: upgrade riverscape")
+    if not _is_state_dict(obj.get("state_dict")):
+        raise CheckpointError(f"{path} is a riverscape checkpoint without a valid 'state_dict'")
+    trajectory = obj.get("trajectory")
+    steps = obj.get("trajectory_steps")
+    if trajectory is not None:
+        if not isinstance(trajectory, Tensor) or trajectory.ndim != 2:
+            raise CheckpointError(f"{path}: 'trajectory' must be a 2-D tensor (n, D)")
+        if steps is None:
+            steps = list(range(trajectory.shape[0]))
+        if len(steps) != trajectory.shape[0]:
+            raise CheckpointError(f"{path}: {len(steps)} trajectory steps for {trajectory.shape[0]} trajectory rows")
+    try:
+        model_spec = None if obj.get("model") is None else make_spec(obj["model"], kind="model")
+        data_spec = None if obj.get("data") is None else make_spec(obj["data"], kind="data")
+    except InputError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return {
+        "state_dict": dict(obj["state_dict"]),
+        "model_spec": model_spec,
+        "data_spec": data_spec,
+        "loss": obj.get("loss"),
+        "trajectory": trajectory,
+        "trajectory_steps": None if steps is None else [int(s) for s in steps],
+        "train": dict(obj.get("train") or {}),
+        "metrics": dict(obj.get("metrics") or {}),
+        "loss_history": obj.get("loss_history"),
+    }
+
+
+def _interpret(obj: Any, path: Path) -> RawCheckpoint:
+    if isinstance(obj, nn.Module):
+        return RawCheckpoint(path, "pickled-module", module=obj)
+    if isinstance(obj, Tensor):
+        raise CheckpointError(f"{path} holds a single tensor of shape {tuple(obj.shape)}, not a state dict or a checkpoint")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    if obj.get("format") == FORMAT_NAME:
+        contents = _riverscape_contents(obj, path)
+        state_dict, notes = _strip_wrapper_prefix(contents.pop("state_dict"))
+        return RawCheckpoint(path, "riverscape", state_dict=state_dict, notes=tuple(notes), **contents)
+    if _is_state_dict(obj):
+        state_dict, notes = _strip_wrapper_prefix(obj)
+        return RawCheckpoint(path, "state_dict", state_dict=state_dict, notes=tuple(notes))
+    for key in NESTED_STATE_DICT_KEYS:
+        value = obj.get(key)
+        if _is_state_dict(value):
+            state_dict, notes = _strip_wrapper_prefix(value)
+            return RawCheckpoint(path, f"nested:{key}", state_dict=state_dict, notes=tuple(notes))
+        if isinstance(value, nn.Module):
+            return RawCheckpoint(path, "pickled-module", module=value, notes=(f"used the module under {key!r}",))
+    keys = [str(k) for k in list(obj)[:8]]
+    raise CheckpointError(
+        f"{path} is a dict without a state dict (keys: {keys}); expected tensors by parameter name "
+        f"or a state dict under one of {list(NESTED_STATE_DICT_KEYS)}"
+    )
+
+
+def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> RawCheckpoint:
+    """Read a checkpoint file safely, without building a model.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    trust_checkpoint : bool
+        Allow pickled Python objects (``torch.load(weights_only=False)``). Only for files
+        from a trusted source: unpickling can execute arbitrary code.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, empty, truncated, corrupt or unsafe file, or one that holds no state dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {str(path)!r}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely")
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    kind = _sniff(head, size)
+    if kind == "safetensors" or path.suffix == ".safetensors":
+        if kind != "safetensors":
+            raise CheckpointError(f"{path} is not a valid safetensors file (bad header); it may be truncated or corrupt")
+        state_dict, notes = _strip_wrapper_prefix(_load_safetensors(path))
+        return RawCheckpoint(path, "safetensors", state_dict=state_dict, notes=tuple(notes))
+    if kind == "text":
+        snippet = head[:40].decode("utf-8", "replace").splitlines()[0] if head.strip() else ""
+        raise CheckpointError(f"{path} is a text file, not a checkpoint (it starts with {snippet!r})")
+    if kind == "unknown":
+        raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch file (zip or pickle) nor safetensors")
+    return _interpret(_torch_load(path, trust_checkpoint), path)
+
+
+def load_checkpoint(
+    path: PathLike,
+    *,
+    model: Union[str, Mapping, None] = None,
+    model_kwargs: Optional[Mapping] = None,
+    trust_checkpoint: bool = False,
+) -> LoadedCheckpoint:
+    """Load a checkpoint into a model, safely.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A riverscape checkpoint, a (nested) state dict saved with ``torch.save``, a
+        ``.safetensors`` file, or (only with ``trust_checkpoint``) a pickled ``nn.Module``.
+    model : str or dict, optional
+        Model spec (``"mlp"``, ``"pkg.module:fn"``, ``"path/to/file.py:fn"``); required for
+        files that do not name their architecture, overrides the stored spec otherwise.
+    model_kwargs : dict, optional
+        Keyword arguments of the model factory (update the stored ones).
+    trust_checkpoint : bool
+        Allow unpickling arbitrary objects and importing a factory named by the file.
+
+    Returns
+    -------
+    LoadedCheckpoint
+        ``model`` has the weights bit-identically loaded and is in eval mode.
+
+    Raises
+    ------
+    CheckpointError, InputError
+        One-line explanations (missing/empty/corrupt file, unsafe pickle, missing
+        ``model``, missing/unexpected keys and shape mismatches, unknown spec).
+
+    Examples
+    --------
+    >>> import tempfile, os, riverscape as rs
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> net = rs.build_model("mlp", in_dim=4, out_dim=2)
+    >>> torch.save(net.state_dict(), path)
+    >>> ckpt = load_checkpoint(path, model="mlp", model_kwargs={"in_dim": 4, "out_dim": 2})
+    >>> ckpt.source_format, torch.equal(ckpt.model[1].weight, net[1].weight)
+    ('state_dict', True)
+    """
+    raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    return raw.instantiate(model=model, model_kwargs=model_kwargs, trust_checkpoint=trust_checkpoint)
+
+
+# ------------------------------------------------------------------------- writing
+
+_PLAIN = (str, int, float, bool, type(None), Tensor, torch.dtype)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Reject anything ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InputError(f"checkpoint field {where} has a non-string key {k!r}")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise InputError(f"checkpoint field {where} is a {type(value).__name__}; only tensors, dtypes, numbers, strings, lists and dicts are stored")
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    *,
+    model_spec: Union[str, Mapping],
+    data_spec: Union[str, Mapping, None],
+    loss: Optional[str],
+    train_result: Any = None,
+    train_config: Optional[Mapping] = None,
+    metrics: Optional[Mapping] = None,
+    extra: Optional[Mapping] = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a riverscape checkpoint atomically (temporary file + ``os.replace``).
+
+    Parameters
+    ----------
+    path : str or PathLike
+    model : nn.Module
+        Its ``state_dict()`` is stored (detached CPU copies); the module is not modified.
+    model_spec, data_spec : str or dict
+        How to rebuild the model and the data (see :func:`make_spec`); ``data_spec`` may be
+        ``None``.
+    loss : str or None
+        Loss name (``"cross_entropy"``, ``"mse"``).
+    train_result : TrainResult, optional
+        Stores ``trajectory`` (n, D), ``trajectory_steps`` and ``loss_history``.
+    train_config, metrics : dict, optional
+        Training hyper-parameters and metrics (plain values).
+    extra : dict, optional
+        More top-level fields (plain values; must not shadow the fields above).
+    overwrite : bool
+        Replace an existing file (otherwise :class:`~riverscape.errors.InputError`).
+
+    Returns
+    -------
+    Path
+        ``path``. The file loads with ``torch.load(path, weights_only=True)``.
+    """
+    from . import __version__
+
+    if loss is not None and not isinstance(loss, str):
+        raise InputError(f"loss must be stored by name (e.g. 'cross_entropy'), got {type(loss).__name__}")
+    checkpoint: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "riverscape_version": __version__,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model": make_spec(model_spec, kind="model"),
+        "data": None if data_spec is None else make_spec(data_spec, kind="data"),
+        "loss": loss,
+        "train": dict(train_config or {}),
+        "metrics": dict(metrics or {}),
+    }
+    if train_result is not None:
+        checkpoint["trajectory"] = train_result.trajectory.detach().cpu().clone()
+        checkpoint["trajectory_steps"] = [int(s) for s in train_result.steps]
+        checkpoint["loss_history"] = [float(v) for v in train_result.loss_history]
+    for key, value in (extra or {}).items():
+        if key in checkpoint:
+            raise InputError(f"extra field {key!r} would overwrite a checkpoint field")
+        checkpoint[key] = value
+    _check_plain(checkpoint, "checkpoint")
+    with atomic_output_file(path, force=overwrite) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- data
+
+DataLike = Union[tuple[Tensor, Tensor], Iterable]
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    """Data a spec resolved to.
+
+    Attributes
+    ----------
+    spec : dict
+    train : (inputs, targets) or iterable of batches
+        Data to train on / build the landscape on.
+    test : (inputs, targets), iterable of batches, or None
+        Held-out data (``None`` when the factory returned a single set).
+    loss : str or None
+        The data's natural loss (``"cross_entropy"``/``"mse"``) when known.
+    dataset : riverscape.data.Dataset or None
+        The built-in dataset object, when the spec named one (or a factory returned one).
+    """
+
+    spec: Spec
+    train: Any
+    test: Any = None
+    loss: Optional[str] = None
+    dataset: Any = None
+
+    @property
+    def evaluation(self) -> Any:
+        """The held-out data if there are any, else the training data."""
+        return self.train if self.test is None else self.test
+
+
+def _from_factory_output(value: Any, spec: Spec) -> ResolvedData:
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+
+    from .data import Dataset
+
+    if isinstance(value, Dataset):
+        return ResolvedData(spec, value.train, value.test, value.loss, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, Tensor) for v in value):
+        inputs, targets = value
+        if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
+            raise InputError(
+                f"data factory {spec_label(spec)!r} returned {inputs.shape[0]} inputs and {targets.shape[0]} targets; "
+                "they must be equal and non-zero"
+            )
+        return ResolvedData(spec, (inputs, targets))
+    if isinstance(value, DataLoader):
+        return ResolvedData(spec, value)
+    if isinstance(value, TorchDataset) and hasattr(value, "__len__"):
+        return ResolvedData(spec, DataLoader(value, batch_size=256, shuffle=False))
+    raise InputError(
+        f"data factory {spec_label(spec)!r} returned a {type(value).__name__}; return (inputs, targets) tensors, "
+        "a torch Dataset, a DataLoader or a riverscape.data.Dataset"
+    )
+
+
+def resolve_data(spec: Union[str, Mapping], kwargs: Optional[Mapping] = None, *, allow_factory: bool = True) -> ResolvedData:
+    """Resolve a data spec: a built-in dataset name or a factory returning data.
+
+    Parameters
+    ----------
+    spec : str or dict
+        ``"digits"`` (see :func:`riverscape.load_dataset`), ``"pkg.module:fn"`` or
+        ``"path/to/file.py:fn"``; the factory returns ``(inputs, targets)`` tensors, a torch
+        ``Dataset``, a ``DataLoader`` or a :class:`riverscape.data.Dataset`.
+    kwargs : dict, optional
+        Keyword arguments of the loader/factory.
+    allow_factory : bool
+        ``False`` refuses factories (used for specs read from an untrusted checkpoint).
+
+    Returns
+    -------
+    ResolvedData
+    """
+    from .data import DATASET_NAMES, load_dataset
+
+    spec = make_spec(spec, kwargs, kind="data")
+    if "name" in spec:
+        if spec["name"] not in DATASET_NAMES:
+            raise InputError(f"unknown dataset {spec['name']!r}; built-in datasets are {list(DATASET_NAMES)}, or pass package.module:factory")
+        try:
+            dataset = load_dataset(spec["name"], **spec["kwargs"])
+        except TypeError as exc:
+            raise InputError(f"cannot load dataset {spec['name']!r} with kwargs {spec['kwargs']}: {exc}") from exc
+        return ResolvedData(spec, dataset.train, dataset.test, dataset.loss, dataset)
+    if not allow_factory:
+        raise CheckpointError(
+            f"the checkpoint names the data factory {spec['factory']!r}; importing it runs code chosen by the file: "
+            f"confirm with --data {spec['factory']} or pass --trust-checkpoint"
+        )
+    factory = resolve_factory(spec["factory"], kind="data")
+    try:
+        value = factory(**spec["kwargs"])
+    except TypeError as exc:
+        raise InputError(f"cannot call data factory {spec['factory']!r} with kwargs {spec['kwargs']}: {exc}") from exc
+    return _from_factory_output(value, spec)
+
+
+def _first_batch(data: Any, size: int) -> tuple[Any, Any]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(v, Tensor) for v in data):
+        return data[0][:size], data[1][:size]
+    try:
+        batch = next(iter(data))
+    except StopIteration:
+        raise InputError("the data are empty (no batches)") from None
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise InputError(f"each data batch must be an (inputs, targets) pair, got a {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *, samples: int = 8) -> float:
+    """Run the model and the loss on a few samples to catch mismatches early.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Evaluated under ``torch.no_grad`` in its current mode (riverscape-owned modules are
+        in eval mode; the module is not modified).
+    data : (inputs, targets) or iterable of batches
+    loss : str or callable
+    samples : int
+        Samples of the first batch to use.
+
+    Returns
+    -------
+    float
+        The loss on those samples.
+
+    Raises
+    ------
+    InputError
+        "data shape does not fit the model: ...", an output/target mismatch, or a non-finite loss.
+    """
+    from .objective import resolve_loss
+
+    inputs, targets = _first_batch(data, samples)
+    described = f"input batch {tuple(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
+    with torch.no_grad():
+        try:
+            output = model(inputs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise InputError(f"data shape does not fit the model: {described}: {_first_line(exc)}") from exc
+        try:
+            value = float(resolve_loss(loss)(output, targets))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise InputError(
+                f"model output does not fit the targets: output {tuple(output.shape)}, targets {tuple(targets.shape)} "
+                f"{str(targets.dtype).removeprefix('torch.')}, loss {loss!r}: {_first_line(exc)}"
+            ) from exc
+    if not math.isfinite(value):
+        raise InputError(f"the loss is {value} on the first batch: the weights or the data contain NaN/inf")
+    return value

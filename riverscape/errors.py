@@ -1,0 +1,32 @@
+"""Exceptions for expected, user-facing failures (bad input, unreadable checkpoints).
+
+The command line turns every :class:`RiverscapeError` into one line
+``riverscape: error: <message>`` and exit code 2, so messages are single sentences that say
+what is wrong and, where possible, what to do about it.
+
+::
+
+    RiverscapeError
+    ├── InputError (also a ValueError)      bad argument, spec, data or output path
+    │   └── CheckpointError                 a checkpoint that cannot be read or used
+    └── AnalysisUnavailableError            the analysis module is not part of this build
+"""
+from __future__ import annotations
+
+__all__ = ["RiverscapeError", "InputError", "CheckpointError", "AnalysisUnavailableError"]
+
+
+class RiverscapeError(Exception):
+    """Base class of the errors riverscape reports as one line, without a traceback."""
+
+
+class InputError(RiverscapeError, ValueError):
+    """A bad argument, model/data spec, data set or output path."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, empty, corrupt, unsafe to load or does not fit the model."""
+
+
+class AnalysisUnavailableError(RiverscapeError):
+    """``riverscape.analysis`` (the report builder) is not installed in this build."""

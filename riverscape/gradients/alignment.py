@@ -1,0 +1,519 @@
+"""Does the gradient at a quantized point point back into the basin? (THEORY.md 7.4)
+
+At ``q = Q(w)`` the identity-STE gradient is ``g_Q = grad L(q)``: the full-precision loss
+``L(theta)`` differentiated at the quantized point (not ``L(Q(theta))`` as a function of
+the latent weights, which is piecewise constant). Its alignment with a basin direction
+``u`` is ``A(u) = cos(-g_Q, u)``. Basin directions: ``u_back = w_ref - q``, its hill part
+``u_hill = V_k V_k^T u_back``, its river part ``u_river = u_back - u_hill``, the valley
+floor ``u_floor = Pi_floor(q) - q`` and, if given, a QAT solution ``u_qat = theta_qat - q``.
+
+Two null models (always both): the isotropic ``1/sqrt(d)`` (beaten by *any* perturbation
+of a minimum, since ``cos(-grad L(w + delta), -delta) ~ delta^T H delta / (|H delta||delta|) > 0``)
+and the matched perturbation ``delta' = delta * eps`` (random signs, same magnitudes).
+
+Coordinates: see :mod:`riverscape.gradients._common` (build the Objective with ``params``
+selecting the quantized tensors for THEORY's ``d = dim theta_Q``).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..objective import HessianOperator, Objective
+from ..quant import QParams
+from ._common import (
+    Quantizer,
+    cosine,
+    dot,
+    finite_or_none,
+    prepare,
+    quantized_point,
+    rademacher,
+    safe_ratio,
+    split,
+    sq_norm,
+)
+from .floor import valley_floor
+
+__all__ = ["AlignmentResult", "alignment", "matched_null", "NullSample", "QATAlignment", "alignment_along_qat"]
+
+
+def _direction_metrics(g_q: Tensor, u_back: Tensor, vectors: Tensor) -> dict:
+    """Alignment of ``-g_Q`` with ``u_back`` and its hill/river parts; gradient subspace energy."""
+    _, u_hill, u_river = split(u_back, vectors)
+    g_coords, g_hill, g_river = split(g_q, vectors)
+    hill_norm = math.sqrt(sq_norm(u_hill))
+    grad_sq = sq_norm(g_q)
+    return {
+        "cosine_to_fp": cosine(-g_q, u_back),
+        "cosine_hill": cosine(-g_q, u_hill),
+        "cosine_river": cosine(-g_q, u_river),
+        "inward": None if hill_norm == 0.0 else -dot(g_q, u_hill) / hill_norm,
+        "chi_k": safe_ratio(sq_norm(g_coords), grad_sq),
+        "grad_hill_norm": math.sqrt(sq_norm(g_hill)),
+        "grad_river_norm": math.sqrt(sq_norm(g_river)),
+    }
+
+
+@dataclass(frozen=True)
+class NullSample:
+    """Matched-perturbation null draws (one entry per sign pattern).
+
+    Attributes
+    ----------
+    cosines : list of float
+        ``A' = cos(-grad L(w_ref + delta'), -delta')``.
+    inward : list of float
+        ``I' = -grad L(w_ref + delta')^T u_hill' / |u_hill'|`` with ``u_hill' = V_k V_k^T (-delta')``
+        (empty when no vectors were given).
+    loss_increases : list of float
+        ``L(w_ref + delta') - L(w_ref)``.
+    """
+
+    cosines: list[float]
+    inward: list[float]
+    loss_increases: list[float]
+
+
+def matched_null(
+    objective: Objective,
+    reference: Tensor,
+    delta: Tensor,
+    signs: Tensor,
+    *,
+    vectors: Tensor | None = None,
+    progress: bool = False,
+) -> NullSample:
+    """Evaluate the matched-perturbation null for given sign patterns.
+
+    Parameters
+    ----------
+    objective : Objective
+    reference : Tensor, shape (D,)
+        ``w_ref``.
+    delta : Tensor, shape (D,)
+        The perturbation ``q - w_ref``.
+    signs : Tensor, shape (n, D)
+        Sign patterns ``eps`` (entries +-1): ``delta' = delta * eps``.
+    vectors : Tensor, shape (D, k), optional
+        Hill frame for the inward component of each draw.
+    progress : bool
+        Show a progress bar over the draws.
+
+    Returns
+    -------
+    NullSample
+    """
+    reference = objective.check_theta(reference)
+    delta = objective.check_theta(delta)
+    if signs.ndim != 2 or signs.shape[1] != objective.dim:
+        raise ValueError(f"signs must have shape (n, {objective.dim}), got {tuple(signs.shape)}")
+    base = objective.loss(reference)
+    cosines, inward, increases = [], [], []
+    for eps in tqdm(signs, desc="matched null", leave=False, disable=not progress):
+        flipped = delta * eps.to(delta)
+        value, g = objective.value_and_grad(reference + flipped)
+        cosines.append(cosine(-g, -flipped))
+        increases.append(value - base)
+        if vectors is not None:
+            inward.append(_direction_metrics(g, -flipped, vectors)["inward"])
+    return NullSample(cosines, inward, increases)
+
+
+def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    clean = [v for v in values if v is not None]
+    if not clean:
+        return None, None
+    mean = statistics.fmean(clean)
+    return mean, (statistics.stdev(clean) if len(clean) > 1 else None)
+
+
+def _zscore(value: float | None, mean: float | None, sd: float | None) -> float | None:
+    if value is None or mean is None or not sd:
+        return None
+    return (value - mean) / sd
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """Alignment of the identity-STE gradient at a quantized point with the basin (THEORY.md 7.4).
+
+    All cosines are ``A(u) = cos(-g_Q, u)``, ``g_Q = grad L(q)``; ``None`` where a direction is
+    zero or was not requested. ``to_dict()`` gives the flat JSON-friendly form.
+
+    Attributes
+    ----------
+    cosine_to_fp, cosine_hill, cosine_river, cosine_floor, cosine_qat : float or None
+        ``A(u_back)``, ``A(u_hill)``, ``A(u_river)``, ``A(u_floor)``, ``A(theta_qat - q)``.
+    random_baseline : float
+        ``1/sqrt(dim)``, the rms of ``A`` for an isotropic random direction.
+    z_iso : float or None
+        ``A(u_back) * sqrt(dim)``.
+    inward : float or None
+        ``I = -g_Q^T u_hill / |u_hill|`` (loss per unit length; > 0 points back to the floor).
+    chi_k, chi_k_baseline : float
+        ``|V_k^T g_Q|^2 / |g_Q|^2`` and its random baseline ``k / dim``.
+    null_mean, null_sd, null_z : float or None
+        Matched-perturbation null of ``A(u_back)`` and ``(A - mean) / sd``; likewise
+        ``null_inward_*`` for ``I`` and ``null_loss_increase_*`` for ``L(w_ref + delta') - L(w_ref)``.
+    second_order_cosine, second_order_relerr : float or None
+        ``cos(g_Q - g_fp, H delta)`` and ``|g_Q - g_fp - H delta| / |g_Q - g_fp|`` with ``H`` at ``w_ref``.
+    hessian_direction_cosine : float or None
+        ``cos(g_Q, H delta)``.
+    hill_restoring_ratio : list of float or None
+        ``v_i^T (g_Q - g_fp) / (lambda_i c_i)``, ``c = V_k^T delta`` (1 inside the quadratic basin).
+    per_layer : list of dict
+        Per quantized tensor: ``cosine_to_fp``, ``random_baseline``, ``z_iso``,
+        ``grad_energy_share`` (share of ``|g_Q|^2``), ``delta_energy_share``.
+    """
+
+    k: int
+    dim: int
+    n_quantized: int
+    quantizer: str
+    gradient: str
+    loss_fp: float
+    loss_q: float
+    metric_fp: float | None
+    metric_q: float | None
+    delta_norm: float
+    relative_delta_norm: float
+    grad_norm_q: float
+    grad_norm_fp: float
+    grad_hill_norm: float
+    grad_river_norm: float
+    cosine_to_fp: float | None
+    cosine_hill: float | None
+    cosine_river: float | None
+    cosine_floor: float | None
+    cosine_qat: float | None
+    random_baseline: float
+    z_iso: float | None
+    inward: float | None
+    chi_k: float | None
+    chi_k_baseline: float
+    n_null: int
+    null_mean: float | None
+    null_sd: float | None
+    null_z: float | None
+    null_inward_mean: float | None
+    null_inward_sd: float | None
+    null_inward_z: float | None
+    loss_increase: float
+    null_loss_increase_mean: float | None
+    null_loss_increase_sd: float | None
+    second_order_cosine: float | None
+    second_order_relerr: float | None
+    hessian_direction_cosine: float | None
+    hill_restoring_ratio: list
+    eigenvalues: list
+    floor_loss: float | None
+    per_layer: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Flat dict of floats, ints, strings and lists (non-finite numbers become ``None``)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float):
+                out[key] = finite_or_none(value)
+        return out
+
+
+def _per_layer(layers: Sequence[tuple[str, slice]], g_q: Tensor, u_back: Tensor) -> list[dict]:
+    grad_sq, delta_sq = sq_norm(g_q), sq_norm(u_back)
+    rows = []
+    for name, sl in layers:
+        numel = sl.stop - sl.start
+        a = cosine(-g_q[sl], u_back[sl])
+        rows.append(
+            {
+                "name": name,
+                "numel": numel,
+                "cosine_to_fp": a,
+                "random_baseline": 1.0 / math.sqrt(numel),
+                "z_iso": None if a is None else a * math.sqrt(numel),
+                "grad_energy_share": safe_ratio(sq_norm(g_q[sl]), grad_sq),
+                "delta_energy_share": safe_ratio(sq_norm(u_back[sl]), delta_sq),
+            }
+        )
+    return rows
+
+
+def alignment(
+    objective: Objective,
+    theta_fp: Tensor | None,
+    quantizer: Quantizer,
+    *,
+    theta_q: Tensor | None = None,
+    k: int = 10,
+    values: Tensor | None = None,
+    vectors: Tensor | None = None,
+    theta_qat: Tensor | None = None,
+    n_null: int = 8,
+    floor: bool = True,
+    floor_steps: int = 100,
+    per_layer: bool = True,
+    operator: HessianOperator | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **map_options,
+) -> AlignmentResult:
+    """Alignment metrics of the gradient at a quantized point (THEORY.md 7.4).
+
+    Parameters
+    ----------
+    objective : Objective
+        Build it with ``params`` selecting the quantized tensors for THEORY's ``d = dim theta_Q``.
+    theta_fp : Tensor, shape (D,), or None
+        Reference FP point ``w_ref`` (default ``objective.theta0``).
+    quantizer : UniformQuantizer or QuantMap
+        A quantizer (wrapped in a ``QuantMap`` with ``map_options``) or a ready map.
+    theta_q : Tensor, shape (D,), optional
+        The quantized point ``q`` (default ``Q(theta_fp)``, round to nearest).
+    k : int
+        Size of the hill subspace (top-k Hessian eigenvectors at ``theta_fp``).
+    values, vectors : Tensor, shapes (k,) and (D, k), optional
+        Precomputed eigenpairs at ``theta_fp`` (vectors alone: values by Rayleigh quotients).
+    theta_qat : Tensor, shape (D,), optional
+        A QAT solution (latent or deployed); gives ``cosine_qat = A(theta_qat - q)``.
+    n_null : int
+        Draws of the matched sign-flip null (0 to skip; one gradient each).
+    floor : bool
+        Compute the valley floor below ``q`` for ``cosine_floor`` (a k-dim L-BFGS solve).
+    floor_steps : int
+        Iterations of that solve.
+    per_layer : bool
+        Per-quantized-tensor alignment and gradient energy shares.
+    operator : HessianOperator, optional
+        ``objective.hessian(theta_fp)`` to reuse (its gradient graph); built if ``None``.
+    seed : int
+        Seeds Lanczos and the null's sign patterns.
+    progress : bool
+        Progress bar over the null draws.
+
+    Returns
+    -------
+    AlignmentResult
+    """
+    if n_null < 0:
+        raise ValueError("n_null must be non-negative")
+    theta_fp, qmap, op, lam, V = prepare(
+        objective, theta_fp, quantizer, k=k, values=values, vectors=vectors, operator=operator, seed=seed, map_options=map_options
+    )
+    q = quantized_point(objective, qmap, theta_fp, theta_q)
+    k = V.shape[1]
+    dim = objective.dim
+
+    loss_fp, g_fp = objective.value_and_grad(theta_fp)
+    loss_q, g_q = objective.value_and_grad(q)
+    delta = q - theta_fp
+    u_back = -delta
+    metrics = _direction_metrics(g_q, u_back, V)
+
+    cosine_floor = floor_loss = None
+    if floor:
+        res = valley_floor(objective, q, V, reference=theta_fp, steps=floor_steps)
+        cosine_floor, floor_loss = cosine(-g_q, res.point - q), res.loss_floor
+    cosine_qat = None if theta_qat is None else cosine(-g_q, objective.check_theta(theta_qat) - q)
+
+    gen = torch.Generator().manual_seed(seed)
+    null = matched_null(objective, theta_fp, delta, rademacher((n_null, dim), gen, delta), vectors=V, progress=progress)
+    null_mean, null_sd = _mean_sd(null.cosines)
+    inward_mean, inward_sd = _mean_sd(null.inward)
+    increase_mean, increase_sd = _mean_sd(null.loss_increases)
+
+    h_delta = op.torch_matvec(delta)
+    bias = g_q - g_fp
+    coords = V.T @ delta
+    restoring = (V.T @ bias).double() / (lam.to(coords.device) * coords.double())
+    a = metrics["cosine_to_fp"]
+    metric_fp = objective.metric(theta_fp)
+    return AlignmentResult(
+        k=k,
+        dim=dim,
+        n_quantized=qmap.n_quantized,
+        quantizer=qmap.quantizer.describe(),
+        gradient="grad L(theta) at theta_q (identity STE)",
+        loss_fp=loss_fp,
+        loss_q=loss_q,
+        metric_fp=metric_fp,
+        metric_q=objective.metric(q),
+        delta_norm=math.sqrt(sq_norm(delta)),
+        relative_delta_norm=math.sqrt(sq_norm(delta) / max(sq_norm(theta_fp), 1e-300)),
+        grad_norm_q=math.sqrt(sq_norm(g_q)),
+        grad_norm_fp=math.sqrt(sq_norm(g_fp)),
+        grad_hill_norm=metrics["grad_hill_norm"],
+        grad_river_norm=metrics["grad_river_norm"],
+        cosine_to_fp=a,
+        cosine_hill=metrics["cosine_hill"],
+        cosine_river=metrics["cosine_river"],
+        cosine_floor=cosine_floor,
+        cosine_qat=cosine_qat,
+        random_baseline=1.0 / math.sqrt(dim),
+        z_iso=None if a is None else a * math.sqrt(dim),
+        inward=metrics["inward"],
+        chi_k=metrics["chi_k"],
+        chi_k_baseline=k / dim,
+        n_null=n_null,
+        null_mean=null_mean,
+        null_sd=null_sd,
+        null_z=_zscore(a, null_mean, null_sd),
+        null_inward_mean=inward_mean,
+        null_inward_sd=inward_sd,
+        null_inward_z=_zscore(metrics["inward"], inward_mean, inward_sd),
+        loss_increase=loss_q - loss_fp,
+        null_loss_increase_mean=increase_mean,
+        null_loss_increase_sd=increase_sd,
+        second_order_cosine=cosine(bias, h_delta),
+        second_order_relerr=safe_ratio(math.sqrt(sq_norm(bias - h_delta)), math.sqrt(sq_norm(bias))),
+        hessian_direction_cosine=cosine(g_q, h_delta),
+        hill_restoring_ratio=[finite_or_none(float(r)) for r in restoring],
+        eigenvalues=lam.tolist(),
+        floor_loss=floor_loss,
+        per_layer=_per_layer(qmap.per_layer(), g_q, u_back) if per_layer else [],
+    )
+
+
+@dataclass(frozen=True)
+class QATAlignment:
+    """Alignment and hill/river metrics along a QAT trajectory (one entry per logged step).
+
+    The hill frame ``V_k`` and the Hessian are those at ``theta_fp`` for every step (the
+    reference basin), so the series are comparable across steps.
+
+    Attributes
+    ----------
+    steps : list of int
+    loss_q, metric_q : list of float
+        ``L(q_t)`` with ``q_t = Q(w_t)``, and the metric (accuracy) there (``None`` without a metric).
+    delta_norm : list of float
+        ``|q_t - w_t|`` (rounding perturbation of the latent point).
+    hill_energy_share, curvature_share : list of float
+        ``E_H`` and ``C_H`` of ``delta_t = q_t - w_t`` (``H`` at ``theta_fp``).
+    distance_to_fp, hill_distance_to_fp, river_distance_to_fp : list of float
+        ``|q_t - w_ref|`` and its hill / river parts.
+    cosine_to_fp, cosine_hill, cosine_river, cosine_latent : list of float
+        ``A(u_back)``, ``A(u_hill)``, ``A(u_river)``, ``A(w_t - q_t)``.
+    inward, chi_k : list of float
+    grad_norm_q : list of float
+    """
+
+    steps: list
+    loss_q: list
+    metric_q: list
+    delta_norm: list
+    hill_energy_share: list
+    curvature_share: list
+    distance_to_fp: list
+    hill_distance_to_fp: list
+    river_distance_to_fp: list
+    cosine_to_fp: list
+    cosine_hill: list
+    cosine_river: list
+    cosine_latent: list
+    inward: list
+    chi_k: list
+    grad_norm_q: list
+    k: int
+    dim: int
+    random_baseline: float
+    chi_k_baseline: float
+
+    def to_dict(self) -> dict:
+        """Flat dict of lists (JSON-friendly)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, list):
+                out[key] = [finite_or_none(v) if isinstance(v, float) else v for v in value]
+        return out
+
+
+def alignment_along_qat(
+    objective: Objective,
+    theta_fp: Tensor | None,
+    quantizer: Quantizer,
+    latent_trajectory: Tensor,
+    *,
+    steps: Sequence[int] | None = None,
+    k: int = 10,
+    values: Tensor | None = None,
+    vectors: Tensor | None = None,
+    qparams: Sequence[QParams] | None = None,
+    operator: HessianOperator | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **map_options,
+) -> QATAlignment:
+    """Track alignment and hill/river geometry along a QAT run (THEORY.md 7.4, QAT metrics).
+
+    Parameters
+    ----------
+    objective : Objective
+    theta_fp : Tensor, shape (D,), or None
+        Reference FP point (default ``objective.theta0``); ``V_k`` and ``H`` are taken there.
+    quantizer : UniformQuantizer or QuantMap
+    latent_trajectory : Tensor, shape (n, D)
+        Latent weights ``w_t`` (e.g. ``QATResult.latent_trajectory``).
+    steps : sequence of int, optional
+        Labels of the rows (e.g. ``QATResult.trajectory_steps``); default ``0..n-1``.
+    k, values, vectors : see :func:`alignment`.
+    qparams : list of QParams, optional
+        Frozen quantization parameters (e.g. ``qmap.qparams(theta_fp)``); default: recomputed
+        from each ``w_t``.
+    operator : HessianOperator, optional
+        ``objective.hessian(theta_fp)`` to reuse.
+    seed : int
+    progress : bool
+
+    Returns
+    -------
+    QATAlignment
+        One gradient, one loss and one HVP per row.
+    """
+    theta_fp, qmap, op, lam, V = prepare(
+        objective, theta_fp, quantizer, k=k, values=values, vectors=vectors, operator=operator, seed=seed, map_options=map_options
+    )
+    trajectory = latent_trajectory.to(device=objective.device, dtype=objective.dtype)
+    if trajectory.ndim != 2 or trajectory.shape[1] != objective.dim:
+        raise ValueError(f"latent_trajectory must have shape (n, {objective.dim}), got {tuple(trajectory.shape)}")
+    labels = list(range(trajectory.shape[0])) if steps is None else [int(s) for s in steps]
+    if len(labels) != trajectory.shape[0]:
+        raise ValueError(f"{len(labels)} step labels for {trajectory.shape[0]} trajectory rows")
+    series: dict[str, list] = {name: [] for name in QATAlignment.__dataclass_fields__ if name not in ("steps", "k", "dim", "random_baseline", "chi_k_baseline")}
+    for w in tqdm(trajectory, desc="QAT alignment", leave=False, disable=not progress):
+        q = qmap(w, qparams)
+        loss_q, g_q = objective.value_and_grad(q)
+        delta = q - w
+        metrics = _direction_metrics(g_q, theta_fp - q, V)
+        coords, _, _ = split(delta, V)
+        _, disp_hill, disp_river = split(q - theta_fp, V)
+        quad = dot(delta, op.torch_matvec(delta))
+        row = {
+            "loss_q": loss_q,
+            "metric_q": objective.metric(q),
+            "delta_norm": math.sqrt(sq_norm(delta)),
+            "hill_energy_share": safe_ratio(sq_norm(coords), sq_norm(delta)),
+            "curvature_share": safe_ratio(float((lam * coords.double() ** 2).sum()), quad),
+            "distance_to_fp": math.sqrt(sq_norm(q - theta_fp)),
+            "hill_distance_to_fp": math.sqrt(sq_norm(disp_hill)),
+            "river_distance_to_fp": math.sqrt(sq_norm(disp_river)),
+            "cosine_latent": cosine(-g_q, w - q),
+            "grad_norm_q": math.sqrt(sq_norm(g_q)),
+            **{key: metrics[key] for key in ("cosine_to_fp", "cosine_hill", "cosine_river", "inward", "chi_k")},
+        }
+        for key, value in row.items():
+            series[key].append(value)
+    return QATAlignment(
+        steps=labels,
+        k=V.shape[1],
+        dim=objective.dim,
+        random_baseline=1.0 / math.sqrt(objective.dim),
+        chi_k_baseline=V.shape[1] / objective.dim,
+        **series,
+    )

@@ -1,0 +1,194 @@
+"""The ``riverscape analyze`` report: one offline HTML page plus PNG twins of its figures."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import static  # noqa: E402
+from .figures import (  # noqa: E402
+    accuracy_vs_bits_figure,
+    alignment_figure,
+    density_figure,
+    path_figure,
+    qat_curve_figure,
+    side_by_side_slices,
+    spectrum_figure,
+)
+from .html import ReportPage  # noqa: E402
+from .reading import reading  # noqa: E402
+
+__all__ = ["write_report"]
+
+
+def _profile_tuple(profile: Any) -> tuple:
+    if profile.quantized_loss is None:
+        return (profile.t.numpy(), profile.loss.numpy())
+    return (profile.t.numpy(), profile.loss.numpy(), profile.quantized_loss.numpy())
+
+
+def _qat_history(history: dict) -> dict:
+    """QAT history columns under the report's names (the quantized loss is QAT's ``loss``)."""
+    columns = {"step": history["step"], "quantized_loss": history["loss"], "flips": history["grid_flips"]}
+    accuracy = history.get("eval_metric") or history.get("metric")
+    if accuracy and all(a is not None for a in accuracy):
+        columns["accuracy"] = accuracy
+    return columns
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _summary_rows(result: Any) -> list[dict]:
+    rows = []
+    for b in result.by_bits:
+        dmg = b.damage
+        rows.append(
+            {
+                "bits": b.bits,
+                "FP acc": result.fp.get("accuracy"),
+                "PTQ acc": b.ptq.get("accuracy"),
+                "QAT acc": None if b.qat is None else b.qat.get("accuracy"),
+                "FP loss": result.fp["loss"],
+                "PTQ loss": b.ptq["loss"],
+                "QAT loss": None if b.qat is None else b.qat["loss"],
+                "ΔL predicted (2nd order)": None if dmg is None else dmg.predicted_quadratic,
+                "ΔL measured": None if dmg is None else dmg.measured_loss_increase,
+                "ratio": None if dmg is None else dmg.ratio,
+                "t_b": None if dmg is None else dmg.breakdown_scale,
+            }
+        )
+    return rows
+
+
+def _alignment_rows(result: Any) -> list[dict]:
+    rows = []
+    for b in result.by_bits:
+        if b.alignment is None:
+            continue
+        a = b.alignment.to_dict()
+        rows.append(
+            {
+                "bits": b.bits,
+                "A(u_back)": a["cosine_to_fp"],
+                "isotropic 1/√d": a["random_baseline"],
+                "matched null": a.get("null_mean"),
+                "null sd": a.get("null_sd"),
+                "z (matched)": a.get("null_z"),
+                "A(u_hill)": a.get("cosine_hill"),
+                "A(u_river)": a.get("cosine_river"),
+                "A(u_floor)": a.get("cosine_floor"),
+                "A(u_qat)": a.get("cosine_qat"),
+                "χ_k": a.get("chi_k"),
+                "2nd-order cos": a.get("second_order_cosine"),
+            }
+        )
+    return rows
+
+
+def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report") -> Path:
+    """Write ``report.html`` and PNG figures for an :class:`~riverscape.analysis.AnalysisResult`.
+
+    Parameters
+    ----------
+    result : AnalysisResult
+    out_dir : Path
+        Existing directory (the CLI passes a temporary one that is renamed on success).
+    title : str
+
+    Returns
+    -------
+    Path
+        The report file.
+    """
+    out_dir = Path(out_dir)
+    page = ReportPage(title, subtitle=f"{result.n_quantized:,} quantized weights · bits {', '.join(str(b.bits) for b in result.by_bits)}")
+    page.add_heading("Reading")
+    for paragraph in reading(result):
+        page.add_text(paragraph)
+
+    page.add_heading("Summary")
+    page.add_table(_summary_rows(result), caption=f"FP vs PTQ vs QAT on the {result.eval_split} split; ΔL is the training-loss increase of PTQ (analysis set).")
+    has_acc = result.fp.get("accuracy") is not None
+    y = "accuracy" if has_acc else "loss"
+    rows = []
+    for b in result.by_bits:
+        rows.append({"method": "PTQ", "bits": b.bits, y: b.ptq.get(y)})
+        if b.qat is not None:
+            rows.append({"method": "QAT", "bits": b.bits, y: b.qat.get(y)})
+    reference = result.fp.get(y)
+    estimators = sorted({b.qat["estimator"] for b in result.by_bits if b.qat is not None})
+    page.add_figure(accuracy_vs_bits_figure(rows, y=y, reference=reference), caption="PTQ cliff vs QAT recovery" + (f" (QAT estimator: {', '.join(estimators)})." if estimators else "."))
+    _save_png(static.accuracy_vs_bits_figure(rows, y=y, reference=reference), out_dir / "accuracy_vs_bits.png")
+
+    page.add_heading("Hessian spectra")
+    eigs = {"θ_fp": result.hessian_fp["top_eigenvalues"]}
+    dens = {"θ_fp": (result.density_fp.grid.numpy(), result.density_fp.density.numpy())}
+    for b in result.by_bits:
+        if b.hessian_q:
+            eigs[f"Q(θ_fp), {b.bits} bits"] = b.hessian_q["top_eigenvalues"]
+        if b.density_q is not None:
+            dens[f"Q(θ_fp), {b.bits} bits"] = (b.density_q.grid.numpy(), b.density_q.density.numpy())
+    page.add_figure(spectrum_figure(eigs), caption="Top Hessian eigenvalues (Lanczos, exact HVPs) at the FP and PTQ points.")
+    page.add_figure(density_figure(dens), caption="Spectral density by stochastic Lanczos quadrature (Gaussian broadening).")
+    _save_png(static.spectrum_figure(eigs), out_dir / "spectrum.png")
+    _save_png(static.density_figure(dens), out_dir / "density.png")
+
+    page.add_heading("Landscapes: L(θ) and L(Q(θ)) side by side")
+    for b in result.by_bits:
+        s_fp, s_q = b.slice_fp, b.slice_q
+        args = (s_fp.alphas.numpy(), s_fp.betas.numpy(), s_fp.loss.numpy(), s_q.loss.numpy())
+        labels = dict(xlabel="direction θ_fp → Q(θ_fp)", ylabel="orthogonal direction (toward QAT point)")
+        page.add_figure(
+            side_by_side_slices(*args, markers=b.markers, paths=b.paths, **labels),
+            caption=f"{b.bits} bits: the plane through θ_fp, Q(θ_fp) and the QAT solution; left the full-precision loss, right the "
+            "quantized loss of every point of the plane, on one colour scale.",
+        )
+        _save_png(static.side_by_side_slices(*args, markers=b.markers, paths=b.paths, **labels), out_dir / f"slices_{b.bits}bit.png")
+
+    page.add_heading("Loss along paths")
+    for b in result.by_bits:
+        profiles = {name: _profile_tuple(p) for name, p in b.profiles.items()}
+        page.add_figure(path_figure(profiles), caption=f"{b.bits} bits: L(θ) solid, L(Q(θ)) dashed along each path (t from start to end).")
+        _save_png(static.path_figure(profiles), out_dir / f"paths_{b.bits}bit.png")
+
+    aligned = {f"{b.bits} bits": b.alignment.to_dict() for b in result.by_bits if b.alignment is not None}
+    if aligned:
+        page.add_heading("Gradient alignment at Q(θ)")
+        page.add_figure(alignment_figure(aligned, dim=result.n_quantized), caption="Cosine of −∇L(Q(θ)) with the basin directions vs both null models.")
+        _save_png(static.alignment_figure(aligned, dim=result.n_quantized), out_dir / "alignment.png")
+        page.add_table(_alignment_rows(result), caption="Alignment metrics (THEORY.md 7.4); z compares A(u_back) with the matched random-sign null.")
+
+    qat_runs = [b for b in result.by_bits if b.qat_result is not None]
+    if qat_runs:
+        page.add_heading("QAT")
+        for b in qat_runs:
+            history = _qat_history(b.qat_result.history)
+            page.add_figure(
+                qat_curve_figure(history, fp_loss=result.fp["train_loss"], fp_accuracy=result.fp.get("accuracy")),
+                caption=f"{b.bits} bits: quantized training loss (and accuracy) along QAT, grid flips per step.",
+            )
+            if b.qat_alignment is not None:
+                series = b.qat_alignment
+                page.add_table(
+                    [
+                        {"step": s, "L(Q(θ_t))": l, "A(u_back)": a, "A(u_hill)": h, "inward": i}
+                        for s, l, a, h, i in zip(series.steps, series.loss_q, series.cosine_to_fp, series.cosine_hill, series.inward)
+                    ],
+                    caption=f"{b.bits} bits: alignment along QAT (V_k and H at θ_fp).",
+                )
+
+    page.add_heading("Per layer")
+    for b in result.by_bits:
+        page.add_table(b.per_layer, caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.")
+
+    page.add_heading("Run")
+    page.add_table([{"option": k, "value": str(v)} for k, v in result.options.items()], caption="Options.")
+    page.add_table([{"stage": k, "seconds": v} for k, v in result.timings.items()], caption="Wall time per stage.")
+    return page.save(out_dir / "report.html")
