@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Tolerances enforced on riverscape (relative errors).
 HVP_TOL = 1e-4  # float32 HVP vs float64: rounding of a D-term reduction, observed 1e-7..1e-6
 EIG_TOL = 1e-6  # the target for top-5 eigenvalues
-TRACE_TOL = 0.02  # the target for 100 matvecs (plus 2 standard errors of a stochastic reference)
+TRACE_TOL = 0.02  # the target for 100 matvecs; enforced as 2% + 3 standard errors (see task_trace)
 DENSITY_TOL = 1e-3  # largest Ritz value of 100 Lanczos steps vs lambda_max
 SLICE_TOL = 1e-5  # float32 grid values vs a plain per-point forward loop (same points)
 CENTRE_TOL = 1e-6  # the slice's centre value vs Objective.loss(theta)
@@ -152,7 +152,7 @@ def task_eigs(workload: Workload, cfg: TaskConfig, k: int) -> list[Row]:
         return Outcome(values.numpy(), op.matvecs)
 
     contenders = [Contender("riverscape hessian_eigs", rs_eigs)]
-    notes = {"riverscape hessian_eigs": "eigsh LA tol=0, reuse HVPs"}
+    notes = {"riverscape hessian_eigs": "eigsh LA, riverscape defaults"}
     if _peer(cfg, "pyhessian"):
         def pyhessian_eigs() -> Outcome:
             session = peers.PyHessianSession(workload)
@@ -213,7 +213,7 @@ def task_trace(workload: Workload, cfg: TaskConfig) -> list[Row]:
         op = obj.hessian(theta)
         est = hessian_trace(obj, theta, matvecs=m, method="hutch++", operator=op, seed=cfg.seed)
         op.release()
-        return Outcome(est.value, op.matvecs)
+        return Outcome(est, op.matvecs)
 
     contenders = [Contender("riverscape hessian_trace", rs_trace)]
     notes = {"riverscape hessian_trace": "Hutch++"}
@@ -223,7 +223,7 @@ def task_trace(workload: Workload, cfg: TaskConfig) -> list[Row]:
             return Outcome(session.trace(m, cfg.seed), session.hvps)
 
         contenders.append(Contender("PyHessian trace", pyhessian_trace))
-        notes["PyHessian trace"] = "Hutchinson, tol=0 (whole budget)"
+        notes["PyHessian trace"] = "Hutchinson, tol=-inf (whole budget: with a negative running mean its relative test stops at once)"
     if _peer(cfg, "hessian_eigenthings"):
         from hessian_eigenthings import trace
 
@@ -242,9 +242,17 @@ def task_trace(workload: Workload, cfg: TaskConfig) -> list[Row]:
         notes["curvlinops hutchpp_trace"] = "Hutch++, vmapped columns"
 
     results = alternate(contenders, cfg.repeats)
+    estimate = results["riverscape hessian_trace"][1].value
+    results["riverscape hessian_trace"][1].value = estimate.value
     errors = {tool: _rel(float(out.value), ref.value) for tool, (_, out) in results.items()}
-    ref_rel = ref.stderr / abs(ref.value)
-    return _rows(workload, "trace", results, errors, f"rel. error vs {ref.method}", {"riverscape hessian_trace": TRACE_TOL + 2 * ref_rel}, notes)
+    error = errors["riverscape hessian_trace"]
+    notes["riverscape hessian_trace"] += f"; stderr {estimate.stderr / abs(ref.value):.1e} rel.; 2% target {'met' if error <= TRACE_TOL else 'NOT met'}"
+    rows = _rows(workload, "trace", results, errors, f"rel. error vs {ref.method}", {"riverscape hessian_trace": 1.0}, notes)
+    # A stochastic estimate is wrong when it misses by more than the 2% target plus three of its
+    # own (and the reference's) standard errors: that catches bias, not bad luck on an indefinite H.
+    allowed = TRACE_TOL * abs(ref.value) + 3 * (estimate.stderr**2 + ref.stderr**2) ** 0.5
+    rows[0].checked = abs(estimate.value - ref.value) / allowed
+    return rows
 
 
 # --------------------------------------------------------------------------- spectral density

@@ -10,3 +10,17 @@ def test_ci_runs_the_readme_test_command():
     assert len(ci_lines) == 1, ci_lines
     assert ci_lines[0] in readme
     assert "pip install torch==2.13.0 -e . && riverscape demo" in readme
+
+
+def test_readme_python_examples_run_in_order():
+    """Every ```python block of the README runs, in order, in one namespace (as a reader would)."""
+    import re
+
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 7
+    namespace: dict = {}
+    torch.manual_seed(0)
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {index}", "exec"), namespace)
