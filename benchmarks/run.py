@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.tasks import TASKS, TaskConfig  # noqa: E402
+from benchmarks.tasks import TASKS, TaskConfig, warm_up  # noqa: E402
 from benchmarks.timing import Row, check_agreement, fill_ratios  # noqa: E402
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, build_workload  # noqa: E402
 
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for wname in workloads:
         t0 = time.perf_counter()
         workload = build_workload(wname, seed=args.seed)
+        warm_up(workload)
         print(f"[{wname}] {workload.num_params} parameters, built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for task in tasks:
             if (wname, task) in SKIP or (task == "analyze" and wname != workloads[0]):

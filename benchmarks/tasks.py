@@ -83,6 +83,19 @@ def _probe(dim: int, seed: int) -> Tensor:
     return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
 
 
+def warm_up(workload: Workload, with_peers: bool = True) -> None:
+    """One call of every HVP path, so no tool pays this process's first-call costs in a timed run."""
+    obj = workload.objective()
+    v = _probe(obj.dim, 0)
+    obj.loss(obj.theta0)
+    obj.hvp(obj.theta0, v)
+    obj.hessian(obj.theta0, mode="reuse").torch_matvec(v)
+    if with_peers and peers.available("curvlinops"):
+        peers.curvlinops_hessian(workload) @ v
+    if with_peers and peers.available("hessian_eigenthings"):
+        peers.eigenthings_operator(workload).matvec(v)
+
+
 # --------------------------------------------------------------------------- HVP vs gradient
 def task_hvp(workload: Workload, cfg: TaskConfig) -> list[Row]:
     """One HVP at a fixed point vs one gradient (same vector for every tool)."""

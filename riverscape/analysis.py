@@ -377,8 +377,12 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
             }
             b = loss_barrier(obj, fp, qat_point, n=25, progress=False)
             barrier = {k: v for k, v in b.to_dict().items() if not isinstance(v, (list, dict))}
-            if finite:
-                qat_ali = alignment_along_qat(obj, fp, qmap, qat_result.latent_trajectory, steps=qat_result.trajectory_steps, k=k_hill, values=values, vectors=vectors, operator=op_fp, seed=options.seed, progress=False)
+            if finite and qat_result.scale_mode == "learned":
+                notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
+            elif finite:
+                # frozen scales: quantize every latent iterate with QAT's own grid, not one recomputed from it
+                frozen = qat_result.qparams if qat_result.scale_mode == "frozen" else None
+                qat_ali = alignment_along_qat(obj, fp, qmap, qat_result.latent_trajectory, steps=qat_result.trajectory_steps, k=k_hill, values=values, vectors=vectors, qparams=frozen, operator=op_fp, seed=options.seed, progress=False)
             t0 = lap("qat", t0)
         ali = None
         if finite:

@@ -23,13 +23,14 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
+
+from .report.html import save_figure, write_text_atomic
 
 __all__ = [
     "Sweep",
@@ -90,20 +91,7 @@ def cell_key(params: Mapping[str, Any]) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def versions() -> dict[str, str]:
@@ -348,19 +336,11 @@ def write_figure(fig: Any, path: str | os.PathLike, *, static: Any = None) -> li
         The files written.
     """
     stem = Path(path).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    html = stem.with_suffix(".html")
-    atomic_write_text(html, fig.to_html(include_plotlyjs=True, full_html=True))
-    written = [html]
-    if static is not None:
-        figure = static() if callable(static) else static
-        png = stem.with_suffix(".png")
-        tmp = png.with_name(f".{png.stem}.tmp.png")
-        figure.savefig(tmp)
-        os.replace(tmp, png)
-        written.append(png)
+    figure = static() if callable(static) else static
+    written = save_figure(fig, stem, static=figure)
+    if figure is not None:
         _close_matplotlib(figure)
-    return written
+    return [written["html"]] + ([written["png"]] if "png" in written else [])
 
 
 def _close_matplotlib(figure: Any) -> None:

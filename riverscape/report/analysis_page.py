@@ -40,6 +40,17 @@ def _qat_history(history: dict) -> dict:
     return columns
 
 
+MAX_SERIES_ROWS = 11
+
+
+def _evenly_spaced(rows: list, limit: int) -> list:
+    """At most ``limit`` rows, evenly spaced, first and last included (long series stay readable)."""
+    if len(rows) <= limit:
+        return rows
+    picks = sorted({round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)})
+    return [rows[i] for i in picks]
+
+
 def _save_png(fig: Any, path: Path) -> None:
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -176,13 +187,13 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
             )
             if b.qat_alignment is not None:
                 series = b.qat_alignment
-                page.add_table(
-                    [
-                        {"step": s, "L(Q(θ_t))": l, "A(u_back)": a, "A(u_hill)": h, "inward": i}
-                        for s, l, a, h, i in zip(series.steps, series.loss_q, series.cosine_to_fp, series.cosine_hill, series.inward)
-                    ],
-                    caption=f"{b.bits} bits: alignment along QAT (V_k and H at θ_fp).",
-                )
+                rows = [
+                    {"step": s, "L(Q(θ_t))": l, "A(u_back)": a, "A(u_hill)": h, "inward": i}
+                    for s, l, a, h, i in zip(series.steps, series.loss_q, series.cosine_to_fp, series.cosine_hill, series.inward)
+                ]
+                shown = _evenly_spaced(rows, MAX_SERIES_ROWS)
+                thinned = f" ({len(shown)} of {len(rows)} recorded steps, evenly spaced)" if len(shown) < len(rows) else ""
+                page.add_table(shown, caption=f"{b.bits} bits: alignment along QAT (V_k and H at θ_fp){thinned}.")
 
     page.add_heading("Per layer")
     for b in result.by_bits:

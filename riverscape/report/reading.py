@@ -17,6 +17,13 @@ def _num(x: Optional[float], digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _times(x: Optional[float]) -> str:
+    """A ratio for "N× ..." text: two significant digits, but never exponent notation (104, not 1e+02)."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.2g}"
+
+
 def _bits_paragraphs(result: Any, bits: Any) -> list[str]:
     fp = result.fp
     out = []
@@ -35,13 +42,14 @@ def _bits_paragraphs(result: Any, bits: Any) -> list[str]:
         if dmg.inside_basin:
             out.append(
                 f"The second-order model predicts the training-loss increase well (predicted {_num(dmg.predicted_quadratic)}, "
-                f"measured {_num(dmg.measured_loss_increase)}, ratio {_num(ratio, 2)}): the rounding perturbation stays inside "
-                f"the basin (breakdown scale t_b = {_num(tb, 2)} > 1)."
+                f"measured {_num(dmg.measured_loss_increase)}, ratio {_times(ratio)}): the rounding perturbation stays inside "
+                + (f"the basin (breakdown scale t_b = {_num(tb, 2)} > 1)." if tb is not None and math.isfinite(tb) else
+                   "the basin (the loss never leaves the quadratic model along the probed range: t_b = ∞).")
             )
         else:
             out.append(
                 f"The second-order model predicts a training-loss increase of {_num(dmg.predicted_quadratic)} but "
-                f"{_num(dmg.measured_loss_increase)} is measured ({_num(ratio, 2)}× the prediction): along the rounding "
+                f"{_num(dmg.measured_loss_increase)} is measured ({_times(ratio)}× the prediction): along the rounding "
                 f"perturbation the loss stops being quadratic at t_b = {_num(tb, 2)} of its length, so Q(θ) lies outside "
                 f"the basin where a local (Hessian-based) PTQ objective is reliable."
             )
@@ -65,20 +73,32 @@ def _bits_paragraphs(result: Any, bits: Any) -> list[str]:
         )
         out.append(
             f"The gradient at Q(θ) has cosine {_num(a['cosine_to_fp'])} with the direction back to θ_fp "
-            f"({_num(ratio_iso, 2)}× the isotropic baseline {_num(iso)}); the matched null gives {_num(a.get('null_mean'))} ± "
+            f"({_times(ratio_iso)}× the isotropic baseline {_num(iso)}); the matched null gives {_num(a.get('null_mean'))} ± "
             f"{_num(a.get('null_sd'))} (z = {_num(z, 2)}), i.e. {verdict}. Along the top Hessian directions the alignment is "
             f"{_num(a.get('cosine_hill'))}, along the flat rest {_num(a.get('cosine_river'))}."
         )
     if bits.qat is not None:
         q = bits.qat
         hit = q.get("hit_step")
-        hit_text = f"first enters the low-loss region at step {hit}" if hit is not None else "never enters the low-loss region within the run"
+        tau = getattr(bits.qat_result, "tau", None)
+        region = "the low-loss region" + (f" (training loss within {_num(tau)} of θ_fp's)" if tau is not None else "")
+        if hit is None:
+            hit_text = f"never enters {region} within the run"
+        elif hit == 0:
+            hit_text = f"starts in {region}: PTQ's point is already there"
+        else:
+            hit_text = f"first enters {region} at step {hit}"
         acc_text = f"{_pct(q['accuracy'])} {result.eval_split} accuracy" if q.get("accuracy") is not None else f"{result.eval_split} loss {_num(q['loss'])}"
         barrier = (bits.barrier_qat or {}).get("height")
+        if barrier is None:
+            basin = ""
+        elif tau is not None and barrier <= tau:
+            basin = f" with a linear-path barrier from θ_fp of {_num(barrier)}: back in θ_fp's basin, not back at θ_fp"
+        else:
+            basin = f", separated from θ_fp by a linear-path barrier of {_num(barrier)}: QAT settled in a different basin"
         out.append(
             f"QAT ({q['estimator']}, {q['steps']} steps) reaches {acc_text}; its quantized iterate {hit_text}. It ends "
-            f"{_num(q['distance_to_fp'])} from θ_fp (PTQ: {_num(q['distance_ptq_to_fp'])}) with a linear-path barrier from θ_fp of "
-            f"{_num(barrier)}: back in the basin, not back at θ_fp."
+            f"{_num(q['distance_to_fp'])} from θ_fp (PTQ: {_num(q['distance_ptq_to_fp'])}){basin}."
         )
     out.extend(bits.notes)
     return out
@@ -102,7 +122,7 @@ def reading(result: Any) -> list[str]:
         if hq:
             paragraphs.append(
                 f"At Q(θ_fp) ({bits.bits} bits) the top eigenvalue is {_num(hq['top_eigenvalues'][0])} "
-                f"({_num(hq['top_eigenvalues'][0] / h['top_eigenvalues'][0], 2)}× θ_fp's) and the smallest {_num(hq['min_eigenvalue'])}"
+                f"({_times(hq['top_eigenvalues'][0] / h['top_eigenvalues'][0])}× θ_fp's) and the smallest {_num(hq['min_eigenvalue'])}"
                 + (" (negative curvature: the quantized point is not at a minimum of L)." if hq["min_eigenvalue"] < 0 else ".")
             )
     return paragraphs
