@@ -40,14 +40,32 @@ def _key(workload: Workload, kind: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _encode(value):
+    """A cached reference as plain tensors, floats and strings (loadable with ``weights_only=True``)."""
+    if isinstance(value, np.ndarray):
+        return {"type": "ndarray", "value": torch.from_numpy(value.copy())}
+    fields = {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v) for k, v in vars(value).items()}
+    return {"type": type(value).__name__, "fields": fields}
+
+
+def _decode(stored):
+    if stored["type"] == "ndarray":
+        return stored["value"].numpy()
+    cls = {"SpectrumReference": SpectrumReference, "TraceReference": TraceReference}[stored["type"]]
+    return cls(**{k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in stored["fields"].items()})
+
+
 def _cached(workload: Workload, kind: str, compute, use_cache: bool):
     path = CACHE_DIR / f"{workload.name}-{kind}-{_key(workload, kind)}.pt"
     if use_cache and path.exists():
-        return torch.load(path, weights_only=False)
+        try:
+            return _decode(torch.load(path, weights_only=True))
+        except Exception:  # an older or foreign cache file: recompute
+            pass
     value = compute()
     if use_cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        torch.save(value, path)
+        torch.save(_encode(value), path)
     return value
 
 
