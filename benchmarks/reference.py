@@ -75,25 +75,28 @@ def reference_hvp(workload: Workload, v: Tensor) -> Tensor:
     return obj.hvp(obj.theta0, v.double())
 
 
-def spectrum_reference(workload: Workload, *, use_cache: bool = True) -> SpectrumReference:
-    """Top-5 and smallest Hessian eigenvalues (exact for ``exact`` workloads, else converged eigsh)."""
+def spectrum_reference(workload: Workload, *, top: int = 5, smallest: bool = True, use_cache: bool = True) -> SpectrumReference:
+    """Top-``top`` (and, if asked, the smallest) Hessian eigenvalues: exact dense ``eigh`` for
+    ``exact`` workloads, else converged float64 ``eigsh``. ``smallest`` is NaN when not asked for
+    (it costs a second eigsh run, which only the density task needs)."""
 
     def compute() -> SpectrumReference:
         obj = workload.objective(torch.float64)
         if workload.exact:
             values = torch.linalg.eigvalsh(obj.dense_hessian(obj.theta0)).numpy()
-            return SpectrumReference(values[::-1][:5].copy(), float(values[0]), "dense float64 eigh")
+            return SpectrumReference(values[::-1][:top].copy(), float(values[0]), "dense float64 eigh")
         op = obj.hessian(obj.theta0, mode="reuse")
         v0 = np.random.default_rng(12345).standard_normal(obj.dim)
-        top = eigsh(op, k=5, which="LA", tol=0, v0=v0, return_eigenvectors=False)
-        low = eigsh(op, k=1, which="SA", tol=0, v0=v0, return_eigenvectors=False)
-        return SpectrumReference(np.sort(top)[::-1].copy(), float(low[0]), f"float64 eigsh tol=0 ({op.matvecs} HVPs)")
+        values = eigsh(op, k=top, which="LA", tol=0, v0=v0, return_eigenvectors=False)
+        low = float(eigsh(op, k=1, which="SA", tol=0, v0=v0, return_eigenvectors=False)[0]) if smallest else float("nan")
+        return SpectrumReference(np.sort(values)[::-1].copy(), low, f"float64 eigsh tol=0 ({op.matvecs} HVPs)")
 
-    return _cached(workload, "spectrum", compute, use_cache)
+    kind = "spectrum" if (top, smallest) == (5, True) else f"spectrum-top{top}{'-smallest' if smallest else ''}"
+    return _cached(workload, kind, compute, use_cache)
 
 
-def converged_float32_top(workload: Workload, *, use_cache: bool = True) -> np.ndarray:
-    """Top-5 eigenvalues of the float32 operator itself, converged by eigsh with ``tol=0``.
+def converged_float32_top(workload: Workload, *, top: int = 5, use_cache: bool = True) -> np.ndarray:
+    """Top-``top`` eigenvalues of the float32 operator itself, converged by eigsh with ``tol=0``.
 
     Float32 HVPs differ from float64 ones by ~1e-6..1e-5 (relative), a floor no float32 tool can
     beat against the float64 truth; the solver's own convergence is judged against this.
@@ -103,9 +106,9 @@ def converged_float32_top(workload: Workload, *, use_cache: bool = True) -> np.n
         obj = workload.objective()
         op = obj.hessian(obj.theta0, mode="reuse")
         v0 = np.random.default_rng(54321).standard_normal(obj.dim)
-        return np.sort(eigsh(op, k=5, which="LA", tol=0, v0=v0, return_eigenvectors=False))[::-1].copy()
+        return np.sort(eigsh(op, k=top, which="LA", tol=0, v0=v0, return_eigenvectors=False))[::-1].copy()
 
-    return _cached(workload, "top5-float32", compute, use_cache)
+    return _cached(workload, f"top{top}-float32", compute, use_cache)
 
 
 def trace_reference(workload: Workload, *, matvecs: int = 1500, use_cache: bool = True) -> TraceReference:

@@ -57,14 +57,17 @@ def measure(size: int, task: str, samples: int = SAMPLES) -> dict:
     }
 
 
-def run_scaling(quick: bool = False) -> list[dict]:
-    """Measure every size and task in its own subprocess."""
+def run_scaling(quick: bool = False, threads: int | None = None) -> list[dict]:
+    """Measure every size and task in its own subprocess (with ``threads`` torch threads)."""
     sizes = SIZES[:2] if quick else SIZES
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = []
     for task in ("top5", "slice"):
         for size in sizes:
-            done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--size", str(size), "--task", task],
+            command = [sys.executable, "-m", "benchmarks.scaling", "--size", str(size), "--task", task]
+            if threads:
+                command += ["--threads", str(threads)]
+            done = subprocess.run(command,
                                   cwd=REPO, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"scaling child failed for {task} at {size}: {done.stderr.strip()[-500:]}")
@@ -89,7 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="one scaling measurement (run by benchmarks/run.py --scaling)")
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--task", choices=("top5", "slice"), required=True)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(json.dumps(measure(args.size, args.task)))
 
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.run import markdown_table  # noqa: E402
-from benchmarks.tasks import TaskConfig, task_eigs, task_slice  # noqa: E402
+from benchmarks.tasks import TaskConfig, task_eigs, task_slice, task_trace  # noqa: E402
 from benchmarks.timing import Row, check_agreement  # noqa: E402
 from benchmarks.workloads import mlp_of_size  # noqa: E402
 
@@ -39,6 +39,16 @@ def test_slice_matches_forward_loop_and_contains_centre(tiny_workload):
     assert cfg.failures == [] and check_agreement(list(rows.values())) == []
     assert rows["riverscape slice_2d"].error <= 1e-5  # float32, same points, different reduction order
     assert rows["forward limit (25 x one forward)"].seconds > 0
+
+
+def test_trace_rows_fixed_budget_and_early_stopping(tiny_workload):
+    cfg = TaskConfig(repeats=1, use_cache=False, with_peers=False)
+    rows = {r.tool: r for r in task_trace(tiny_workload, cfg)}
+    assert cfg.failures == [] and check_agreement(list(rows.values())) == []
+    fixed, adaptive = rows["riverscape hessian_trace"], rows["riverscape hessian_trace (rtol=0.01)"]
+    assert fixed.hvps == 100 and adaptive.hvps <= 100  # the budget is a cap for the early-stopping row
+    for row in (fixed, adaptive):  # vs the exact dense trace; checked = miss / (2% + 3 stderr) <= 1
+        assert row.error is not None and row.checked is not None and row.checked <= 1.0
 
 
 def test_agreement_check_rejects_a_fast_wrong_answer():

@@ -262,8 +262,10 @@ sys.exit(main(sys.argv[1:]))
 
 def interrupt_when_ready(script: str, args: list[str], cwd: Path, signum: int) -> subprocess.CompletedProcess:
     """Start ``python -c script args``, wait for it to print READY, send ``signum``."""
+    # a suite started in the background (`pytest &`) inherits SIGINT ignored, and Python then keeps
+    # ignoring it: give the child the default disposition, as an interactive user's process has
     proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)

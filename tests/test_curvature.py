@@ -160,6 +160,26 @@ def test_hutchpp_and_hutchinson_on_known_psd_matrix():
         assert pp.stderr < h.stderr  # deflating the top of the spectrum reduces the variance
 
 
+def test_trace_rtol_stops_early_with_its_promised_accuracy():
+    obj, _, lam = quadratic_objective(200)
+    exact = float(lam.sum())
+    rtol = 0.05
+    for method in ("hutchinson", "hutch++"):
+        for seed in range(4):
+            est = hessian_trace(obj, matvecs=150, method=method, seed=seed, rtol=rtol)
+            fixed = 2 * (150 // 3) if method == "hutch++" else 0  # the sketch is never cut short
+            probes = est.matvecs - fixed
+            # stopped at a block boundary once the rule held, well before the 150-matvec cap
+            assert probes >= 8 and probes % 4 == 0 and est.matvecs < 150, (method, est.matvecs)
+            assert 2 * est.stderr <= rtol * abs(est.value)
+            # the rule promises ~95% confidence of |error| <= rtol; 2 * rtol is 4 stderr: never flaky
+            assert abs(est.value - exact) <= 2 * rtol * exact, (method, seed, est.value, exact)
+        # an unreachable tolerance spends exactly the whole budget
+        assert hessian_trace(obj, matvecs=150, method=method, seed=0, rtol=1e-12).matvecs == 150
+    with pytest.raises(ValueError, match="rtol"):
+        hessian_trace(obj, matvecs=150, rtol=0.0)
+
+
 def test_hutchpp_on_tiny_cnn_and_exact_for_small_blocks(image_data):
     obj, _, theta = model_case("cnn", None, image_data)
     h = obj.dense_hessian(theta)
@@ -248,6 +268,22 @@ def test_spectral_density_of_quadratic_finds_top_eigenvalues():
     assert_close(top, lam[0].expand(2), rtol=1e-8, what="largest Ritz value")  # 10, isolated: converges fast
     mass_above = float(torch.trapezoid(d.density * (d.grid > 1.0), d.grid))
     assert abs(mass_above - 10 / 200) < 0.05  # 10 of 200 eigenvalues exceed 1 (two probes: rough)
+
+
+def test_spectral_density_tol_stops_early_and_matches_the_full_run():
+    obj, _, lam = quadratic_objective(400)
+    full = spectral_density(obj, lanczos_steps=150, probes=2, grid_points=2000)
+    early = spectral_density(obj, lanczos_steps=150, probes=2, grid_points=2000, sigma=full.sigma, tol=1e-3)
+    steps = (~torch.isnan(early.ritz_values)).sum(1)
+    assert (steps % 10 == 0).all() and early.matvecs == int(steps.sum()) < full.matvecs  # stopped at checks
+    assert_close(early.ritz_values.nan_to_num(-1.0).max(1).values, lam[0].expand(2), rtol=1e-8, what="largest Ritz")
+    low = early.ritz_values.nan_to_num(1e9).min(1).values  # the dense end (10/i accumulates at 0.025)
+    assert ((low - lam[-1]).abs() <= 1e-3 * float(lam[0] - lam[-1]) * 10).all()
+    # the stopped density, evaluated on the full run's grid, is the full run's density up to the L1 tol
+    assert torch.equal(full.evaluate(full.grid), full.density)
+    assert float(torch.trapezoid((early.evaluate(full.grid) - full.density).abs(), full.grid)) < 1e-3
+    with pytest.raises(ValueError, match="tol"):
+        spectral_density(obj, tol=-1.0)
 
 
 def test_layer_curvature_matches_dense_blocks(image_data):

@@ -319,6 +319,7 @@ def hessian_trace(
     block: Block = None,
     operator: HessianOperator | None = None,
     seed: int = 0,
+    rtol: float | None = None,
 ) -> TraceEstimate:
     """Stochastic estimate of ``tr H`` (Hutchinson, or Hutch++ by Meyer et al. 2021, arXiv 2010.09649).
 
@@ -342,6 +343,12 @@ def hessian_trace(
         Reuse an operator (any object with ``shape`` and ``torch_matmat``).
     seed : int
         Seeds the probes (a private ``torch.Generator``).
+    rtol : float, optional
+        Stop early: Hutchinson probes (the remainder probes of Hutch++) are drawn in blocks
+        of ``PROBE_BLOCK`` and sampling stops once ``2 * stderr <= rtol * |estimate|``
+        (about 95% confidence of a relative error below ``rtol``), after at least
+        ``MIN_PROBES`` probes. ``matvecs`` is then a cap, and ``TraceEstimate.matvecs``
+        says how many were used. Default: spend the whole budget.
 
     Returns
     -------
@@ -352,6 +359,8 @@ def hessian_trace(
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     if matvecs < 3:
         raise ValueError(f"matvecs must be at least 3, got {matvecs}")
+    if rtol is not None and not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
     op, n = _resolve(objective, theta, block, operator)
     dtype, device = objective.dtype, objective.device
     if method == "exact" or n <= matvecs:
@@ -359,17 +368,55 @@ def hessian_trace(
         return TraceEstimate(value, 0.0, n, "exact")
     gen = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
-        z = _rademacher(n, matvecs, gen, dtype, device)
-        samples = (z * op.torch_matmat(z)).sum(0).double()
-        return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(matvecs)), matvecs, method)
+        samples = _quadratic_form_samples(op, n, matvecs, gen, dtype, device, rtol=rtol)
+        return TraceEstimate(float(samples.mean()), _stderr(samples), samples.numel(), method)
     sketch_size = matvecs // 3
     q, _ = torch.linalg.qr(op.torch_matmat(_rademacher(n, sketch_size, gen, dtype, device)))
     sketched = float((q * op.torch_matmat(q)).sum())
-    rest = matvecs - 2 * sketch_size
-    g = _rademacher(n, rest, gen, dtype, device)
-    g = g - q @ (q.T @ g)
-    samples = (g * op.torch_matmat(g)).sum(0).double()
-    return TraceEstimate(sketched + float(samples.mean()), float(samples.std() / math.sqrt(rest)), matvecs, method)
+    samples = _quadratic_form_samples(op, n, matvecs - 2 * sketch_size, gen, dtype, device, rtol=rtol, deflate=q, offset=sketched)
+    return TraceEstimate(sketched + float(samples.mean()), _stderr(samples), 2 * sketch_size + samples.numel(), method)
+
+
+PROBE_BLOCK = 4  # probes per block when stopping early (one HVP each)
+MIN_PROBES = 8  # before trusting a sample standard deviation for the stopping rule
+
+
+def _stderr(samples: Tensor) -> float:
+    return float(samples.std() / math.sqrt(samples.numel())) if samples.numel() > 1 else float("inf")
+
+
+def _quadratic_form_samples(
+    op,
+    n: int,
+    count: int,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    rtol: float | None = None,
+    deflate: Tensor | None = None,
+    offset: float = 0.0,
+) -> Tensor:
+    """Hutchinson samples ``g^T H g`` (``g`` Rademacher, projected off ``deflate``), float64 ``(m,)``.
+
+    Without ``rtol`` all ``count`` probes run as one block. With ``rtol`` they run in blocks
+    of ``PROBE_BLOCK`` until ``2 * stderr <= rtol * |offset + mean|`` (at least ``MIN_PROBES``).
+    """
+    samples: list[Tensor] = []
+    drawn = 0
+    block = count if rtol is None else PROBE_BLOCK
+    while drawn < count:
+        width = min(block, count - drawn)
+        g = _rademacher(n, width, gen, dtype, device)
+        if deflate is not None:
+            g = g - deflate @ (deflate.T @ g)
+        samples.append((g * op.torch_matmat(g)).sum(0).double())
+        drawn += width
+        if rtol is not None and drawn >= min(MIN_PROBES, count):
+            done = torch.cat(samples)
+            if 2.0 * _stderr(done) <= rtol * abs(offset + float(done.mean())):
+                break
+    return torch.cat(samples)
 
 
 @dataclass(frozen=True)
@@ -441,7 +488,14 @@ def hessian_diagonal(
 
 
 # ---------------------------------------------------------------------------- Lanczos, SLQ
-def lanczos(matmul: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def lanczos(
+    matmul: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    steps: int,
+    *,
+    converged: Callable[[Tensor, Tensor], bool] | None = None,
+    check_every: int = 10,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Lanczos tridiagonalisation with full re-orthogonalisation.
 
     ``V^T A V = T`` with ``T = tridiag(betas, alphas, betas)`` for a symmetric ``A``; every
@@ -457,6 +511,11 @@ def lanczos(matmul: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple
         Start vector (normalised here).
     steps : int
         Maximum number of steps ``m`` (capped at ``n``).
+    converged : callable, optional
+        ``converged(alphas, betas) -> bool`` on the float64 coefficients so far, asked every
+        ``check_every`` steps; ``True`` stops the iteration there.
+    check_every : int
+        Steps between two ``converged`` checks.
 
     Returns
     -------
@@ -469,28 +528,33 @@ def lanczos(matmul: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple
     n = v0.shape[0]
     steps = min(steps, n)
     eps = torch.finfo(v0.dtype).eps
-    basis = torch.zeros(n, steps, dtype=v0.dtype, device=v0.device)
-    basis[:, 0] = v0 / torch.linalg.vector_norm(v0)
+    # rows are the Lanczos vectors: each is contiguous, and re-orthogonalising against the first
+    # j + 1 touches only those rows (a column-major (n, steps) basis streams all of it every step)
+    basis = torch.zeros(steps, n, dtype=v0.dtype, device=v0.device)
+    basis[0] = v0 / torch.linalg.vector_norm(v0)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
     for j in range(steps):
-        w = matmul(basis[:, j])
-        alpha = float(torch.dot(w, basis[:, j]))
+        w = matmul(basis[j])
+        alpha = float(torch.dot(w, basis[j]))
         alphas.append(alpha)
         scale = max(scale, abs(alpha), betas[-1] if betas else 0.0)
         if j == steps - 1:
             break
-        done = basis[:, : j + 1]
+        if converged is not None and (j + 1) % check_every == 0:
+            if converged(torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)):
+                break
+        done = basis[: j + 1]
         for _ in range(2):
-            w = w - done @ (done.T @ w)
+            w = w - done.T @ (done @ w)
         beta = float(torch.linalg.vector_norm(w))
         if beta <= eps ** (2 / 3) * max(scale, beta):
             break
         betas.append(beta)
-        basis[:, j + 1] = w / beta
+        basis[j + 1] = w / beta
     m = len(alphas)
-    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64), basis[:, :m]
+    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64), basis[:m].T
 
 
 def _tridiagonal(alphas: Tensor, betas: Tensor) -> Tensor:
@@ -529,6 +593,11 @@ class SpectralDensity:
     matvecs: int
     dim: int
 
+    def evaluate(self, grid: Tensor, sigma: float | None = None) -> Tensor:
+        """The broadened density on another ``grid`` (shape ``(g,)``), with width ``sigma``
+        (default: this result's), e.g. to compare two runs on one axis."""
+        return _broadened(self.ritz_values, self.ritz_weights, grid.to(torch.float64), self.sigma if sigma is None else sigma)
+
     def to_dict(self) -> dict:
         return {
             "grid": self.grid.tolist(),
@@ -552,6 +621,7 @@ def spectral_density(
     block: Block = None,
     operator: HessianOperator | None = None,
     seed: int = 0,
+    tol: float | None = None,
 ) -> SpectralDensity:
     """Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
@@ -574,6 +644,15 @@ def spectral_density(
         Ritz values), so the trapezoid integral of the density is 1 to ~1e-12.
     block, operator, seed
         As in :func:`hessian_trace`.
+    tol : float, optional
+        Stop a probe's Lanczos run early, checked every ``DENSITY_CHECK_EVERY`` steps, once
+        over the last check (a) each extreme Ritz value moved by at most ``tol`` relative to
+        itself (floor ``tol**2`` times the Ritz spread, for extremes near 0) and (b) the
+        probe's broadened density moved by at most ``tol`` in L1
+        (total mass 1; width ``sigma``, or 1/300 of the spread when ``sigma`` is None, the
+        default's width on 1000 grid points). The extremes converge first; interior nodes
+        keep refining below that width, which is what stopping trades away.
+        ``lanczos_steps`` is then a cap. Default: run all steps.
 
     Returns
     -------
@@ -585,17 +664,20 @@ def spectral_density(
         raise ValueError(f"grid_points must be at least 100, got {grid_points}")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
     op, n = _resolve(objective, theta, block, operator)
     start = op.matvecs
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     matmul = lambda v: op.torch_matmat(v[:, None])[:, 0]  # noqa: E731
+    converged = None if tol is None else _density_converged(tol, sigma)
     for _ in range(probes):
         z = _rademacher(n, 1, gen, objective.dtype, objective.device)[:, 0]
-        alphas, betas, _ = lanczos(matmul, z, lanczos_steps)
-        ritz, vecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        alphas, betas, _ = lanczos(matmul, z, lanczos_steps, converged=converged, check_every=DENSITY_CHECK_EVERY)
+        ritz, weight = _quadrature(alphas, betas)
         nodes.append(ritz)
-        weights.append(vecs[0] ** 2)
+        weights.append(weight)
     m = max(len(r) for r in nodes)
     ritz_values = torch.full((probes, m), float("nan"), dtype=torch.float64)
     ritz_weights = torch.zeros(probes, m, dtype=torch.float64)
@@ -614,11 +696,51 @@ def spectral_density(
             "the density is under-resolved; raise grid_points or sigma",
             stacklevel=2,
         )
-    valid = ~torch.isnan(ritz_values)
-    centers = torch.where(valid, ritz_values, torch.zeros_like(ritz_values))
-    kernel = torch.exp(-0.5 * ((grid[:, None, None] - centers[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = (kernel * ritz_weights[None]).sum(dim=(1, 2)) / probes
+    density = _broadened(ritz_values, ritz_weights, grid, sigma)
     return SpectralDensity(grid, density, ritz_values, ritz_weights, float(sigma), op.matvecs - start, n)
+
+
+def _broadened(ritz_values: Tensor, ritz_weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
+    """``(1/P) sum_p sum_i w_pi N(t; r_pi, sigma^2)`` on ``grid``; NaN nodes (padding) carry weight 0."""
+    values, weights = torch.atleast_2d(ritz_values), torch.atleast_2d(ritz_weights)
+    centers = torch.where(torch.isnan(values), torch.zeros_like(values), values)
+    kernel = torch.exp(-0.5 * ((grid[:, None, None] - centers[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return (kernel * weights[None]).sum(dim=(1, 2)) / values.shape[0]
+
+
+DENSITY_CHECK_EVERY = 10  # Lanczos steps between two convergence checks of spectral_density(tol=...)
+
+
+def _quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature of the Lanczos tridiagonal: Ritz values and weights (float64)."""
+    ritz, vecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
+    return ritz, vecs[0] ** 2
+
+
+def _density_converged(tol: float, sigma: float | None) -> Callable[[Tensor, Tensor], bool]:
+    """The early-stopping rule of :func:`spectral_density` (see its ``tol``)."""
+    previous: list[tuple[Tensor, Tensor]] = []
+
+    def converged(alphas: Tensor, betas: Tensor) -> bool:
+        if len(alphas) <= DENSITY_CHECK_EVERY:  # a new probe: forget the last one's quadrature
+            previous.clear()
+        now = _quadrature(alphas, betas[: len(alphas) - 1])
+        if not previous:
+            previous.append(now)
+            return False
+        (r0, w0), (r1, w1) = previous[-1], now
+        previous.append(now)
+        spread = max(float(r1.max() - r1.min()), 1e-30)
+        width = sigma if sigma is not None else spread / 300.0
+        for end in (torch.max, torch.min):  # each extreme to tol relative (floor: tol^2 * spread)
+            now_end, before_end = float(end(r1)), float(end(r0))
+            if abs(now_end - before_end) > tol * max(abs(now_end), tol * spread):
+                return False
+        grid = torch.linspace(float(r1.min()) - 8 * width, float(r1.max()) + 8 * width, 2000, dtype=torch.float64)
+        change = _broadened(r1, w1, grid, width) - _broadened(r0, w0, grid, width)
+        return float(torch.trapezoid(change.abs(), grid)) <= tol
+
+    return converged
 
 
 # ---------------------------------------------------------------------------- per layer
