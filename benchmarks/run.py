@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.tasks import TASKS, TaskConfig, warm_up  # noqa: E402
-from benchmarks.timing import Row, check_agreement, fill_ratios  # noqa: E402
+from benchmarks.timing import Row, check_agreement, drain_peer_crashes, fill_ratios  # noqa: E402
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, build_workload  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 new = TASKS[task](workload, cfg)
             except Exception as err:  # a crashing task is a failure, never a silent skip
                 cfg.fail(f"{wname}/{task}: {type(err).__name__}: {err}")
+                drain_peer_crashes()
                 continue
             rows.extend(new)
+            for tool, message in drain_peer_crashes():
+                rows.append(Row(wname, task, tool, None, note=f"crashed: {message[:200]}"))
             print(f"[{wname}] {task}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     failures = cfg.failures + check_agreement(rows)
     fill_ratios(rows)

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-__all__ = ["Outcome", "Contender", "Row", "AgreementError", "alternate", "check_agreement"]
+__all__ = ["Outcome", "Contender", "Row", "AgreementError", "alternate", "check_agreement", "drain_peer_crashes"]
 
 
 @dataclass
@@ -59,24 +59,54 @@ class AgreementError(RuntimeError):
     """A riverscape result disagrees with the reference beyond its tolerance."""
 
 
+_peer_crashes: list[tuple[str, str]] = []
+
+
+def drain_peer_crashes() -> list[tuple[str, str]]:
+    """``(tool, "ExceptionType: message")`` of every peer that raised since the last call."""
+    crashes = list(_peer_crashes)
+    _peer_crashes.clear()
+    return crashes
+
+
 def alternate(contenders: list[Contender], repeats: int, *, warmup: bool = False) -> dict[str, tuple[list[float], Outcome]]:
     """Time every contender ``repeats`` times, interleaved A B C A B C ...
 
     The outcome kept per tool is that of its first timed call (or of the warm-up call). Load
-    drifts on a shared machine hit every tool alike because the calls alternate.
+    drifts on a shared machine hit every tool alike because the calls alternate. A peer that
+    raises is dropped from the results and recorded (:func:`drain_peer_crashes`); a riverscape
+    exception propagates (the runner counts it as a failure).
     """
     kept: dict[str, Outcome] = {}
     times: dict[str, list[float]] = {c.tool: [] for c in contenders}
+    crashed: set[str] = set()
+
+    def call(c: Contender) -> Outcome | None:
+        if c.tool.startswith("riverscape"):
+            return c.run()
+        try:
+            return c.run()
+        except Exception as err:  # a peer's bug is a result to report, not a reason to stop
+            crashed.add(c.tool)
+            _peer_crashes.append((c.tool, f"{type(err).__name__}: {err}"))
+            return None
+
     if warmup:
         for c in contenders:
-            kept[c.tool] = c.run()
+            outcome = call(c)
+            if outcome is not None:
+                kept[c.tool] = outcome
     for _ in range(repeats):
         for c in contenders:
+            if c.tool in crashed:
+                continue
             start = time.perf_counter()
-            outcome = c.run()
+            outcome = call(c)
+            if outcome is None:
+                continue
             times[c.tool].append(time.perf_counter() - start)
             kept.setdefault(c.tool, outcome)
-    return {c.tool: (times[c.tool], kept[c.tool]) for c in contenders}
+    return {c.tool: (times[c.tool], kept[c.tool]) for c in contenders if c.tool not in crashed}
 
 
 def median(values: list[float]) -> float | None:

@@ -307,6 +307,17 @@ class Objective:
         """Inverse of :meth:`unflatten` (missing names raise ``KeyError``)."""
         return torch.cat([tensors[s.name].reshape(-1).to(self.device, self.dtype) for s in self.layout])
 
+    def _load(self, theta: Tensor) -> None:
+        """Copy ``theta`` into the private module's parameters (plain forwards, no autograd).
+
+        Functional calls pass every selected parameter explicitly, so the stored values matter
+        only to plain forwards; :meth:`evaluate` puts ``theta0`` back when it is done.
+        """
+        named = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for spec in self.layout:
+                named[spec.name].copy_(theta[spec.offset : spec.offset + spec.numel].view(spec.shape))
+
     def forward(self, theta: Tensor, inputs) -> Tensor:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -424,7 +435,18 @@ class Objective:
     def _evaluate_chunk(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
         losses = torch.zeros(chunk.shape[0], dtype=self.dtype, device=self.device)
         metrics = torch.zeros_like(losses)
+        single = chunk.shape[0] == 1
+        if single:  # one point: load it into the private module and run a plain forward
+            self._load(chunk[0])
         for w, (x, y) in zip(self._weights, self.batches):
+            if single:
+                args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+                out = self.module(*args)
+                value = self.loss_fn(out, y)
+                score = self._metric(out, y).to(value.dtype) if self._metric is not None else value
+                losses += w * value
+                metrics += w * score
+                continue
             if self._vmap_ok:
                 try:
                     l, m = vmap(self._point_eval, in_dims=(0, None, None))(chunk, x, y)
@@ -461,10 +483,14 @@ class Objective:
         chunk = chunk_size or self.default_chunk_size()
         losses, metrics = [], []
         with torch.no_grad():
-            for i in range(0, thetas.shape[0], chunk):
-                l, m = self._evaluate_chunk(thetas[i : i + chunk])
-                losses.append(l)
-                metrics.append(m)
+            try:
+                for i in range(0, thetas.shape[0], chunk):
+                    l, m = self._evaluate_chunk(thetas[i : i + chunk])
+                    losses.append(l)
+                    metrics.append(m)
+            finally:
+                if chunk == 1 or thetas.shape[0] % chunk == 1:  # a chunk of one loaded its point
+                    self._load(self.theta0)
         loss = torch.cat(losses)
         metric = None if self._metric is None else torch.cat(metrics)
         return loss, metric

@@ -100,6 +100,10 @@ def test_batched_losses_equal_looped(image_data):
     looped = torch.tensor([obj.loss(t) for t in thetas], dtype=torch.float64)
     assert_close(batched, looped, rtol=1e-12, atol=1e-14, what="batched vs looped")
     assert_close(metrics, torch.tensor([obj.metric(t) for t in thetas], dtype=torch.float64), rtol=0, atol=1e-12, what="metric")
+    # chunk size 1 takes the plain-forward path (no vmap): same numbers, also with 9 % 4 != 0 chunks
+    single, single_metrics = obj.evaluate(thetas, chunk_size=1)
+    assert_close(single, looped, rtol=1e-12, atol=1e-14, what="chunk size 1 vs looped")
+    assert_close(single_metrics, metrics, rtol=0, atol=1e-12, what="chunk size 1 metric")
 
 
 def test_parameter_selection_names_globs_predicate(classification_data):

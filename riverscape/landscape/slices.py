@@ -79,8 +79,9 @@ def evaluate_points(
     chunk_size : int, optional
         Points per vmapped pass; bounds memory to ``chunk_size x D`` parameters plus the
         activations of ``chunk_size`` forward passes. Default: adaptive. The first point is
-        evaluated alone and the next ``objective.default_chunk_size()`` points together; the
-        faster of the two per point is kept (vmapped convolutions with per-point weights
+        evaluated alone (warm-up), the second alone (a plain forward, timed) and the next
+        ``objective.default_chunk_size()`` points together (vmapped, timed); the faster of
+        the two per point is kept (vmapped convolutions with per-point weights
         become grouped convolutions, which on CPU can be slower than one point at a time).
     progress : bool
         tqdm bar over points.
@@ -98,7 +99,9 @@ def evaluate_points(
     start = 0
     with tqdm(total=n, disable=not progress, desc=desc, leave=False, unit="pt") as bar:
         while start < n:
-            size = 1 if adaptive and start == 0 else chunk
+            # adaptive: point 0 alone warms up (untimed), point 1 alone and then one chunk are
+            # timed, and the faster of the two sizes is kept for the rest
+            size = 1 if adaptive and (start == 0 or 1 not in per_point) else chunk
             stop = min(start + size, n)
             began = time.perf_counter()
             thetas = points(start, stop)
@@ -108,7 +111,7 @@ def evaluate_points(
             losses.append(loss.detach().double().cpu())
             if metric is not None:
                 metrics.append(metric.detach().double().cpu())
-            if adaptive and len(per_point) < 2:
+            if adaptive and start > 0 and len(per_point) < 2:
                 per_point[size] = (time.perf_counter() - began) / (stop - start)
                 if len(per_point) == 2 or stop - start < size:
                     chunk = min(per_point, key=per_point.get)
