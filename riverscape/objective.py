@@ -270,6 +270,7 @@ class Objective:
             raise ValueError(f"metric must be 'auto', None or a callable, got {metric!r}")
         self._reverse_hvp = hvp_mode == "reverse"
         self._vmap_ok = True
+        self._selected: list[tuple[Tensor, ParamSpec]] | None = None  # for plain forwards (_load)
 
     # ------------------------------------------------------------------ helpers
     def _move(self, t):
@@ -310,13 +311,15 @@ class Objective:
     def _load(self, theta: Tensor) -> None:
         """Copy ``theta`` into the private module's parameters (plain forwards, no autograd).
 
-        Functional calls pass every selected parameter explicitly, so the stored values matter
-        only to plain forwards; :meth:`evaluate` puts ``theta0`` back when it is done.
+        The private module's selected parameters are scratch space: every functional call
+        passes all of them explicitly, and every plain forward loads its point first.
         """
-        named = dict(self.module.named_parameters())
+        if self._selected is None:
+            named = dict(self.module.named_parameters())
+            self._selected = [(named[spec.name], spec) for spec in self.layout]
         with torch.no_grad():
-            for spec in self.layout:
-                named[spec.name].copy_(theta[spec.offset : spec.offset + spec.numel].view(spec.shape))
+            for param, spec in self._selected:
+                param.copy_(theta[spec.offset : spec.offset + spec.numel].view(spec.shape))
 
     def forward(self, theta: Tensor, inputs) -> Tensor:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
@@ -483,14 +486,10 @@ class Objective:
         chunk = chunk_size or self.default_chunk_size()
         losses, metrics = [], []
         with torch.no_grad():
-            try:
-                for i in range(0, thetas.shape[0], chunk):
-                    l, m = self._evaluate_chunk(thetas[i : i + chunk])
-                    losses.append(l)
-                    metrics.append(m)
-            finally:
-                if chunk == 1 or thetas.shape[0] % chunk == 1:  # a chunk of one loaded its point
-                    self._load(self.theta0)
+            for i in range(0, thetas.shape[0], chunk):
+                l, m = self._evaluate_chunk(thetas[i : i + chunk])
+                losses.append(l)
+                metrics.append(m)
         loss = torch.cat(losses)
         metric = None if self._metric is None else torch.cat(metrics)
         return loss, metric

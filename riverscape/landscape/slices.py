@@ -95,14 +95,18 @@ def evaluate_points(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     adaptive = chunk_size is None
     chunk = int(chunk_size or objective.default_chunk_size())
+    # points built per step: a user's chunk_size bounds memory; adaptive one-by-one evaluation
+    # still builds a default-sized block at a time (less Python overhead per point)
+    block = chunk if not adaptive else objective.default_chunk_size()
     losses, metrics, per_point = [], [], {}
     start = 0
     with tqdm(total=n, disable=not progress, desc=desc, leave=False, unit="pt") as bar:
         while start < n:
             # adaptive: point 0 alone warms up (untimed), point 1 alone and then one chunk are
             # timed, and the faster of the two sizes is kept for the rest
+            timing = adaptive and len(per_point) < 2
             size = 1 if adaptive and (start == 0 or 1 not in per_point) else chunk
-            stop = min(start + size, n)
+            stop = min(start + (size if timing else max(size, block)), n)
             began = time.perf_counter()
             thetas = points(start, stop)
             if qmap is not None:
@@ -111,7 +115,7 @@ def evaluate_points(
             losses.append(loss.detach().double().cpu())
             if metric is not None:
                 metrics.append(metric.detach().double().cpu())
-            if adaptive and start > 0 and len(per_point) < 2:
+            if timing and start > 0:
                 per_point[size] = (time.perf_counter() - began) / (stop - start)
                 if len(per_point) == 2 or stop - start < size:
                     chunk = min(per_point, key=per_point.get)
