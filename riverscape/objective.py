@@ -323,8 +323,7 @@ class Objective:
 
     def forward(self, theta: Tensor, inputs) -> Tensor:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.module, self.unflatten(theta), args)
+        return functional_call(self.module, self.unflatten(theta), _as_args(inputs))
 
     def batch_loss(self, theta: Tensor, inputs, targets) -> Tensor:
         """Mean loss of one batch at ``theta`` as a differentiable tensor."""
@@ -430,7 +429,9 @@ class Objective:
 
     # ------------------------------------------------------------------ batched
     def _point_eval(self, theta: Tensor, x, y) -> tuple[Tensor, Tensor]:
-        out = self.forward(theta, x)
+        return self._loss_and_score(self.forward(theta, x), y)
+
+    def _loss_and_score(self, out: Tensor, y) -> tuple[Tensor, Tensor]:
         value = self.loss_fn(out, y)
         score = self._metric(out, y).to(value.dtype) if self._metric is not None else value
         return value, score
@@ -443,10 +444,7 @@ class Objective:
             self._load(chunk[0])
         for w, (x, y) in zip(self._weights, self.batches):
             if single:
-                args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-                out = self.module(*args)
-                value = self.loss_fn(out, y)
-                score = self._metric(out, y).to(value.dtype) if self._metric is not None else value
+                value, score = self._loss_and_score(self.module(*_as_args(x)), y)
                 losses += w * value
                 metrics += w * score
                 continue
@@ -575,6 +573,11 @@ class HessianOperator(LinearOperator):
     def release(self) -> None:
         """Free the stored gradient graphs."""
         self._graphs = None
+
+
+def _as_args(inputs) -> tuple:
+    """A batch's inputs as positional arguments of the model."""
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def _is_batching_error(err: BaseException) -> bool:

@@ -719,17 +719,15 @@ def _quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
 
 def _density_converged(tol: float, sigma: float | None) -> Callable[[Tensor, Tensor], bool]:
     """The early-stopping rule of :func:`spectral_density` (see its ``tol``)."""
-    previous: list[tuple[Tensor, Tensor]] = []
+    last: dict[str, tuple[Tensor, Tensor]] = {}  # the quadrature at this probe's previous check
 
     def converged(alphas: Tensor, betas: Tensor) -> bool:
-        if len(alphas) <= DENSITY_CHECK_EVERY:  # a new probe: forget the last one's quadrature
-            previous.clear()
         now = _quadrature(alphas, betas[: len(alphas) - 1])
-        if not previous:
-            previous.append(now)
+        before = last.get("quadrature") if len(alphas) > DENSITY_CHECK_EVERY else None  # first check of a probe
+        last["quadrature"] = now
+        if before is None:
             return False
-        (r0, w0), (r1, w1) = previous[-1], now
-        previous.append(now)
+        (r0, w0), (r1, w1) = before, now
         spread = max(float(r1.max() - r1.min()), 1e-30)
         width = sigma if sigma is not None else spread / 300.0
         for end in (torch.max, torch.min):  # each extreme to tol relative (floor: tol^2 * spread)
