@@ -14,6 +14,8 @@ Conventions
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -25,6 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .batchnorm import batchnorm_preflight
+from .differentiability import ensure_twice_differentiable
 from .errors import InputError
 from .gradients import alignment, alignment_along_qat, damage
 from .gradients.damage import basin_widths
@@ -33,7 +37,7 @@ from .landscape.directions import plane_through, random_direction
 from .landscape.paths import LinearPath, loss_barrier, path_losses, river
 from .landscape.slices import slice_2d
 from .objective import Objective
-from .quant import QuantMap, ptq
+from .quant import LayerSelection, QuantMap, WeightStatus, ptq
 from .quant.qat import qat
 from .threads import threads_for
 
@@ -119,6 +123,9 @@ class AnalysisResult:
     options: dict
     timings: dict
     has_trajectory: bool
+    weights: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # run-wide notes: BatchNorm check, how HVPs are computed
 
     def metrics(self) -> dict:
         """``metrics.json`` content: the headline (lowest) bit-width at the top level, all under ``all_bits``.
@@ -127,7 +134,11 @@ class AnalysisResult:
         ``ptq.accuracy``, ``ptq.predicted_loss_increase``, ``hessian.fp.top_eigenvalues``,
         ``hessian.fp.trace``, ``hessian.quantized.top_eigenvalues``, ``alignment.cosine_to_fp``,
         ``alignment.random_baseline``, ``perturbation.hill_fraction`` and, with QAT,
-        ``qat.accuracy``.
+        ``qat.accuracy``. ``weights`` lists every parameter of the model with its status
+        (:class:`~riverscape.quant.WeightStatus`: quantized with bits/granularity/channel axis
+        at the headline bit-width, or kept with a reason); ``n_quantized`` counts the quantized
+        scalar weights, ``n_quantized_tensors`` the quantized tensors (``quantized_layers``);
+        ``warnings`` holds the unsupported-weight warnings.
         """
         per_bits = {str(b.bits): b.metrics() for b in self.by_bits}
         headline = dict(per_bits[str(min(b.bits for b in self.by_bits))])
@@ -137,7 +148,10 @@ class AnalysisResult:
                 **headline,
                 "n_params": self.n_params,
                 "n_quantized": self.n_quantized,
+                "n_quantized_tensors": len(self.quantized_layers),
                 "quantized_layers": self.quantized_layers,
+                "weights": [w.to_dict() if isinstance(w, WeightStatus) else w for w in self.weights],
+                "warnings": list(self.warnings),
                 "analysis_samples": self.analysis_samples,
                 "eval_samples": self.eval_samples,
                 "eval_split": self.eval_split,
@@ -146,6 +160,7 @@ class AnalysisResult:
                 "bits_analyzed": [b.bits for b in self.by_bits],
                 "all_bits": per_bits,
                 "timings": self.timings,
+                "notes": [*self.notes, *headline.get("notes", [])],
             }
         )
 
@@ -300,22 +315,29 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
 
     train_data = _cap(train_data, options.max_samples)
     eval_data = _cap(eval_data, options.max_samples)
+    model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
     full = Objective(model, loss, train_data, device=device)
     first_quantizer = options.quantizer(options.bits[0])
-    names = [t.name for t in QuantMap(full, first_quantizer, **options.qmap_options()).targets]
+    # the tensors are chosen once, on the full model; every map of the restricted objectives uses exactly them
+    chosen = QuantMap(full, options.quantizer(min(options.bits)), selection=options.selection())
+    names = [t.name for t in chosen.targets]
+    selection = LayerSelection.exactly(names)
     obj = Objective(model, loss, train_data, params=names, device=device, batch_size=512)
     eval_obj = Objective(model, loss, eval_data, params=names, device=device, batch_size=512)
+    run_notes += ensure_twice_differentiable(obj)
     fp = obj.theta0
     fp_loss, fp_acc = eval_obj.loss_and_metric(fp)
     fp_train_loss = obj.loss(fp)
     if not math.isfinite(fp_loss) or not math.isfinite(fp_train_loss):
         raise InputError(f"the loss at the checkpoint's weights is {fp_train_loss if not math.isfinite(fp_train_loss) else fp_loss}; nothing to analyse (check the data and --loss)")
+    if options.top_k >= obj.dim:
+        raise InputError(f"--top-k {options.top_k} asks for more eigenpairs than the {obj.dim} quantized parameters allow; use at most {obj.dim - 1}")
     k_hill = max(1, min(max(HILL_K, options.top_k), obj.dim - 1))
     t0 = time.perf_counter()
     op_fp = obj.hessian(fp)
     values, vectors = _eigs(obj, fp, k_hill, op_fp, options.seed)
     hessian_fp, density_fp = _curvature_summary(obj, fp, options.top_k, op_fp, options.seed, values)
-    probe_qmap = QuantMap(obj, first_quantizer)
+    probe_qmap = QuantMap(obj, first_quantizer, selection=selection)
     curvature_rows = [c.to_dict() for c in layer_curvature(obj, fp, names=probe_qmap, trace_matvecs=30, operator=op_fp, seed=options.seed, progress=False)]
     t0 = lap("curvature_fp", t0)
     widths = basin_widths(obj, fp, values, vectors, TAU)
@@ -330,7 +352,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     for bits in bar:
         bar.set_postfix_str(f"{bits} bits")
         quantizer = options.quantizer(bits)
-        qmap = QuantMap(obj, quantizer)
+        qmap = QuantMap(obj, quantizer, selection=selection)
         q = ptq(obj, qmap)
         delta = q - fp
         q_loss, q_acc = eval_obj.loss_and_metric(q)
@@ -431,6 +453,9 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         options=options.to_dict(),
         timings=timings,
         has_trajectory=river_path is not None,
+        weights=chosen.status(),
+        warnings=[*run_warnings, *chosen.warnings()],
+        notes=run_notes,
     )
 
 
@@ -465,6 +490,11 @@ def analyze(loaded: Any, data: Any, options: Any, out_dir: Path, *, progress: Op
         trajectory=loaded.trajectory,
         eval_split="test" if data.test is not None else "train",
         progress=progress,
+    )
+    precision = next((str(p.dtype).removeprefix("torch.") for p in loaded.model.parameters() if p.is_floating_point()), "?")
+    stored = getattr(loaded, "checkpoint_dtype", precision)
+    result = dataclasses.replace(
+        result, notes=[f"checkpoint weights stored as {stored}; analysed in {precision}", *result.notes]
     )
     write_report(result, Path(out_dir), title=f"riverscape report: {Path(str(loaded.path)).name if loaded.path else 'model'}")
     return result.metrics()

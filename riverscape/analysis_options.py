@@ -15,7 +15,10 @@ from .errors import InputError
 from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
 from .quant.quantizers import MAX_BITS, RANGE_METHODS
 
-__all__ = ["AnalyzeOptions", "QAT_ESTIMATORS", "RANGE_METHODS", "MAX_BITS"]
+__all__ = ["AnalyzeOptions", "QAT_ESTIMATORS", "RANGE_METHODS", "MAX_BITS", "MAX_TOP_K"]
+
+MAX_TOP_K = 500
+"""Largest ``top_k``: ARPACK keeps about ``2 k + 1`` basis vectors of the parameter count."""
 
 
 def _is_int(value: object) -> bool:
@@ -47,12 +50,15 @@ class AnalyzeOptions:
         Quantizer granularity (per output channel vs per tensor) and grid (restricted
         symmetric vs affine with zero point).
     include, exclude : tuple of str
-        Layer names or glob patterns selecting the quantized weights (empty include = all
-        Linear/Conv/Embedding weights). Comma-separated strings are split.
+        Parameter names, layer names or glob patterns selecting the quantized tensors (empty
+        include = every weight of a registered layer type, see :mod:`riverscape.quant.layers`;
+        a named tensor of an unregistered type is quantized too). Comma-separated strings are
+        split.
     keep_first_last : bool
-        Keep the first and last quantizable layers in full precision.
+        Keep the first and last quantized layers in full precision.
     top_k : int
-        Number of top Hessian eigenpairs (>= 1).
+        Number of top Hessian eigenpairs (1 .. :data:`MAX_TOP_K`, and fewer than the
+        number of quantized parameters, checked when the model is known).
     grid_steps : int
         Points per axis of the 1-D/2-D landscape slices (3..401).
     grid_span : float
@@ -68,6 +74,10 @@ class AnalyzeOptions:
         Seed of every random choice (directions, probes, subsets), >= 0.
     device : str
         Torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    bn_recalibrate : bool
+        Re-estimate the BatchNorm running statistics on the analysis data before analysing
+        (:func:`riverscape.batchnorm.recalibrate_batchnorm`; the checkpoint is not changed).
+        Without it the statistics are only checked, and a mismatch is reported in the notes.
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -87,6 +97,7 @@ class AnalyzeOptions:
     qat_estimator: str = "ste"
     seed: int = 0
     device: str = "cpu"
+    bn_recalibrate: bool = False
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,7 +114,7 @@ class AnalyzeOptions:
             raise InputError(f"unknown QAT estimator {self.qat_estimator!r}; choose one of {list(QAT_ESTIMATORS)}")
         object.__setattr__(self, "include", _names(self.include, "include"))
         object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
-        for name, low, high in (("top_k", 1, None), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None)):
+        for name, low, high in (("top_k", 1, MAX_TOP_K), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None)):
             value = getattr(self, name)
             if not _is_int(value) or value < low or (high is not None and value > high):
                 allowed = f"from {low} to {high}" if high is not None else f">= {low}"
@@ -114,7 +125,7 @@ class AnalyzeOptions:
         if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
             raise InputError(f"grid_span must be a positive finite number, got {span!r}")
         object.__setattr__(self, "grid_span", float(span))
-        for name in ("per_channel", "symmetric", "keep_first_last", "json"):
+        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()
@@ -124,6 +135,8 @@ class AnalyzeOptions:
             device = torch.device(self.device)
         except (RuntimeError, TypeError, ValueError):
             raise InputError(f"unknown device {self.device!r}; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        if device.type == "meta":
+            raise InputError("device 'meta' holds no values and cannot evaluate a loss; use e.g. 'cpu' or 'cuda'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {self.device!r} requested but CUDA is not available; use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
@@ -135,13 +148,15 @@ class AnalyzeOptions:
 
         return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method)
 
+    def selection(self):
+        """The :class:`~riverscape.quant.LayerSelection` of ``include``, ``exclude`` and ``keep_first_last``."""
+        from .quant import LayerSelection
+
+        return LayerSelection(include=self.include or None, exclude=self.exclude or None, keep_first_last=self.keep_first_last)
+
     def qmap_options(self) -> dict:
-        """Keyword arguments of :class:`~riverscape.quant.QuantMap` (layer selection)."""
-        return {
-            "include": list(self.include) or None,
-            "exclude": list(self.exclude) or None,
-            "keep_first_last": self.keep_first_last,
-        }
+        """Keyword arguments of :class:`~riverscape.quant.QuantMap`: ``{"selection": self.selection()}``."""
+        return {"selection": self.selection()}
 
     def to_dict(self) -> dict:
         """JSON-friendly copy (tuples become lists)."""

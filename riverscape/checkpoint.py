@@ -27,6 +27,7 @@ importing a module runs its code, so a file must not choose which code runs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -35,16 +36,18 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, InputError
+from .limits import DEFAULT_MEMORY_LIMIT, check_allocation, format_bytes, logical_bytes
 from .outdir import atomic_output_file
 
 __all__ = [
@@ -59,7 +62,10 @@ __all__ = [
     "make_spec",
     "spec_label",
     "resolve_factory",
+    "call_factory",
     "build_model_from_spec",
+    "check_model_size",
+    "checkpoint_dtype",
     "resolve_data",
     "check_model_data",
 ]
@@ -122,8 +128,36 @@ def spec_label(spec: Optional[Mapping]) -> str:
     return str(spec.get("name") or spec.get("factory"))
 
 
+def _user_code_error(what: str, exc: BaseException) -> InputError:
+    """One line for an exception raised by code the user named (a factory file, module or call)."""
+    if isinstance(exc, SystemExit):
+        return InputError(f"{what} called sys.exit({exc.code!r}); a factory must return, not exit")
+    if isinstance(exc, SyntaxError):
+        where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        return InputError(f"{what}: SyntaxError ({where}): {exc.msg}")
+    return InputError(f"{what} raised {type(exc).__name__}: {_first_line(exc)}")
+
+
+@contextlib.contextmanager
+def _searchable(folder: Path) -> Iterator[None]:
+    """``folder`` at the END of ``sys.path`` for the block only (installed packages win)."""
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.append(entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
 def _import_file(file: Path) -> Any:
-    """Import a Python file as a module (its directory is on ``sys.path`` while it runs)."""
+    """Import a Python file the user named as a module.
+
+    While the file runs, its folder is searched after the installed packages, so it can
+    import modules beside it; afterwards ``sys.path`` is as before.
+    """
     resolved = file.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     name = f"riverscape_user_{re.sub(r'[^0-9a-zA-Z_]', '_', resolved.stem)}_{digest}"
@@ -134,31 +168,62 @@ def _import_file(file: Path) -> Any:
         raise InputError(f"cannot import {str(file)!r} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # lets classes defined in the file pickle and dataclass normally
-    folder = str(resolved.parent)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
     try:
-        module_spec.loader.exec_module(module)
-    except BaseException:
+        with _searchable(resolved.parent):
+            module_spec.loader.exec_module(module)
+    except KeyboardInterrupt:
         del sys.modules[name]
         raise
-    finally:
-        if added:
-            sys.path.remove(folder)
+    except (Exception, SystemExit) as exc:
+        del sys.modules[name]
+        raise _user_code_error(f"importing {str(file)!r}", exc) from exc
     return module
+
+
+def _import_module(module_part: str, target: str, kind: str) -> Any:
+    """Import ``module_part`` from the installed packages, else from the working directory.
+
+    The working directory is searched (after the installed packages) only for the module
+    the user named and only while it is imported: ``sys.path`` is never left extended.
+    """
+    top = module_part.split(".")[0]
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != top:
+            raise _user_code_error(f"importing module {module_part!r} of the {kind} factory {target!r}", exc) from exc
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise _user_code_error(f"importing module {module_part!r} of the {kind} factory {target!r}", exc) from exc
+    cwd = Path.cwd()
+    if not ((cwd / f"{top}.py").is_file() or (cwd / top / "__init__.py").is_file()):
+        raise InputError(
+            f"cannot import module {module_part!r} of the {kind} factory {target!r}: it is neither installed nor in "
+            f"the working directory; name the file instead ({kind} path/to/{top}.py:function) or add its folder to PYTHONPATH"
+        )
+    try:
+        with _searchable(cwd):
+            return importlib.import_module(module_part)
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise _user_code_error(f"importing module {module_part!r} of the {kind} factory {target!r}", exc) from exc
 
 
 def resolve_factory(target: str, *, kind: str = "model") -> Callable:
     """Import the callable named by ``"pkg.module:fn"`` or ``"path/to/file.py:fn"``.
 
     ``fn`` may be dotted (``"pkg.mod:Class.build"``). Importing runs the module's code:
-    only resolve targets the user chose.
+    only resolve targets the user chose. A file is loaded from its path; a module from the
+    installed packages or, failing that, from the working directory. ``sys.path`` is
+    never left extended.
 
     Raises
     ------
     InputError
-        Malformed target, missing file or module, missing or non-callable attribute.
+        Malformed target, missing file or module, an error raised while importing it,
+        missing or non-callable attribute.
     """
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
@@ -169,15 +234,7 @@ def resolve_factory(target: str, *, kind: str = "model") -> Callable:
             raise InputError(f"{kind} factory file not found: {module_part!r} (from {target!r})")
         module = _import_file(file)
     else:
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_part.split(".")[0] == exc.name.split(".")[0]:
-                raise InputError(
-                    f"cannot import module {module_part!r} of the {kind} factory {target!r}: {exc}; "
-                    "run from the directory that contains it or add it to PYTHONPATH"
-                ) from exc
-            raise
+        module = _import_module(module_part, target, kind)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -189,32 +246,92 @@ def resolve_factory(target: str, *, kind: str = "model") -> Callable:
     return obj
 
 
-def build_model_from_spec(spec: Spec) -> nn.Module:
-    """Build the ``nn.Module`` a (normalised) model spec describes.
+def call_factory(factory: Callable, kwargs: Mapping, *, what: str) -> Any:
+    """Call a user's (or built-in) factory; any failure becomes one :class:`InputError` line.
 
-    The global RNG state is restored afterwards (the random initialisation is about to be
-    overwritten by a state dict and must not shift the caller's random stream).
+    ``what`` names the factory in the message (e.g. ``"model 'mlp'"``).
     """
+    try:
+        return factory(**kwargs)
+    except KeyboardInterrupt:
+        raise
+    except TypeError as exc:
+        raise InputError(f"cannot build {what} with kwargs {dict(kwargs)}: {_first_line(exc)}; check --model-kwargs/--data-kwargs") from exc
+    except (Exception, SystemExit) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise _user_code_error(f"{what} with kwargs {dict(kwargs)}", exc) from exc
+
+
+def _model_factory(spec: Spec) -> Callable:
     from .models import MODEL_NAMES, build_model
 
-    kwargs = dict(spec.get("kwargs") or {})
     if "name" in spec:
         if spec["name"] not in MODEL_NAMES:
             raise InputError(
                 f"unknown model {spec['name']!r}; built-in models are {list(MODEL_NAMES)}, "
                 "or pass package.module:factory or path/to/file.py:factory"
             )
-        factory: Callable = partial(build_model, spec["name"])
-    else:
-        factory = resolve_factory(spec["factory"], kind="model")
-    with torch.random.fork_rng(devices=[]):
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:
-            raise InputError(f"cannot build model {spec_label(spec)!r} with kwargs {kwargs}: {exc}; set them with --model-kwargs JSON") from exc
+        return partial(build_model, spec["name"])
+    return resolve_factory(spec["factory"], kind="model")
+
+
+def build_model_from_spec(spec: Spec, *, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """Build the ``nn.Module`` a (normalised) model spec describes.
+
+    The global RNG state is restored afterwards (the random initialisation is about to be
+    overwritten by a state dict and must not shift the caller's random stream).
+
+    Parameters
+    ----------
+    spec : dict
+        ``{"name"|"factory": str, "kwargs": dict}``.
+    device : str or torch.device, optional
+        Default device while the factory runs; ``"meta"`` builds the module without
+        allocating its tensors (to count parameters before committing memory).
+    """
+    factory = _model_factory(spec)
+    kwargs = dict(spec.get("kwargs") or {})
+    with torch.random.fork_rng(devices=[]), (torch.device(device) if device is not None else contextlib.nullcontext()):
+        model = call_factory(factory, kwargs, what=f"model {spec_label(spec)!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model factory {spec_label(spec)!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _meta_model(spec: Spec) -> Optional[nn.Module]:
+    """The model built on the meta device, or ``None`` if its factory cannot build there."""
+    try:
+        model = build_model_from_spec(spec, device="meta")
+    except InputError as exc:
+        if isinstance(exc.__cause__, (TypeError, SyntaxError, ImportError)) or exc.__cause__ is None:
+            raise  # wrong kwargs, broken file: the real build would fail the same way
+        return None
+    tensors = list(model.state_dict().values())
+    return model if all(t.is_meta for t in tensors) else None
+
+
+def check_model_size(spec: Spec, memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT) -> Optional[nn.Module]:
+    """Build the model on the meta device and check its size against ``memory_limit``.
+
+    Returns
+    -------
+    nn.Module or None
+        The meta-device module (shapes only, no memory), or ``None`` when the factory
+        cannot build on the meta device (then nothing could be checked in advance).
+
+    Raises
+    ------
+    InputError
+        The parameters and buffers would need more than ``memory_limit`` bytes, or the
+        factory fails the way the real build would.
+    """
+    meta = _meta_model(spec)
+    if meta is not None:
+        tensors = list(meta.state_dict().values())
+        count = sum(t.numel() for t in tensors)
+        check_allocation(f"the model {spec_label(spec)!r} ({count:,} parameters and buffers)", logical_bytes(tensors), memory_limit)
+    return meta
 
 
 # ---------------------------------------------------------------------- state dicts
@@ -243,8 +360,21 @@ def _shown(items: list[str]) -> str:
     return ", ".join(items[:_SHOWN]) + more
 
 
-def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], label: str) -> list[str]:
-    """Strictly load ``state_dict`` into ``model``; explain every mismatch in one line."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checkpoint_dtype(state_dict: Mapping[str, Tensor]) -> str:
+    """The floating dtype(s) of a state dict, e.g. ``"float32"`` or ``"bfloat16+float32"``."""
+    names = sorted({_dtype_name(v.dtype) for v in state_dict.values() if v.is_floating_point()})
+    return "+".join(names) if names else "none"
+
+
+def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], label: str) -> None:
+    """Raise one line naming every missing/unexpected key and shape mismatch (works on meta modules)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -262,15 +392,47 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], label: str
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches ({_shown(mismatched)})")
         raise CheckpointError(f"state dict does not fit the model {label!r}: " + "; ".join(parts) + "; check --model and --model-kwargs")
+
+
+def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], label: str) -> list[str]:
+    """Strictly load ``state_dict`` into ``model``; explain every mismatch in one line.
+
+    Precision: float64 checkpoints are analysed in float64. float16/bfloat16 weights are
+    analysed in float32 (every half-precision value is exact in float32, and the solvers
+    need at least float32 arithmetic); the note says so.
+    """
+    _check_fits(model, state_dict, label)
     notes = []
     float_dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-    model_dtypes = {v.dtype for v in expected.values() if v.is_floating_point()}
-    if len(float_dtypes) == 1 and float_dtypes != model_dtypes:
+    model_dtypes = {v.dtype for v in model.state_dict().values() if v.is_floating_point()}
+    if float_dtypes and float_dtypes <= set(HALF_DTYPES):
+        model.float()
+        notes.append(f"the checkpoint stores {checkpoint_dtype(state_dict)} weights; they are analysed in float32 (exactly representable)")
+    elif len(float_dtypes) == 1 and float_dtypes != model_dtypes:
         (dtype,) = float_dtypes
         model.to(dtype)  # our own freshly built module: keep the checkpoint's precision
-        notes.append(f"converted the model to the checkpoint's {dtype}")
+        notes.append(f"converted the model to the checkpoint's {_dtype_name(dtype)}")
+    elif len(float_dtypes) > 1:
+        notes.append(f"the checkpoint mixes {checkpoint_dtype(state_dict)} tensors; all are analysed in the model's {_dtype_name(next(iter(model_dtypes)))}")
     model.load_state_dict(state_dict, strict=True)
     return notes
+
+
+def _check_tensors(tensors: Mapping[str, Tensor], path: Path, limit: Optional[int]) -> None:
+    """Refuse tensors riverscape cannot analyse, and sizes over ``limit``, before copying any."""
+    for name, t in tensors.items():
+        problem = None
+        if t.is_meta:
+            problem = "is a meta tensor (it holds no values)"
+        elif t.layout != torch.strided:
+            problem = f"is a sparse tensor ({t.layout}); save dense weights (tensor.to_dense())"
+        elif t.is_quantized:
+            problem = "is a torch quantized tensor; save the float model (tensor.dequantize()) and let riverscape quantize it"
+        elif t.is_complex():
+            problem = f"is complex ({_dtype_name(t.dtype)}); riverscape analyses real weights only"
+        if problem:
+            raise CheckpointError(f"{path}: tensor {name!r} {problem}")
+    check_allocation(f"{path}: its {len(tensors)} tensors", logical_bytes(tensors.values()), limit)
 
 
 # ------------------------------------------------------------------------- reading
@@ -303,6 +465,9 @@ class LoadedCheckpoint:
         Mini-batch training loss per step.
     notes : tuple of str
         What loading adjusted (stripped key prefixes, dtype conversion).
+    checkpoint_dtype : str
+        Floating dtype(s) of the stored weights (``"float32"``, ``"bfloat16"``, ...); the
+        model may evaluate in a wider one (half precision is analysed in float32).
     """
 
     model: nn.Module
@@ -317,6 +482,7 @@ class LoadedCheckpoint:
     metrics: dict = field(default_factory=dict)
     loss_history: Optional[list[float]] = None
     notes: tuple[str, ...] = ()
+    checkpoint_dtype: str = "float32"
 
     @classmethod
     def from_train_result(
@@ -329,7 +495,7 @@ class LoadedCheckpoint:
         train_config: Optional[Mapping] = None,
         metrics: Optional[Mapping] = None,
     ) -> "LoadedCheckpoint":
-        """What :func:`load_checkpoint` would return for a just-trained :class:`~riverscape.train.TrainResult`."""
+        """What :func:`load_checkpoint` would return for a just-trained :class:`~riverscape.training.TrainResult`."""
         return cls(
             model=result.model,
             model_spec=make_spec(model_spec, kind="model"),
@@ -341,6 +507,7 @@ class LoadedCheckpoint:
             train=dict(train_config or {}),
             metrics=dict(metrics or {}),
             loss_history=list(result.loss_history),
+            checkpoint_dtype=checkpoint_dtype(result.model.state_dict()),
         )
 
 
@@ -368,8 +535,14 @@ class RawCheckpoint:
         model: Union[str, Mapping, None] = None,
         model_kwargs: Optional[Mapping] = None,
         trust_checkpoint: bool = False,
+        memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT,
     ) -> LoadedCheckpoint:
-        """Build the model (``model`` spec overrides the stored one) and load the weights."""
+        """Build the model (``model`` spec overrides the stored one) and load the weights.
+
+        The model is first built on the meta device: its size is checked against
+        ``memory_limit`` (bytes, ``None`` for no limit) and its keys and shapes against the
+        state dict before any of its memory is allocated.
+        """
         notes = list(self.notes)
         spec: Optional[Spec]
         if model is not None:
@@ -385,15 +558,21 @@ class RawCheckpoint:
             spec = None
         if spec is None and self.module is not None:
             net = self.module
+            weights = dict(net.state_dict())
+            _check_tensors(weights, self.path, None)
         elif spec is None:
             raise CheckpointError(
                 f"{self.path} ({self.source_format}) holds weights but not the architecture: pass --model NAME, "
                 "--model package.module:factory or --model path/to/file.py:factory (with --model-kwargs JSON if needed)"
             )
         else:
-            net = build_model_from_spec(spec)
             weights = self.state_dict if self.module is None else self.module.state_dict()
-            notes += _load_weights(net, weights, spec_label(spec))
+            label = spec_label(spec)
+            meta = check_model_size(spec, memory_limit)
+            if meta is not None:
+                _check_fits(meta, weights, label)
+            net = build_model_from_spec(spec)
+            notes += _load_weights(net, weights, label)
         net.eval()
         self._check_trajectory(net)
         return LoadedCheckpoint(
@@ -409,6 +588,7 @@ class RawCheckpoint:
             metrics=dict(self.metrics),
             loss_history=self.loss_history,
             notes=tuple(notes),
+            checkpoint_dtype=checkpoint_dtype(weights),
         )
 
     def _check_trajectory(self, net: nn.Module) -> None:
@@ -449,16 +629,23 @@ def _sniff(head: bytes, size: int) -> str:
     return "unknown"
 
 
+_SAFE_LOAD_REFUSAL = "Weights only load failed"
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # torch's own advice ("re-run with weights_only=False") is not ours to give
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
+        message = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", message)
+        if found or _SAFE_LOAD_REFUSAL in message:
+            needs = f"it needs {found.group(1)}" if found else "it uses pickle instructions the safe loader does not accept"
             raise CheckpointError(
-                f"{path} contains pickled Python objects (it needs {found.group(1)}), not just tensors: loading it could "
-                "execute arbitrary code. If you trust its source, rerun with --trust-checkpoint; better, save "
-                "model.state_dict() instead of the model"
+                f"{path} contains pickled Python objects ({needs}), not just tensors: loading it could execute arbitrary "
+                "code. If you trust its source, rerun with --trust-checkpoint; better, save model.state_dict() with "
+                "torch.save's default settings"
             ) from None
         raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(exc).removesuffix('.')})") from None
     except EOFError:
@@ -497,7 +684,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _riverscape_contents(obj: Mapping, path: Path) -> dict:
+def _riverscape_contents(obj: Mapping, path: Path, memory_limit: Optional[int]) -> dict:
     version = obj.get("version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path} has an invalid riverscape format version {version!r}")
@@ -508,12 +695,27 @@ def _riverscape_contents(obj: Mapping, path: Path) -> dict:
     trajectory = obj.get("trajectory")
     steps = obj.get("trajectory_steps")
     if trajectory is not None:
-        if not isinstance(trajectory, Tensor) or trajectory.ndim != 2:
-            raise CheckpointError(f"{path}: 'trajectory' must be a 2-D tensor (n, D)")
+        if not isinstance(trajectory, Tensor) or trajectory.ndim != 2 or not trajectory.is_floating_point():
+            raise CheckpointError(f"{path}: 'trajectory' must be a 2-D floating tensor (n, D)")
+        check_allocation(f"{path}: its trajectory {tuple(trajectory.shape)}", logical_bytes([trajectory]), memory_limit)
         if steps is None:
             steps = list(range(trajectory.shape[0]))
+        if not isinstance(steps, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in steps):
+            raise CheckpointError(f"{path}: 'trajectory_steps' must be a list of integers")
         if len(steps) != trajectory.shape[0]:
             raise CheckpointError(f"{path}: {len(steps)} trajectory steps for {trajectory.shape[0]} trajectory rows")
+    for key, kinds, described in (
+        ("loss", (str,), "a loss name such as 'cross_entropy'"),
+        ("train", (Mapping,), "a dict"),
+        ("metrics", (Mapping,), "a dict"),
+        ("loss_history", (list, tuple), "a list of numbers"),
+    ):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, kinds):
+            raise CheckpointError(f"{path}: field {key!r} must be {described}, not a {type(value).__name__}")
+    history = obj.get("loss_history")
+    if history is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in history):
+        raise CheckpointError(f"{path}: field 'loss_history' must be a list of numbers")
     try:
         model_spec = None if obj.get("model") is None else make_spec(obj["model"], kind="model")
         data_spec = None if obj.get("data") is None else make_spec(obj["data"], kind="data")
@@ -532,7 +734,7 @@ def _riverscape_contents(obj: Mapping, path: Path) -> dict:
     }
 
 
-def _interpret(obj: Any, path: Path) -> RawCheckpoint:
+def _interpret(obj: Any, path: Path, memory_limit: Optional[int]) -> RawCheckpoint:
     if isinstance(obj, nn.Module):
         return RawCheckpoint(path, "pickled-module", module=obj)
     if isinstance(obj, Tensor):
@@ -540,7 +742,7 @@ def _interpret(obj: Any, path: Path) -> RawCheckpoint:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
     if obj.get("format") == FORMAT_NAME:
-        contents = _riverscape_contents(obj, path)
+        contents = _riverscape_contents(obj, path, memory_limit)
         state_dict, notes = _strip_wrapper_prefix(contents.pop("state_dict"))
         return RawCheckpoint(path, "riverscape", state_dict=state_dict, notes=tuple(notes), **contents)
     if _is_state_dict(obj):
@@ -560,7 +762,7 @@ def _interpret(obj: Any, path: Path) -> RawCheckpoint:
     )
 
 
-def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> RawCheckpoint:
+def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False, memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT) -> RawCheckpoint:
     """Read a checkpoint file safely, without building a model.
 
     Parameters
@@ -569,6 +771,9 @@ def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> RawChe
     trust_checkpoint : bool
         Allow pickled Python objects (``torch.load(weights_only=False)``). Only for files
         from a trusted source: unpickling can execute arbitrary code.
+    memory_limit : int or None
+        Bytes the file's tensors (state dict, trajectory) may occupy once materialised
+        (a tensor made with ``expand`` is tiny on disk); ``None`` for no limit.
 
     Raises
     ------
@@ -590,13 +795,17 @@ def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> RawChe
         if kind != "safetensors":
             raise CheckpointError(f"{path} is not a valid safetensors file (bad header); it may be truncated or corrupt")
         state_dict, notes = _strip_wrapper_prefix(_load_safetensors(path))
+        _check_tensors(state_dict, path, memory_limit)
         return RawCheckpoint(path, "safetensors", state_dict=state_dict, notes=tuple(notes))
     if kind == "text":
         snippet = head[:40].decode("utf-8", "replace").splitlines()[0] if head.strip() else ""
         raise CheckpointError(f"{path} is a text file, not a checkpoint (it starts with {snippet!r})")
     if kind == "unknown":
         raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch file (zip or pickle) nor safetensors")
-    return _interpret(_torch_load(path, trust_checkpoint), path)
+    raw = _interpret(_torch_load(path, trust_checkpoint), path, memory_limit)
+    if raw.state_dict is not None:
+        _check_tensors(raw.state_dict, path, memory_limit)
+    return raw
 
 
 def load_checkpoint(
@@ -605,6 +814,7 @@ def load_checkpoint(
     model: Union[str, Mapping, None] = None,
     model_kwargs: Optional[Mapping] = None,
     trust_checkpoint: bool = False,
+    memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT,
 ) -> LoadedCheckpoint:
     """Load a checkpoint into a model, safely.
 
@@ -620,6 +830,9 @@ def load_checkpoint(
         Keyword arguments of the model factory (update the stored ones).
     trust_checkpoint : bool
         Allow unpickling arbitrary objects and importing a factory named by the file.
+    memory_limit : int or None
+        Bound in bytes on what the file may make riverscape allocate (its tensors, the
+        model it describes, checked on the meta device first); ``None`` for no limit.
 
     Returns
     -------
@@ -642,8 +855,8 @@ def load_checkpoint(
     >>> ckpt.source_format, torch.equal(ckpt.model[1].weight, net[1].weight)
     ('state_dict', True)
     """
-    raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    return raw.instantiate(model=model, model_kwargs=model_kwargs, trust_checkpoint=trust_checkpoint)
+    raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint, memory_limit=memory_limit)
+    return raw.instantiate(model=model, model_kwargs=model_kwargs, trust_checkpoint=trust_checkpoint, memory_limit=memory_limit)
 
 
 # ------------------------------------------------------------------------- writing
@@ -793,7 +1006,13 @@ def _from_factory_output(value: Any, spec: Spec) -> ResolvedData:
     )
 
 
-def resolve_data(spec: Union[str, Mapping], kwargs: Optional[Mapping] = None, *, allow_factory: bool = True) -> ResolvedData:
+def resolve_data(
+    spec: Union[str, Mapping],
+    kwargs: Optional[Mapping] = None,
+    *,
+    allow_factory: bool = True,
+    memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT,
+) -> ResolvedData:
     """Resolve a data spec: a built-in dataset name or a factory returning data.
 
     Parameters
@@ -806,21 +1025,22 @@ def resolve_data(spec: Union[str, Mapping], kwargs: Optional[Mapping] = None, *,
         Keyword arguments of the loader/factory.
     allow_factory : bool
         ``False`` refuses factories (used for specs read from an untrusted checkpoint).
+    memory_limit : int or None
+        Bound in bytes on a built-in dataset's estimated size, checked before it is
+        generated (:func:`riverscape.data.estimated_bytes`); ``None`` for no limit.
 
     Returns
     -------
     ResolvedData
     """
-    from .data import DATASET_NAMES, load_dataset
+    from .data import DATASET_NAMES, estimated_bytes, load_dataset
 
     spec = make_spec(spec, kwargs, kind="data")
     if "name" in spec:
         if spec["name"] not in DATASET_NAMES:
             raise InputError(f"unknown dataset {spec['name']!r}; built-in datasets are {list(DATASET_NAMES)}, or pass package.module:factory")
-        try:
-            dataset = load_dataset(spec["name"], **spec["kwargs"])
-        except TypeError as exc:
-            raise InputError(f"cannot load dataset {spec['name']!r} with kwargs {spec['kwargs']}: {exc}") from exc
+        check_allocation(f"the dataset {spec['name']!r} with {spec['kwargs']}", estimated_bytes(spec["name"], **spec["kwargs"]), memory_limit)
+        dataset = call_factory(partial(load_dataset, spec["name"]), spec["kwargs"], what=f"dataset {spec['name']!r}")
         return ResolvedData(spec, dataset.train, dataset.test, dataset.loss, dataset)
     if not allow_factory:
         raise CheckpointError(
@@ -828,10 +1048,7 @@ def resolve_data(spec: Union[str, Mapping], kwargs: Optional[Mapping] = None, *,
             f"confirm with --data {spec['factory']} or pass --trust-checkpoint"
         )
     factory = resolve_factory(spec["factory"], kind="data")
-    try:
-        value = factory(**spec["kwargs"])
-    except TypeError as exc:
-        raise InputError(f"cannot call data factory {spec['factory']!r} with kwargs {spec['kwargs']}: {exc}") from exc
+    value = call_factory(factory, spec["kwargs"], what=f"data factory {spec['factory']!r}")
     return _from_factory_output(value, spec)
 
 
@@ -873,6 +1090,9 @@ def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *,
     from .objective import resolve_loss
 
     inputs, targets = _first_batch(data, samples)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if isinstance(inputs, Tensor) and inputs.is_floating_point() and dtype is not None:
+        inputs = inputs.to(dtype)  # as the Objective does: data follow the model's precision
     described = f"input batch {tuple(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
     with torch.no_grad():
         try:

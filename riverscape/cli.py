@@ -1,17 +1,21 @@
 """Command line: ``riverscape train | analyze | demo``.
 
 The CLI parses strings, builds validated configs, calls the library and writes files,
-nothing more. Every expected failure (bad argument, unreadable checkpoint, data that do not
-fit the model, NaN loss) ends with one line ``riverscape: error: ...`` on stderr and exit
-code 2; Ctrl-C ends with ``riverscape: interrupted`` and exit code 130; anything else is a
-bug: one line, a hint to rerun with ``--debug`` (full traceback), exit code 1. Outputs are
-written atomically, so a failed or interrupted run leaves nothing behind.
+nothing more. Exit codes: 0 success; 2 the user's input or environment (bad argument,
+unreadable or unsafe checkpoint, an error inside the user's factory, data that do not fit
+the model, NaN loss, a full disk), with one line ``riverscape: error: ...`` on stderr; 1 a
+riverscape bug, with one line asking to report it and ``--debug`` for the traceback; 130
+for SIGINT (Ctrl-C) and 143 for SIGTERM, with ``riverscape: interrupted``/``terminated``,
+at every moment of a run. Outputs are written atomically, so a failed or interrupted run
+leaves nothing behind.
 
-Imports of torch-heavy modules happen inside the commands.
+Imports of torch-heavy modules happen inside :func:`main`, while signals are held.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import math
 import os
@@ -24,10 +28,12 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from . import __version__
-from .errors import AnalysisUnavailableError, InputError, RiverscapeError
+from ._signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_of, handlers_installed  # noqa: F401 (exit codes re-exported)
+from .errors import ConvergenceError, InputError, RiverscapeError
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT = 0, 1, 2
 DEFAULT_REPORT_ROOT = "riverscape-report"
+DEFAULT_MEMORY_GB = 8.0  # riverscape.limits.DEFAULT_MEMORY_LIMIT, without importing torch to build the parser
 
 _MAIN_EPILOG = """\
 examples:
@@ -112,6 +118,14 @@ def _int_list(values: list[str], option: str) -> list[int]:
     return out
 
 
+def _memory_limit(args: argparse.Namespace) -> Optional[int]:
+    """``--memory-limit GB`` in bytes (0 = no limit)."""
+    gigabytes = args.memory_limit
+    if not math.isfinite(gigabytes) or gigabytes < 0:
+        raise InputError(f"--memory-limit takes a size in GB (0 = no limit), got {gigabytes}")
+    return None if gigabytes == 0 else int(gigabytes * 2**30)
+
+
 def _progress() -> bool:
     return sys.stderr.isatty()
 
@@ -142,14 +156,14 @@ def _train_model_spec(name: str, model_kwargs: Optional[dict], hidden: Optional[
     return make_spec(name, {**kwargs, **(model_kwargs or {})}, kind="model")
 
 
-def _fit(model_spec: dict, data: Any, *, loss: str, config: dict, seed: int) -> tuple[Any, dict]:
-    """Build and train a model; return the :class:`~riverscape.train.TrainResult` and its metrics."""
+def _fit(model_spec: dict, data: Any, *, loss: str, config: dict, seed: int, memory_limit: Optional[int] = None) -> tuple[Any, dict]:
+    """Build and train a model; return the :class:`~riverscape.training.TrainResult` and its metrics."""
     import torch
 
-    from .checkpoint import build_model_from_spec
+    from .checkpoint import build_model_from_spec, check_model_size
     from .objective import Objective
     from .threads import threads_for
-    from .train import train
+    from .training import train
 
     if data.dataset is not None:
         train_data: Any = data.dataset
@@ -157,6 +171,7 @@ def _fit(model_spec: dict, data: Any, *, loss: str, config: dict, seed: int) -> 
         train_data = data.train
     else:
         raise InputError("riverscape train needs data as (inputs, targets) tensors or a built-in dataset, not a DataLoader")
+    check_model_size(model_spec, memory_limit)
     torch.manual_seed(seed)  # model initialisation (the CLI owns this process)
     model = build_model_from_spec(model_spec)
     with threads_for(model):
@@ -188,7 +203,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
     model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
-    data = resolve_data(args.data, _json_object(args.data_kwargs, "--data-kwargs"))
+    limit = _memory_limit(args)
+    data = resolve_data(args.data, _json_object(args.data_kwargs, "--data-kwargs"), memory_limit=limit)
     loss = args.loss or data.loss or "cross_entropy"
     resolve_loss(loss)
     spec = _train_model_spec(args.model, model_kwargs, args.hidden, data)
@@ -200,7 +216,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "record_every": args.record_every,
     }
     start = time.perf_counter()
-    result, metrics = _fit(spec, data, loss=loss, config=config, seed=args.seed)
+    result, metrics = _fit(spec, data, loss=loss, config=config, seed=args.seed, memory_limit=limit)
     save_checkpoint(
         args.out,
         result.model,
@@ -224,7 +240,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
-    """The analysis hook: ``riverscape.analysis.analyze(loaded, data, options, out_dir) -> metrics``.
+    """Run ``riverscape.analysis.analyze(loaded, data, options, out_dir)`` and return its metrics.
 
     Parameters
     ----------
@@ -240,21 +256,9 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     dict
         JSON-friendly metrics (stored under ``"metrics"`` in ``metrics.json``).
     """
-    import importlib
+    from .analysis import analyze
 
-    try:
-        analysis = importlib.import_module(f"{__package__}.analysis")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.analysis":
-            raise
-        raise AnalysisUnavailableError(
-            "the analysis module (riverscape/analysis.py) is not part of this build yet; "
-            "the checkpoint and data were loaded and validated, no report was written"
-        ) from None
-    metrics = analysis.analyze(loaded, data, options, out_dir)
-    if not isinstance(metrics, dict):
-        raise TypeError(f"riverscape.analysis.analyze returned a {type(metrics).__name__}, expected a dict of metrics")
-    return metrics
+    return analyze(loaded, data, options, out_dir)
 
 
 def _json_safe(value: Any) -> Any:
@@ -272,14 +276,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _analysis_data(args: argparse.Namespace, raw: Any, data_kwargs: Optional[dict]) -> Any:
+def _analysis_data(args: argparse.Namespace, raw: Any, data_kwargs: Optional[dict], limit: Optional[int]) -> Any:
     from .checkpoint import resolve_data
 
     if args.data is not None:
-        return resolve_data(args.data, data_kwargs)
+        return resolve_data(args.data, data_kwargs, memory_limit=limit)
     if raw.data_spec is None:
         raise InputError(f"{args.checkpoint} does not say which data it was trained on: pass --data NAME or --data package.module:factory")
-    return resolve_data(raw.data_spec, data_kwargs, allow_factory=args.trust_checkpoint)
+    return resolve_data(raw.data_spec, data_kwargs, allow_factory=args.trust_checkpoint, memory_limit=limit)
 
 
 def _default_model_kwargs(args: argparse.Namespace, model_kwargs: Optional[dict], data: Any) -> Optional[dict]:
@@ -311,6 +315,7 @@ def _analyze_options(args: argparse.Namespace) -> Any:
         qat_estimator=args.qat_estimator,
         seed=args.seed,
         device=args.device,
+        bn_recalibrate=args.bn_recalibrate,
         json=args.json,
     )
 
@@ -323,31 +328,36 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .outdir import check_output_dir
 
     options = _analyze_options(args)
+    limit = _memory_limit(args)
     out = Path(args.out) if args.out else Path(DEFAULT_REPORT_ROOT) / Path(args.checkpoint).stem
-    check_output_dir(out, args.force)
+    inputs = (Path(args.checkpoint),)
+    check_output_dir(out, args.force, inputs=inputs)
     if args.loss is not None:
         resolve_loss(args.loss)
     model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
     data_kwargs = _json_object(args.data_kwargs, "--data-kwargs")
-    raw = read_checkpoint(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
-    data = _analysis_data(args, raw, data_kwargs)
+    raw = read_checkpoint(args.checkpoint, trust_checkpoint=args.trust_checkpoint, memory_limit=limit)
+    data = _analysis_data(args, raw, data_kwargs, limit)
     loaded = raw.instantiate(
-        model=args.model, model_kwargs=_default_model_kwargs(args, model_kwargs, data), trust_checkpoint=args.trust_checkpoint
+        model=args.model,
+        model_kwargs=_default_model_kwargs(args, model_kwargs, data),
+        trust_checkpoint=args.trust_checkpoint,
+        memory_limit=limit,
     )
     loaded = dataclasses.replace(loaded, loss=args.loss or loaded.loss or data.loss or "cross_entropy")
     resolve_loss(loaded.loss)
     for note in loaded.notes:
         _note(note)
     check_model_data(loaded.model, data.train, loaded.loss)
-    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint))
+    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs)
     return EXIT_OK
 
 
-def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str) -> dict:
+def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = ()) -> dict:
     """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``."""
-    from .outdir import atomic_output_dir
+    from .outdir import MARKER_NAME, atomic_output_dir
 
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         metrics = run_analysis(loaded, data, options, tmp)
         payload = _json_safe(
             {
@@ -356,6 +366,7 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
                     "riverscape_version": __version__,
                     "checkpoint": checkpoint,
                     "source_format": loaded.source_format,
+                    "checkpoint_dtype": loaded.checkpoint_dtype,
                     "model": loaded.model_spec,
                     "data": data.spec,
                     "loss": loaded.loss,
@@ -364,10 +375,12 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
             }
         )
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    for warning in payload.get("warnings", []):
+        print(f"riverscape: warning: {warning}", file=sys.stderr)
     if options.json:
         print(json.dumps(payload, indent=2, allow_nan=False))
     else:
-        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        files = ", ".join(sorted(p.name for p in out.iterdir() if p.name != MARKER_NAME))
         print(f"wrote {out}/ ({files})")
     return payload
 
@@ -433,6 +446,9 @@ def _add_model_data(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
     group.add_argument("--data-kwargs", metavar="JSON", help="keyword arguments of the dataset loader or factory")
     group.add_argument("--loss", choices=("cross_entropy", "mse"), help="loss (default: the checkpoint's, else the data's)")
+    group.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
+                       help="refuse models, data and checkpoint tensors that would need more memory than this, "
+                       "checked before allocating (default %(default)s, 0 = no limit)")
 
 
 def _subcommand(sub: Any, name: str, summary: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -498,6 +514,7 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
     a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
     a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")
+    a.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm running statistics on the analysis data first (use when the check says they do not match)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")
     o.add_argument("--force", action="store_true", help="replace an existing report directory")
@@ -538,8 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- main
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+_COMMAND_MODULES = {
+    "train": (".training", ".checkpoint"),
+    "analyze": (".analysis", ".checkpoint"),
+    "demo": (".analysis", ".checkpoint", ".training"),
+}  # imported before the command runs, while signals are held
 
 
 def _one_line(exc: BaseException) -> str:
@@ -548,25 +568,51 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 bug, 2 bad input, 130 interrupted)."""
-    parser = build_parser()
+    """Run the command line; return the exit code.
+
+    0 success, 1 a riverscape bug, 2 bad input or environment, 130 interrupted (SIGINT,
+    Ctrl-C), 143 terminated (SIGTERM). The handlers are installed before anything heavy
+    is imported, so the codes hold from the first moment of a run.
+
+    Nothing is added to ``sys.path``: a ``--model``/``--data`` factory is imported from the
+    file or module the user names, and nothing else from the working directory.
+    """
+    from .outdir import signals_deferred
+
     try:
-        args = parser.parse_args(argv)
-    except KeyboardInterrupt:
-        print("riverscape: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return EXIT_INPUT
-    if os.getcwd() not in sys.path:  # `--model my_models:make` finds modules in the working directory
-        sys.path.append(os.getcwd())
-    if threading.current_thread() is not threading.main_thread():
-        return _run(args)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: outputs are cleaned up
-    try:
-        return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        with handlers_installed():
+            with signals_deferred():  # an import cut short leaves half-initialised modules: hold signals until all are in
+                parser = build_parser()
+                args = parser.parse_args(argv)
+                for module in _COMMAND_MODULES.get(getattr(args, "command", None), ()):
+                    importlib.import_module(module, __package__)
+            if not getattr(args, "func", None):
+                parser.print_help(sys.stderr)
+                return EXIT_INPUT
+            return _run(args)
+    except KeyboardInterrupt as exc:
+        return exit_code_of(exc)
+
+
+def _input_error_from(exc: BaseException) -> Optional[str]:
+    """The one-line message of an exception caused by the user's input or environment, else None."""
+    if isinstance(exc, (InputError, ValueError, FloatingPointError)):
+        return _one_line(exc)
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; free some space or choose another --out"
+        return _one_line(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory; lower --max-samples, --top-k or --grid-steps, or analyse fewer layers with --include"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("No space left on device" in text or "file write failed" in text):
+        return "no space left on the device while writing the output; free some space or choose another --out"
+    if isinstance(exc, ConvergenceError) or type(exc).__name__ in ("ArpackError", "ArpackNoConvergence"):
+        return (
+            f"the Hessian eigensolver (ARPACK) failed: {_one_line(exc)}; the weights may be degenerate "
+            "(all zero or saturated) at this point"
+        )
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -574,24 +620,21 @@ def _run(args: argparse.Namespace) -> int:
     debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("riverscape: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (InputError, ValueError, OSError, FloatingPointError) as exc:  # expected: bad input or environment
+    except KeyboardInterrupt as exc:
+        return exit_code_of(exc)
+    except Exception as exc:
         if debug:
             traceback.print_exc()
-        print(f"riverscape: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_INPUT
-    except RiverscapeError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"riverscape: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_UNEXPECTED
-    except Exception as exc:  # a bug: keep the console clean, point to --debug
-        if debug:
-            traceback.print_exc()
+        message = _input_error_from(exc)
+        if message is not None:  # expected: bad input or environment
+            print(f"riverscape: error: {message}", file=sys.stderr)
+            return EXIT_INPUT
+        if isinstance(exc, RiverscapeError):
+            print(f"riverscape: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_UNEXPECTED
         print(
-            f"riverscape: error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+            f"riverscape: error: unexpected {type(exc).__name__}: {_one_line(exc)}; this is a riverscape bug: "
+            "please report it with the output of the same command with --debug",
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load_dataset", "digits", "mnist1d", "teacher_student", "stdlib_text", "DATASET_NAMES"]
+__all__ = ["Dataset", "load_dataset", "estimated_bytes", "digits", "mnist1d", "teacher_student", "stdlib_text", "DATASET_NAMES"]
 
 
 @dataclass
@@ -255,3 +255,45 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(_LOADERS)}") from None
     return loader(**kwargs)
+
+
+def _text_bytes(seq_len: int = 32, stride: int = 4, **_: object) -> int:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        characters = len(_stdlib_corpus())
+    windows = characters // max(1, int(stride)) + 1
+    return 2 * 8 * windows * (max(0, int(seq_len)) + 1)  # inputs and targets, int64
+
+
+_BYTES_PER_SAMPLE_VALUE = 8 * 3  # float64 generation, the dtype copy, one transient
+
+
+def _size_arg(kwargs: dict, name: str, default: int) -> int:
+    value = kwargs.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0  # the loader itself rejects a wrongly typed argument
+    return max(0, int(value))
+
+
+def estimated_bytes(name: str, **kwargs: object) -> int:
+    """An upper estimate of the memory :func:`load_dataset` (``name``, ``kwargs``) allocates.
+
+    Computed from the arguments alone, before anything is generated, so a data spec (e.g.
+    one stored in a checkpoint) can be refused before it asks for more memory than the
+    machine has.
+
+    >>> estimated_bytes("teacher_linear", dim=100_000, n_train=1_000_000) > 10**11
+    True
+    """
+    if name == "digits":
+        return 1797 * 65 * _BYTES_PER_SAMPLE_VALUE
+    if name == "mnist1d":
+        return _size_arg(kwargs, "num_samples", 5000) * 41 * _BYTES_PER_SAMPLE_VALUE * 4  # templates, padding, shifts
+    if name in ("teacher_linear", "teacher_sign"):
+        samples = _size_arg(kwargs, "n_train", 1000) + _size_arg(kwargs, "n_test", 1000)
+        return samples * (_size_arg(kwargs, "dim", 100) + 1) * _BYTES_PER_SAMPLE_VALUE
+    if name == "text":
+        return _text_bytes(_size_arg(kwargs, "seq_len", 32), _size_arg(kwargs, "stride", 4))
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(_LOADERS)}")

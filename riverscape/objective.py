@@ -10,11 +10,12 @@ a block of tangent vectors for :meth:`Objective.hvps` is ``(D, K)``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, ContextManager, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, Tensor], bool]]
-HVP_MODES = ("auto", "reuse", "forward", "reverse")
+HVP_MODES = ("auto", "reuse", "forward", "reverse", "finite_difference")
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -86,6 +87,13 @@ class ParamSpec:
         Class name of the module that owns the parameter (``"Linear"``, ``"Conv2d"``, ...).
     kind : str
         ``"weight"``, ``"bias"`` or the attribute name for other parameters.
+    channel_axis : int or None
+        Output-channel axis if the tensor is a weight of a registered layer type
+        (:mod:`riverscape.quant.layers`), else ``None``.
+    role : str
+        ``"weight"``, ``"bias"``, ``"unsupported"`` (a matrix of an unregistered layer type)
+        or ``"other"`` (norm scales/shifts, other 1-D tensors); see the weight rule in
+        :mod:`riverscape.quant.layers`.
     """
 
     name: str
@@ -94,6 +102,13 @@ class ParamSpec:
     numel: int
     module_type: str
     kind: str
+    channel_axis: int | None = None
+    role: str = "other"
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether the tensor is a weight of a registered layer type (quantized by default)."""
+        return self.channel_axis is not None
 
     @property
     def slice(self) -> slice:
@@ -179,12 +194,16 @@ class Objective:
     metric : "auto", None or callable
         ``"auto"`` gives accuracy for classification losses with integer targets;
         a callable ``metric(outputs, targets) -> Tensor`` (mean over the batch) is used as is.
-    hvp_mode : {"auto", "reuse", "forward", "reverse"}
+    hvp_mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}
         How :meth:`hessian` computes repeated HVPs at one point: ``"reuse"`` keeps the
         gradient graph and runs only the second backward (about 1.5 gradients per HVP),
         ``"forward"`` is forward-over-reverse (``jvp`` of ``grad``; no memory held between
         calls), ``"reverse"`` is reverse-over-reverse. ``"auto"`` reuses the graph when the
-        analysis set has at most ``reuse_max_batches`` batches.
+        analysis set has at most ``reuse_max_batches`` batches. ``"finite_difference"``
+        makes *every* HVP (:meth:`hvp`, :meth:`hvps`, :meth:`hessian`) a central difference
+        of exact gradients (see :meth:`finite_difference_hvp`), for models with an op
+        that has no double backward; :func:`riverscape.differentiability.ensure_twice_differentiable`
+        switches to it when nothing else works.
 
     Notes
     -----
@@ -238,18 +257,23 @@ class Objective:
         self.hvp_mode = hvp_mode
         self.reuse_max_batches = reuse_max_batches
 
+        from .quant.layers import channel_axis_of, param_role  # lazy: riverscape.quant imports this module
+
         named = list(model.named_parameters())
         owner = {}
         for mod_name, mod in model.named_modules():
-            for p_name, _ in mod.named_parameters(recurse=False):
-                owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (type(mod).__name__, p_name)
+            for p_name, p in mod.named_parameters(recurse=False):
+                owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (
+                    type(mod).__name__, p_name, channel_axis_of(mod, p_name), param_role(mod, p_name, p.ndim)
+                )
         selected = _select_names(named, params)
         module_params = dict(module.named_parameters())
         layout, offset = [], 0
         for name in selected:
             p = module_params[name]
-            mtype, kind = owner.get(name, ("", name.rsplit(".", 1)[-1]))
-            layout.append(ParamSpec(name, tuple(p.shape), offset, p.numel(), mtype, kind))
+            fallback = ("", name.rsplit(".", 1)[-1], None, "unsupported" if p.ndim >= 2 else "other")
+            mtype, kind, axis, role = owner.get(name, fallback)
+            layout.append(ParamSpec(name, tuple(p.shape), offset, p.numel(), mtype, kind, axis, role))
             offset += p.numel()
         self.layout: tuple[ParamSpec, ...] = tuple(layout)
         self.dim = offset
@@ -271,6 +295,7 @@ class Objective:
         self._reverse_hvp = hvp_mode == "reverse"
         self._vmap_ok = True
         self._selected: list[tuple[Tensor, ParamSpec]] | None = None  # for plain forwards (_load)
+        self._forward_context: Callable[[], ContextManager] = contextlib.nullcontext
 
     # ------------------------------------------------------------------ helpers
     def _move(self, t):
@@ -321,9 +346,18 @@ class Objective:
             for param, spec in self._selected:
                 param.copy_(theta[spec.offset : spec.offset + spec.numel].view(spec.shape))
 
+    def set_forward_context(self, factory: Callable[[], ContextManager]) -> None:
+        """Run every forward of the private module inside ``factory()``.
+
+        Used by :mod:`riverscape.differentiability` to select the math backend of
+        ``scaled_dot_product_attention`` (twice differentiable) for this Objective only.
+        """
+        self._forward_context = factory
+
     def forward(self, theta: Tensor, inputs) -> Tensor:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
-        return functional_call(self.module, self.unflatten(theta), _as_args(inputs))
+        with self._forward_context():
+            return functional_call(self.module, self.unflatten(theta), _as_args(inputs))
 
     def batch_loss(self, theta: Tensor, inputs, targets) -> Tensor:
         """Mean loss of one batch at ``theta`` as a differentiable tensor."""
@@ -371,6 +405,79 @@ class Objective:
         return total_l, total_g
 
     # ------------------------------------------------------------------ curvature
+    @property
+    def finite_difference(self) -> bool:
+        """Whether HVPs are central differences of gradients (``hvp_mode="finite_difference"``)."""
+        return self.hvp_mode == "finite_difference"
+
+    def use_finite_difference(self) -> None:
+        """Switch every HVP of this Objective to :meth:`finite_difference_hvp`."""
+        self.hvp_mode = "finite_difference"
+
+    def finite_difference_step(self, theta: Tensor, v: Tensor) -> float:
+        """Step ``h`` of the central difference along ``v``: ``eps^(1/3) * max(1, ||theta||) / ||v||``.
+
+        ``eps`` is the machine epsilon of the Objective's dtype. The perturbation ``h v`` then
+        has norm ``eps^(1/3) * max(1, ||theta||)``: relative to the weights it is the step that
+        balances the truncation error ``O(h^2)`` against the rounding error ``O(eps / h)``
+        (both ``~ eps^(2/3)`` relative, see :attr:`finite_difference_accuracy`).
+        """
+        v_norm = float(v.norm())
+        if v_norm == 0.0:
+            return 0.0
+        eps = torch.finfo(self.dtype).eps
+        return eps ** (1.0 / 3.0) * max(1.0, float(theta.norm())) / v_norm
+
+    @property
+    def finite_difference_accuracy(self) -> float:
+        """Nominal relative accuracy of a finite-difference HVP, ``eps^(2/3)`` of the dtype.
+
+        About 2.4e-5 in float32 and 3.7e-11 in float64; the constant depends on the third
+        derivative of the loss along ``v`` (truncation) and on ``||g|| / ||H v||`` (rounding).
+        """
+        return torch.finfo(self.dtype).eps ** (2.0 / 3.0)
+
+    def finite_difference_hvp(
+        self, theta: Tensor, v: Tensor, batches: Sequence[tuple] | None = None, *, step: float | None = None
+    ) -> Tensor:
+        """``H(theta) v`` by central differences of exact gradients.
+
+        ``(g(theta + h v) - g(theta - h v)) / (2 h)`` with ``h`` from
+        :meth:`finite_difference_step`: truncation error ``O(h^2)`` (third derivatives) plus
+        rounding error ``O(eps / h)``, i.e. relative accuracy about ``eps^(2/3)``. Costs two
+        gradients and needs only first derivatives, so it works for every model whose
+        gradient exists.
+
+        Parameters
+        ----------
+        theta, v : Tensor, shape (D,)
+        batches : list of (inputs, targets), optional
+            Average over these batches (weighted by size) instead of the analysis set.
+        step : float, optional
+            The step ``h`` (default :meth:`finite_difference_step`).
+        """
+        theta = self.check_theta(theta)
+        v = self.check_theta(v)
+        h = self.finite_difference_step(theta, v) if step is None else float(step)
+        if h == 0.0:
+            return torch.zeros_like(theta)
+        if batches is None:
+            g_plus, g_minus = self.grad(theta + h * v), self.grad(theta - h * v)
+        else:
+            total = sum(_leading(x) for x, _ in batches)
+            g = grad(self.batch_loss)
+            g_plus = sum(_leading(x) / total * g(theta + h * v, x, y) for x, y in batches)
+            g_minus = sum(_leading(x) / total * g(theta - h * v, x, y) for x, y in batches)
+        return (g_plus - g_minus) / (2.0 * h)
+
+    def _grad_graph(self, theta: Tensor, x, y) -> tuple[Tensor, Tensor]:
+        """``(leaf, g)``: a leaf copy of ``theta`` and the batch gradient with its graph kept."""
+        leaf = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.batch_loss(leaf, x, y)
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        return leaf, g
+
     def _hvp_batch(self, theta: Tensor, v: Tensor, x, y) -> Tensor:
         grad_fn = grad(self.batch_loss)
         if not self._reverse_hvp:
@@ -386,10 +493,13 @@ class Objective:
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         """Exact Hessian-vector product ``H(theta) v`` (forward-over-reverse).
 
-        Falls back to reverse-over-reverse for losses that hit PyTorch issue 123996.
+        Falls back to reverse-over-reverse for losses that hit PyTorch issue 123996. With
+        ``hvp_mode="finite_difference"`` it is :meth:`finite_difference_hvp` instead.
         """
         theta = self.check_theta(theta)
         v = self.check_theta(v)
+        if self.finite_difference:
+            return self.finite_difference_hvp(theta, v)
         out = torch.zeros_like(theta)
         for w, (x, y) in zip(self._weights, self.batches):
             out.add_(self._hvp_batch(theta, v, x, y), alpha=w)
@@ -401,6 +511,8 @@ class Objective:
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         if vectors.ndim != 2 or vectors.shape[0] != self.dim:
             raise ValueError(f"vectors must have shape ({self.dim}, K), got {tuple(vectors.shape)}")
+        if self.finite_difference:
+            return torch.stack([self.finite_difference_hvp(theta, v) for v in vectors.T], dim=1)
         out = torch.zeros_like(vectors)
         for w, (x, y) in zip(self._weights, self.batches):
             batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
@@ -414,8 +526,9 @@ class Objective:
         ----------
         theta : Tensor
             Point of evaluation.
-        mode : {"auto", "reuse", "forward", "reverse"}, optional
-            Overrides the Objective's ``hvp_mode`` for this operator.
+        mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}, optional
+            Overrides the Objective's ``hvp_mode`` for this operator (except that an Objective
+            in ``"finite_difference"`` mode, whose exact HVPs fail, always uses differences).
         """
         return HessianOperator(self, self.check_theta(theta), mode or self.hvp_mode)
 
@@ -444,7 +557,9 @@ class Objective:
             self._load(chunk[0])
         for w, (x, y) in zip(self._weights, self.batches):
             if single:
-                value, score = self._loss_and_score(self.module(*_as_args(x)), y)
+                with self._forward_context():
+                    out = self.module(*_as_args(x))
+                value, score = self._loss_and_score(out, y)
                 losses += w * value
                 metrics += w * score
                 continue
@@ -517,22 +632,17 @@ class HessianOperator(LinearOperator):
         super().__init__(dtype=np.float64, shape=(objective.dim, objective.dim))
         self.objective = objective
         self.theta = theta
-        if mode == "auto":
+        if objective.finite_difference:
+            mode = "finite_difference"
+        elif mode == "auto":
             mode = "reuse" if len(objective.batches) <= objective.reuse_max_batches else "forward"
         self.mode = mode
         self.matvecs = 0
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
 
     def _build_graphs(self) -> None:
-        graphs = []
         obj = self.objective
-        for w, (x, y) in zip(obj._weights, obj.batches):
-            leaf = self.theta.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                loss = obj.batch_loss(leaf, x, y)
-                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            graphs.append((w, leaf, g))
-        self._graphs = graphs
+        self._graphs = [(w, *obj._grad_graph(self.theta, x, y)) for w, (x, y) in zip(obj._weights, obj.batches)]
 
     def torch_matvec(self, v: Tensor) -> Tensor:
         """``H v`` on torch tensors in the Objective's dtype."""
@@ -547,6 +657,8 @@ class HessianOperator(LinearOperator):
             return out
         if self.mode == "reverse":
             self.objective._reverse_hvp = True
+        if self.mode == "finite_difference":
+            return self.objective.finite_difference_hvp(self.theta, v)
         return self.objective.hvp(self.theta, v)
 
     def torch_matmat(self, vectors: Tensor) -> Tensor:
@@ -554,6 +666,8 @@ class HessianOperator(LinearOperator):
         if self.mode == "reuse":
             return torch.stack([self.torch_matvec(v) for v in vectors.T], dim=1)
         self.matvecs += vectors.shape[1]
+        if self.mode == "finite_difference":
+            return torch.stack([self.objective.finite_difference_hvp(self.theta, v) for v in vectors.T], dim=1)
         return self.objective.hvps(self.theta, vectors)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:

@@ -4,21 +4,42 @@ Work happens in a hidden temporary sibling (same file system, so the final renam
 atomic); on success it is renamed into place, on any exception (``KeyboardInterrupt``
 included) it is deleted. A failed or interrupted run therefore never leaves a partial
 report or checkpoint behind.
+
+Every directory riverscape writes carries a marker file, :data:`MARKER_NAME`, listing what
+riverscape put there. ``force=True`` replaces an existing directory only when it is empty
+or carries that marker and holds nothing else, and never when it is the working
+directory, the home directory, the file-system root, an ancestor of any of them, or a
+folder that holds one of the run's input files (see :func:`check_output_dir`). The swap
+of an old directory for the new one runs with SIGINT and SIGTERM deferred, so an
+interrupt leaves the old report or the new one in place, never neither, and no hidden
+``.NAME.*.old`` / ``.partial`` folders behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from .errors import InputError
 
-__all__ = ["check_output_dir", "check_output_file", "atomic_output_dir", "atomic_output_file"]
+__all__ = [
+    "MARKER_NAME",
+    "check_output_dir",
+    "check_output_file",
+    "atomic_output_dir",
+    "atomic_output_file",
+    "signals_deferred",
+]
 
 PathLike = Union[str, os.PathLike]
+MARKER_NAME = ".riverscape-output.json"
+_MARKER_WRITER = "riverscape"
 
 
 def _umask_mode(mode: int) -> int:
@@ -28,23 +49,113 @@ def _umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
-def check_output_dir(path: PathLike, force: bool = False) -> Path:
+def _real(path: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies below it (both already resolved)."""
+    return inner == outer or outer in inner.parents
+
+
+def _written_files(directory: Path) -> list[str]:
+    """Relative paths of every file and folder below ``directory`` (sorted, marker excluded)."""
+    names = []
+    for root, dirs, files in os.walk(directory):
+        rel = Path(root).relative_to(directory)
+        names += [str(rel / n) if str(rel) != "." else n for n in dirs + files]
+    return sorted(n for n in names if n != MARKER_NAME)
+
+
+def _write_marker(directory: Path, kind: str) -> None:
+    from . import __version__
+
+    record = {"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": _written_files(directory)}
+    (directory / MARKER_NAME).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _marker_files(directory: Path) -> Optional[set[str]]:
+    """The files a valid riverscape marker in ``directory`` lists; ``None`` without one."""
+    marker = directory / MARKER_NAME
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("writer") != _MARKER_WRITER or not isinstance(record.get("files"), list):
+        return None
+    return {str(f) for f in record["files"]}
+
+
+def _protected_reason(target: Path, inputs: Iterable[PathLike]) -> Optional[str]:
+    """Why ``target`` (resolved) must never be replaced, or ``None``."""
+    if target == Path(target.anchor):
+        return "it is the file-system root"
+    cwd = _real(os.getcwd())
+    if _is_within(cwd, target):
+        return "it is the working directory" if cwd == target else "it contains the working directory"
+    home = os.path.expanduser("~")
+    if home and home != "~" and _is_within(_real(home), target):
+        return "it is the home directory" if _real(home) == target else "it contains the home directory"
+    for item in inputs:
+        if _is_within(_real(item), target):
+            return f"it contains the input {str(item)!r}"
+    return None
+
+
+def check_output_dir(path: PathLike, force: bool = False, *, inputs: Iterable[PathLike] = ()) -> Path:
     """Fail early if ``path`` cannot become a fresh output directory.
 
     Call it before any expensive work so that a run that would end in "directory exists"
     stops at once.
 
+    Parameters
+    ----------
+    path : str or PathLike
+        The output directory.
+    force : bool
+        Allow replacing an existing non-empty directory, which must be one riverscape
+        wrote (it carries :data:`MARKER_NAME` and holds only the files listed there). An
+        existing empty directory is used without ``force``.
+    inputs : iterable of paths
+        Files the run reads (the checkpoint): a directory that holds any of them is never
+        replaced.
+
     Raises
     ------
     InputError
-        ``path`` exists and ``force`` is false, or ``path`` exists and is not a directory.
+        ``path`` exists and ``force`` is false, ``path`` is not a directory, or it may not be
+        replaced (the working or home directory, ``/``, an ancestor of one of them, a folder
+        holding an input, a non-empty folder riverscape did not write).
     """
     path = Path(path)
-    if path.exists() or path.is_symlink():
-        if not path.is_dir():
-            raise InputError(f"output path {str(path)!r} exists and is not a directory; choose another --out")
-        if not force:
-            raise InputError(f"output directory {str(path)!r} already exists; pass --force to replace it or choose another --out")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not path.is_dir():
+        raise InputError(f"output path {str(path)!r} exists and is not a directory; choose another --out")
+    if path.is_symlink():
+        raise InputError(f"output directory {str(path)!r} is a symbolic link; riverscape does not replace links: choose another --out")
+    reason = _protected_reason(_real(path), inputs)
+    if reason is not None:
+        raise InputError(f"riverscape never replaces {str(path)!r}: {reason}; choose another --out")
+    if not any(path.iterdir()):
+        return path  # an empty folder is as good as none
+    if not force:
+        raise InputError(f"output directory {str(path)!r} already exists; pass --force to replace it or choose another --out")
+    listed = _marker_files(path)
+    if listed is None:
+        raise InputError(
+            f"--force does not replace {str(path)!r}: it is not empty and riverscape did not write it "
+            f"(no {MARKER_NAME}); choose another --out or remove it yourself"
+        )
+    foreign = sorted(set(_written_files(path)) - listed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(
+            f"--force does not replace {str(path)!r}: it holds files riverscape did not write ({shown}); "
+            "move them or choose another --out"
+        )
     return path
 
 
@@ -77,8 +188,60 @@ def _remove_empty(directories: list[Path]) -> None:
             break
 
 
+_DEFERRED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+
 @contextmanager
-def atomic_output_dir(path: PathLike, *, force: bool = False) -> Iterator[Path]:
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one that came.
+
+    The handlers are swapped for one that only remembers the signal (Python runs signal
+    handlers in the main thread, whichever thread the OS picked), so a few renames run to
+    completion together. Outside the main thread, where handlers cannot be set, it does
+    nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _DEFERRED}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
+
+
+def _swap_in(tmp: Path, final: Path, *, force: bool, inputs: Iterable[PathLike]) -> None:
+    """Put ``tmp`` at ``final``; an existing ``final`` (checked again) is replaced and deleted."""
+    if not (final.exists() or final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    check_output_dir(final, force, inputs=inputs)  # appeared or changed while we worked
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    with signals_deferred():
+        try:
+            os.replace(final, trash / final.name)
+        except OSError as exc:
+            trash.rmdir()
+            raise InputError(f"cannot replace {str(final)!r} ({exc.strerror or exc}); choose another --out") from None
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(trash / final.name, final)
+            trash.rmdir()
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(path: PathLike, *, force: bool = False, inputs: Iterable[PathLike] = (), kind: str = "report") -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block succeeds.
 
     Parameters
@@ -87,13 +250,19 @@ def atomic_output_dir(path: PathLike, *, force: bool = False) -> Iterator[Path]:
         Final directory. Missing parent directories are created (and removed again on
         failure if they are still empty).
     force : bool
-        Replace an existing directory at ``path``. Without it an existing directory raises
+        Replace an existing directory at ``path`` under the rules of
+        :func:`check_output_dir`. Without it an existing directory raises
         :class:`~riverscape.errors.InputError` before the block runs.
+    inputs : iterable of paths
+        Files the run reads; a directory holding one of them is never replaced.
+    kind : str
+        Recorded in the marker file (``"report"``, ``"experiment"``, ...).
 
     Yields
     ------
     Path
-        The temporary directory to write into (a hidden sibling of ``path``).
+        The temporary directory to write into (a hidden sibling of ``path``). On success
+        the marker :data:`MARKER_NAME` listing its files is added before the rename.
 
     Examples
     --------
@@ -102,9 +271,10 @@ def atomic_output_dir(path: PathLike, *, force: bool = False) -> Iterator[Path]:
     >>> with atomic_output_dir(root / "report") as tmp:
     ...     _ = (tmp / "metrics.json").write_text("{}")
     >>> sorted(p.name for p in (root / "report").iterdir())
-    ['metrics.json']
+    ['.riverscape-output.json', 'metrics.json']
     """
-    final = check_output_dir(path, force).absolute()
+    inputs = tuple(inputs)
+    final = check_output_dir(path, force, inputs=inputs).absolute()
     created = _make_parents(final.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -114,21 +284,12 @@ def atomic_output_dir(path: PathLike, *, force: bool = False) -> Iterator[Path]:
     try:
         tmp.chmod(_umask_mode(0o777))
         yield tmp
-        if final.exists():
-            check_output_dir(final, force)  # appeared while we worked: only replace it when forced
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, trash / final.name)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(trash / final.name, final)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _write_marker(tmp, kind)
+        _swap_in(tmp, final, force=force, inputs=inputs)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(created)
         raise
 
 
@@ -160,6 +321,7 @@ def atomic_output_file(path: PathLike, *, force: bool = False) -> Iterator[Path]
             check_output_file(final, force)
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        _remove_empty(created)
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
+            _remove_empty(created)
         raise

@@ -39,9 +39,9 @@ from .gradients.damage import basin_widths
 from .landscape import hessian_eigs, hessian_trace, loss_barrier, plane_through, slice_2d
 from .models import build_model
 from .objective import Objective
-from .quant import QuantMap, UniformQuantizer, ptq
+from .quant import LayerSelection, QuantMap, UniformQuantizer, ptq
 from .quant.qat import QATResult, qat
-from .train import train
+from .training import train
 
 __all__ = [
     "StudyModel",
@@ -213,9 +213,18 @@ class Study:
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------- quantizers
-    def quant_map(self, bits: int, range_method: str = "minmax") -> QuantMap:
-        """Per-channel symmetric quantizer of every weight tensor at ``bits`` (``range_method`` calibration)."""
-        return QuantMap(self.analysis, UniformQuantizer(bits, range=range_method))
+    @property
+    def selection(self) -> LayerSelection:
+        """Exactly the study's quantized tensors (``names``): every map of the study uses it."""
+        return LayerSelection.exactly(self.names)
+
+    def quant_map(self, bits: int, range_method: str = "minmax", objective: Optional[Objective] = None) -> QuantMap:
+        """Per-channel symmetric quantizer of the study's tensors at ``bits`` (``range_method`` calibration).
+
+        ``objective`` defaults to ``analysis`` (``training`` and ``evaluation`` share its layout).
+        """
+        target = self.analysis if objective is None else objective
+        return QuantMap(target, UniformQuantizer(bits, range=range_method), selection=self.selection)
 
     # -------------------------------------------------------------- FP curvature (cached)
     def fp_operator(self):
@@ -337,7 +346,7 @@ def run_qat(study: Study, bits: int, estimator: str, *, seed: int, record_every:
     settings = dict(estimator=estimator, steps=study.spec.qat_steps, lr=study.spec.qat_lr, batch_size=study.spec.qat_batch,
                     theta0=study.theta_fp, tau=TAU, record_every=record_every or study.spec.qat_record_every, eval_objective=study.evaluation, seed=seed, progress=progress)
     settings.update(options)
-    qmap = QuantMap(study.training, UniformQuantizer(bits, range=range_method))
+    qmap = study.quant_map(bits, range_method, study.training)
     return qat(study.training, qmap, **settings)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import riverscape as rs
+from riverscape.outdir import MARKER_NAME
 
 pytestmark = pytest.mark.slow  # ~100 CPU-seconds of subprocesses, two at a time
 
@@ -253,7 +254,7 @@ def check_report_files(directory: Path, bits: list[int], *, river: bool) -> str:
     names = {p.name for p in directory.iterdir()}
     expected_png = {"accuracy_vs_bits.png", "spectrum.png", "density.png", "alignment.png"}
     expected_png |= {f"{kind}_{b}bit.png" for b in bits for kind in ("slices", "paths")}
-    assert names == {"report.html", "metrics.json", *expected_png}, sorted(names)
+    assert names == {"report.html", "metrics.json", MARKER_NAME, *expected_png}, sorted(names)
     for name in expected_png:
         data = (directory / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000, name

@@ -7,7 +7,7 @@ from torch import nn
 
 import riverscape as rs
 from riverscape.quant import QuantMap, UniformQuantizer, integer_grid, ptq
-from riverscape.train import flat_parameters
+from riverscape.training import flat_parameters
 
 
 def test_hand_computed_symmetric_grid():

@@ -23,22 +23,16 @@ from torch import Tensor
 
 from ..landscape.curvature import hessian_eigs
 from ..objective import HessianOperator, Objective
-from ..quant import QuantMap, UniformQuantizer
+from ..quant import QuantMap, UniformQuantizer, resolve_quant_map
 
 Quantizer = Union[UniformQuantizer, QuantMap]
 
 
 def as_quant_map(objective: Objective, quantizer: Quantizer, map_options: dict) -> QuantMap:
-    """A :class:`QuantMap` for ``objective`` from a quantizer (with ``map_options``) or a ready map."""
-    if isinstance(quantizer, QuantMap):
-        if map_options:
-            raise ValueError(f"map options {sorted(map_options)} only apply to a UniformQuantizer, not to a QuantMap")
-        if quantizer.dim != objective.dim:
-            raise ValueError(f"the QuantMap was built for dim {quantizer.dim}, the objective has dim {objective.dim}")
-        return quantizer
-    if isinstance(quantizer, UniformQuantizer):
-        return QuantMap(objective, quantizer, **map_options)
-    raise TypeError(f"quantizer must be a UniformQuantizer or a QuantMap, got {type(quantizer).__name__}")
+    """A :class:`QuantMap` for ``objective`` from a quantizer (with ``map_options``: ``selection`` or
+    ``include``/``exclude``/``keep_first_last``/``quantize_bias``) or a ready map (see
+    :func:`riverscape.quant.resolve_quant_map`)."""
+    return resolve_quant_map(objective, quantizer, **map_options)
 
 
 def quantized_point(objective: Objective, qmap: QuantMap, theta_fp: Tensor, theta_q: Tensor | None) -> Tensor:

@@ -23,6 +23,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import ConvergenceError
 from ..objective import HessianOperator, Objective
 from ..quant.qmap import QuantMap
 
@@ -251,7 +252,7 @@ def hessian_eigs(
         try:
             values, vectors = eigsh(scipy_op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
         except ArpackNoConvergence as err:
-            raise RuntimeError(
+            raise ConvergenceError(
                 f"ARPACK converged {len(err.eigenvalues)} of {k} eigenpairs (tol={tol}); raise tol or maxiter"
             ) from None
     order = np.argsort(values)[::-1]

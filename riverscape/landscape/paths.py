@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..objective import Objective
-from ..train import TrainResult
+from ..training import TrainResult
 from .slices import Quantizer, as_quant_map, describe_quantizer, evaluate_points
 
 __all__ = [

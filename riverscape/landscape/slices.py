@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..objective import Objective
-from ..quant.qmap import QuantMap
+from ..quant.qmap import QuantMap, resolve_quant_map
 from ..quant.quantizers import UniformQuantizer
 from .directions import plane_coordinates
 
@@ -40,11 +40,11 @@ Span = Union[float, Sequence[float]]
 
 
 def as_quant_map(objective: Objective, quantizer: Quantizer) -> QuantMap | None:
-    """``None`` stays ``None``; a UniformQuantizer becomes ``QuantMap(objective, quantizer)``."""
+    """``None`` stays ``None``; a UniformQuantizer becomes ``QuantMap(objective, quantizer)`` (default selection)."""
     if quantizer is None or isinstance(quantizer, QuantMap):
         return quantizer
     if isinstance(quantizer, UniformQuantizer):
-        return QuantMap(objective, quantizer)
+        return resolve_quant_map(objective, quantizer)
     raise TypeError(f"quantizer must be None, a UniformQuantizer or a QuantMap, got {type(quantizer).__name__}")
 
 

@@ -15,7 +15,15 @@ from .estimators import (
     ste,
 )
 from .qat import LSQ_INITS, SCALE_MODES, QATResult, count_grid_flips, ewgs_deltas, first_hitting_time, qat
-from .qmap import QUANTIZABLE_MODULES, QuantMap, QuantTarget, ptq
+from .layers import (
+    UnsupportedWeight,
+    channel_axis_of,
+    register_quantizable,
+    registered_layers,
+    unsupported_weight_warning,
+    unsupported_weights,
+)
+from .qmap import KEPT_REASONS, QUANTIZABLE_MODULES, LayerSelection, QuantMap, QuantTarget, WeightStatus, ptq, resolve_quant_map
 from .quantizers import RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
 
 __all__ = [
@@ -28,6 +36,16 @@ __all__ = [
     "QuantTarget",
     "ptq",
     "QUANTIZABLE_MODULES",
+    "LayerSelection",
+    "WeightStatus",
+    "KEPT_REASONS",
+    "resolve_quant_map",
+    "register_quantizable",
+    "registered_layers",
+    "channel_axis_of",
+    "UnsupportedWeight",
+    "unsupported_weights",
+    "unsupported_weight_warning",
     "qat",
     "QATResult",
     "SCALE_MODES",

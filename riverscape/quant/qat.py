@@ -24,7 +24,7 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from ..objective import Objective
-from ..train import OPTIMIZERS, _record_set
+from ..training import OPTIMIZERS, _record_set
 from .estimators import (
     ESTIMATORS,
     get_estimator,
@@ -33,7 +33,7 @@ from .estimators import (
     pege_mask,
     pege_rho,
 )
-from .qmap import QuantMap
+from .qmap import QuantMap, resolve_quant_map
 from .quantizers import QParams, UniformQuantizer
 
 __all__ = [
@@ -367,7 +367,8 @@ def qat(
     progress : bool
         Show a tqdm progress bar.
     **map_options
-        ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for :class:`QuantMap`.
+        ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for
+        :class:`QuantMap`.
 
     Returns
     -------
@@ -387,12 +388,7 @@ def qat(
     started = time.perf_counter()
     get_estimator(estimator)
     _validate(steps, lr, optimizer, batch_size, tau, record_every, ewgs_update_every, ewgs_matvecs, pege_beta, pege_lambda, lsq_init)
-    if isinstance(quantizer, QuantMap):
-        if map_options:
-            raise ValueError(f"map options {sorted(map_options)} apply only when quantizer is a UniformQuantizer")
-        qmap = quantizer
-    else:
-        qmap = QuantMap(objective, quantizer, **map_options)
+    qmap = resolve_quant_map(objective, quantizer, **map_options)
     quant = qmap.quantizer
     scale_mode = _resolve_scale_mode(estimator, scale, quant)
     if eval_objective is not None and eval_objective.dim != objective.dim:

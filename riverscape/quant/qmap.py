@@ -1,26 +1,55 @@
 """Weight-layout-aware quantization of a flat parameter vector, and PTQ.
 
-A :class:`QuantMap` knows which slices of ``theta`` are weight tensors of Linear, Conv
-and Embedding layers (quantized per output channel by default) and which are biases or
-normalisation parameters (kept in full precision). Calling it maps ``theta -> Q(theta)``.
+A :class:`QuantMap` knows which slices of ``theta`` are weights (registered parameters of
+registered layer types, see :mod:`riverscape.quant.layers`; quantized per output channel
+along each layer type's own channel axis) and which are biases or normalisation parameters
+(kept in full precision). Calling it maps ``theta -> Q(theta)``.
+
+Which tensors are quantized is decided in one place, a :class:`LayerSelection`
+(``include``, ``exclude``, ``keep_first_last``, ``quantize_bias``); :meth:`QuantMap.status`
+lists every parameter with its status and, when kept, the reason.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+import glob
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..objective import Objective, ParamSpec
+from .layers import unsupported_weight_warning
 from .quantizers import QParams, UniformQuantizer
 
-__all__ = ["QuantMap", "QuantTarget", "ptq", "QUANTIZABLE_MODULES"]
+__all__ = [
+    "QuantMap",
+    "QuantTarget",
+    "LayerSelection",
+    "WeightStatus",
+    "KEPT_REASONS",
+    "ptq",
+    "resolve_quant_map",
+    "QUANTIZABLE_MODULES",
+]
 
-QUANTIZABLE_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Bilinear", "LazyLinear")
+# Names of the built-in registered layer types (informational; the registry in
+# riverscape.quant.layers decides, matching classes with isinstance).
+QUANTIZABLE_MODULES = (
+    "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Embedding",
+    "EmbeddingBag", "Bilinear", "LazyLinear", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell",
+    "MultiheadAttention", "Conv1D",
+)
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[ParamSpec], bool]]
+
+NOT_A_WEIGHT = "not a weight"
+EXCLUDED = "excluded"
+NOT_INCLUDED = "not included"
+FIRST_LAST = "first/last layer kept"
+UNSUPPORTED = "unsupported layer type"
+KEPT_REASONS = (NOT_A_WEIGHT, EXCLUDED, NOT_INCLUDED, FIRST_LAST, UNSUPPORTED)
 
 
 @dataclass(frozen=True)
@@ -45,25 +74,187 @@ def _matches(spec: ParamSpec, selector: LayerSelector) -> bool:
     return any(spec.name == p or layer == p or fnmatch.fnmatchcase(spec.name, p) for p in patterns)
 
 
+def _layer(spec: ParamSpec) -> str:
+    return spec.name.rsplit(".", 1)[0] if "." in spec.name else ""
+
+
+def _normalise_selector(value: LayerSelector, what: str) -> LayerSelector:
+    """``None``/callable unchanged; a pattern or list of patterns as a tuple (empty means ``None``)."""
+    if value is None or callable(value):
+        return value
+    items = (value,) if isinstance(value, str) else tuple(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{what} patterns must be non-empty strings, got {item!r}")
+    return items or None
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which parameters a :class:`QuantMap` quantizes: the one place where the choice is made.
+
+    Parameters
+    ----------
+    include : str, sequence of str, or callable, optional
+        Quantize only these parameters: names, layer names or ``fnmatch`` globs, or a
+        predicate on :class:`~riverscape.objective.ParamSpec`. A named tensor is quantized
+        even when it is not a weight of a registered layer type (its channel axis is then the
+        quantizer's ``channel_axis``, 0 by default). Default (``None`` or empty): every
+        weight of a registered layer type (:mod:`riverscape.quant.layers`).
+    exclude : same as ``include``, optional
+        Keep these in full precision.
+    keep_first_last : bool
+        Keep every selected tensor of the first and of the last layer (module) that owns a
+        selected weight in full precision (a common choice).
+    quantize_bias : bool
+        Also quantize biases of registered layer types (per tensor).
+
+    Examples
+    --------
+    >>> LayerSelection(include="fc*", keep_first_last=True).include
+    ('fc*',)
+    """
+
+    include: LayerSelector = None
+    exclude: LayerSelector = None
+    keep_first_last: bool = False
+    quantize_bias: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _normalise_selector(self.include, "include"))
+        object.__setattr__(self, "exclude", _normalise_selector(self.exclude, "exclude"))
+        for name in ("keep_first_last", "quantize_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def exactly(cls, names: Iterable[str]) -> "LayerSelection":
+        """The selection of exactly these parameter names (e.g. chosen earlier on a larger Objective)."""
+        return cls(include=tuple(glob.escape(n) for n in names))
+
+    def build(self, objective: Objective, quantizer: UniformQuantizer) -> "QuantMap":
+        """``QuantMap(objective, quantizer, selection=self)``."""
+        return QuantMap(objective, quantizer, selection=self)
+
+    def select(self, layout: Sequence[ParamSpec]) -> tuple[list[ParamSpec], dict[str, str]]:
+        """Split a layout into quantized specs (layout order) and ``{name: reason}`` of kept ones.
+
+        Raises
+        ------
+        ValueError
+            When nothing is selected.
+        """
+        default = self._default_reasons(layout)
+        kept: dict[str, str] = {}
+        chosen = []
+        for spec in layout:
+            if self.include is not None and not _matches(spec, self.include):
+                kept[spec.name] = default[spec.name] or NOT_INCLUDED
+            elif self.include is None and default[spec.name] is not None:
+                kept[spec.name] = default[spec.name]
+            else:
+                chosen.append(spec)
+        if self.keep_first_last:
+            edges = self._first_last_layers(chosen)
+            kept.update({s.name: FIRST_LAST for s in chosen if _layer(s) in edges})
+            chosen = [s for s in chosen if _layer(s) not in edges]
+        if self.exclude is not None:
+            kept.update({s.name: EXCLUDED for s in chosen if _matches(s, self.exclude)})
+            chosen = [s for s in chosen if not _matches(s, self.exclude)]
+        if not chosen:
+            raise ValueError("no parameter is selected for quantization (check include/exclude)")
+        return chosen, kept
+
+    def _default_reasons(self, layout: Sequence[ParamSpec]) -> dict[str, Optional[str]]:
+        """``None`` for tensors quantized by default, else why they are kept."""
+        registered = {_layer(s) for s in layout if s.quantizable}
+        reasons: dict[str, Optional[str]] = {}
+        for s in layout:
+            if s.quantizable or (self.quantize_bias and s.role == "bias" and _layer(s) in registered):
+                reasons[s.name] = None
+            else:
+                reasons[s.name] = UNSUPPORTED if s.role == "unsupported" else NOT_A_WEIGHT
+        return reasons
+
+    @staticmethod
+    def _first_last_layers(chosen: Sequence[ParamSpec]) -> set[str]:
+        layers = list(dict.fromkeys(_layer(s) for s in chosen if s.quantizable or len(s.shape) >= 2))
+        return {layers[0], layers[-1]} if len(layers) >= 2 else set()
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (a callable selector is shown by its name)."""
+        def show(value: LayerSelector):
+            return getattr(value, "__name__", repr(value)) if callable(value) else (None if value is None else list(value))
+
+        return {"include": show(self.include), "exclude": show(self.exclude), "keep_first_last": self.keep_first_last,
+                "quantize_bias": self.quantize_bias}
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    """One parameter of the model and what the quantizer does with it.
+
+    Attributes
+    ----------
+    name, shape, numel, module_type
+        The parameter and the class name of the module owning it.
+    status : {"quantized", "kept"}
+    reason : str or None
+        Why a kept tensor stays in full precision (one of :data:`KEPT_REASONS`).
+    bits : int or None
+        Bit-width of a quantized tensor.
+    granularity : {"per-channel", "per-tensor"} or None
+    channel_axis : int or None
+        Axis of the per-channel scales (``None`` per tensor).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    module_type: str
+    status: str
+    reason: Optional[str] = None
+    bits: Optional[int] = None
+    granularity: Optional[str] = None
+    channel_axis: Optional[int] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.status == "quantized"
+
+    def to_dict(self) -> dict:
+        """JSON-friendly copy (shape as a list)."""
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+
+def _target_axis(spec: ParamSpec, quantizer: UniformQuantizer) -> int:
+    """The spec's registered channel axis (else the quantizer's), normalised to ``0..ndim-1``."""
+    axis = spec.channel_axis if spec.channel_axis is not None else quantizer.channel_axis
+    ndim = len(spec.shape)
+    if ndim < 2:
+        return 0
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for {spec.name} of shape {spec.shape}")
+    return axis % ndim
+
+
 class QuantMap:
     """The map ``theta -> Q(theta)`` for one Objective's parameter layout.
 
     Parameters
     ----------
     objective : Objective
-        Supplies the layout of ``theta`` (names, shapes, owning module types).
+        Supplies the layout of ``theta`` (names, shapes, channel axes of registered weights).
     quantizer : UniformQuantizer
-        Applied to every target tensor (scales chosen per tensor/channel).
-    include : str, list of str, or callable, optional
-        Quantize only these parameters (names, layer names or glob patterns, or a
-        predicate on :class:`~riverscape.objective.ParamSpec`). Default: every weight of
-        a Linear/Conv/Embedding layer.
-    exclude : same as ``include``, optional
-        Keep these in full precision.
-    keep_first_last : bool
-        Keep the first and the last quantizable weight in full precision (a common choice).
-    quantize_bias : bool
-        Also quantize biases of quantizable layers (per tensor).
+        Applied to every target tensor, with per-channel scales along that target's own
+        channel axis (the quantizer's ``channel_axis`` only for tensors of unregistered types).
+    selection : LayerSelection, optional
+        Which tensors are quantized. Give either ``selection`` or the keywords below (the
+        same fields), not both.
+    include, exclude, keep_first_last, quantize_bias
+        See :class:`LayerSelection`.
 
     Examples
     --------
@@ -81,6 +272,7 @@ class QuantMap:
         objective: Objective,
         quantizer: UniformQuantizer,
         *,
+        selection: LayerSelection | None = None,
         include: LayerSelector = None,
         exclude: LayerSelector = None,
         keep_first_last: bool = False,
@@ -88,25 +280,23 @@ class QuantMap:
     ) -> None:
         if not isinstance(quantizer, UniformQuantizer):
             raise TypeError(f"quantizer must be a UniformQuantizer, got {type(quantizer).__name__}")
+        keywords = LayerSelection(include, exclude, keep_first_last, quantize_bias)
+        if selection is None:
+            selection = keywords
+        elif not isinstance(selection, LayerSelection):
+            raise TypeError(f"selection must be a LayerSelection, got {type(selection).__name__}")
+        elif keywords != LayerSelection():
+            raise ValueError("give either selection= or include/exclude/keep_first_last/quantize_bias, not both")
         self.quantizer = quantizer
+        self.selection = selection
         self.dim = objective.dim
         self.layout = objective.layout
-        candidates = [
-            s
-            for s in objective.layout
-            if s.module_type in QUANTIZABLE_MODULES and (s.kind == "weight" or (quantize_bias and s.kind == "bias"))
-        ]
-        if include is not None:
-            candidates = [s for s in objective.layout if _matches(s, include)]
-        weights = [s for s in candidates if s.kind == "weight"]
-        if keep_first_last and len(weights) >= 2:
-            dropped = {weights[0].name, weights[-1].name}
-            candidates = [s for s in candidates if s.name not in dropped]
-        if exclude is not None:
-            candidates = [s for s in candidates if not _matches(s, exclude)]
-        if not candidates:
-            raise ValueError("no parameter is selected for quantization (check include/exclude)")
-        self.targets: tuple[QuantTarget, ...] = tuple(QuantTarget(s, quantizer.channel_axis) for s in candidates)
+        chosen, self._kept = selection.select(objective.layout)
+        self.targets: tuple[QuantTarget, ...] = tuple(QuantTarget(s, _target_axis(s, quantizer)) for s in chosen)
+        self._quantizers = tuple(
+            quantizer if t.channel_axis == quantizer.channel_axis else replace(quantizer, channel_axis=t.channel_axis)
+            for t in self.targets
+        )
         mask = torch.zeros(objective.dim, dtype=torch.bool)
         for t in self.targets:
             mask[t.spec.slice] = True
@@ -127,7 +317,7 @@ class QuantMap:
 
     def qparams(self, theta: Tensor) -> list[QParams]:
         """Scale and zero point of every target at ``theta`` (one entry per target)."""
-        return [self.quantizer.qparams(self.tensor(theta, t)) for t in self.targets]
+        return [q.qparams(self.tensor(theta, t)) for q, t in zip(self._quantizers, self.targets)]
 
     def map_targets(self, theta: Tensor, fn: Callable[[QuantTarget, Tensor, int], Tensor]) -> Tensor:
         """Apply ``fn(target, tensor, index)`` to every target tensor, other coordinates unchanged.
@@ -158,20 +348,86 @@ class QuantMap:
             raise ValueError(f"theta must have shape ({self.dim},), got {tuple(theta.shape)}")
         with torch.no_grad():
             if qparams is None:
-                return self.map_targets(theta, lambda t, w, i: self.quantizer(w))
-            return self.map_targets(theta, lambda t, w, i: self.quantizer.quantize_with(w, qparams[i]))
+                return self.map_targets(theta, lambda t, w, i: self._quantizers[i](w))
+            return self.map_targets(theta, lambda t, w, i: self._quantizers[i].quantize_with(w, qparams[i]))
 
     def codes(self, theta: Tensor, qparams: Sequence[QParams] | None = None) -> Tensor:
         """Integer grid codes of all quantized coordinates, concatenated (for grid flips)."""
         out = []
         for i, t in enumerate(self.targets):
             w = self.tensor(theta, t)
-            out.append(self.quantizer.codes(w, None if qparams is None else qparams[i]).reshape(-1))
+            out.append(self._quantizers[i].codes(w, None if qparams is None else qparams[i]).reshape(-1))
         return torch.cat(out)
 
     def per_layer(self) -> list[tuple[str, slice]]:
         """``(name, slice)`` of each quantized tensor, for per-layer reports."""
         return [(t.name, t.spec.slice) for t in self.targets]
+
+    def quantizer_for(self, index: int) -> UniformQuantizer:
+        """The quantizer of target ``index`` (the map's quantizer with that target's channel axis)."""
+        return self._quantizers[index]
+
+    def status(self) -> list[WeightStatus]:
+        """Every parameter of the Objective's layout with its status (layout order).
+
+        Quantized tensors carry bits, granularity and channel axis; kept ones the reason
+        (one of :data:`KEPT_REASONS`). Build the map on an Objective of all parameters to
+        list the whole model.
+        """
+        by_name = {t.name: t for t in self.targets}
+        return [self._status_row(spec, by_name.get(spec.name)) for spec in self.layout]
+
+    def _status_row(self, spec: ParamSpec, target: QuantTarget | None) -> WeightStatus:
+        base = (spec.name, spec.shape, spec.numel, spec.module_type)
+        if target is None:
+            return WeightStatus(*base, status="kept", reason=self._kept[spec.name])
+        per_channel = self.quantizer.per_channel and len(spec.shape) >= 2
+        return WeightStatus(
+            *base,
+            status="quantized",
+            bits=self.quantizer.bits,
+            granularity="per-channel" if per_channel else "per-tensor",
+            channel_axis=target.channel_axis if per_channel else None,
+        )
+
+    def unsupported(self) -> list[WeightStatus]:
+        """Kept tensors that look like weights of an unsupported layer type (matrices of unregistered modules)."""
+        return [row for row in self.status() if row.reason == UNSUPPORTED]
+
+    def warnings(self) -> list[str]:
+        """One message per :meth:`unsupported` tensor (no ``riverscape: warning:`` prefix)."""
+        return [unsupported_weight_warning(row.name, row.shape, row.module_type) for row in self.unsupported()]
+
+
+def resolve_quant_map(
+    objective: Objective, quantizer: Union[UniformQuantizer, QuantMap], **map_options
+) -> QuantMap:
+    """A :class:`QuantMap` for ``objective``: a ready map (checked), or one built from a quantizer.
+
+    Parameters
+    ----------
+    objective : Objective
+    quantizer : UniformQuantizer or QuantMap
+    **map_options
+        ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias``;
+        only with a UniformQuantizer.
+
+    Raises
+    ------
+    ValueError
+        Options given with a ready map, or a map built for another dimension.
+    TypeError
+        Neither a UniformQuantizer nor a QuantMap.
+    """
+    if isinstance(quantizer, QuantMap):
+        if map_options:
+            raise ValueError(f"map options {sorted(map_options)} only apply to a UniformQuantizer, not to a QuantMap")
+        if quantizer.dim != objective.dim:
+            raise ValueError(f"the QuantMap was built for dim {quantizer.dim}, the objective has dim {objective.dim}")
+        return quantizer
+    if isinstance(quantizer, UniformQuantizer):
+        return QuantMap(objective, quantizer, **map_options)
+    raise TypeError(f"quantizer must be a UniformQuantizer or a QuantMap, got {type(quantizer).__name__}")
 
 
 def ptq(
@@ -190,14 +446,15 @@ def ptq(
     theta : Tensor, optional
         Full-precision point; default ``objective.theta0``.
     **map_options
-        ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for :class:`QuantMap`.
+        ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for
+        :class:`QuantMap`.
 
     Returns
     -------
     Tensor, shape (D,)
-        The quantized point (weights of Linear/Conv/Embedding layers on their grids,
+        The quantized point (weights of registered layer types on their grids,
         biases and normalisation parameters unchanged unless configured).
     """
-    qmap = quantizer if isinstance(quantizer, QuantMap) else QuantMap(objective, quantizer, **map_options)
+    qmap = resolve_quant_map(objective, quantizer, **map_options)
     theta = objective.theta0 if theta is None else objective.check_theta(theta)
     return qmap(theta)

@@ -103,6 +103,51 @@ def _alignment_rows(result: Any) -> list[dict]:
     return rows
 
 
+def _weight_rows(result: Any) -> list[dict]:
+    """One row per parameter tensor: quantized ones first (model order), then the kept ones with their reason."""
+    bits = ", ".join(str(b.bits) for b in result.by_bits)
+    rows = []
+    for w in sorted(getattr(result, "weights", []), key=lambda w: w.status != "quantized"):  # stable: model order within each group
+        quantized = w.status == "quantized"
+        rows.append(
+            {
+                "tensor": w.name,
+                "shape": "×".join(str(d) for d in w.shape) or "scalar",
+                "numel": w.numel,
+                "layer type": w.module_type,
+                "status": w.status,
+                "bits": bits if quantized else "",
+                "granularity": w.granularity if quantized else "",
+                "channel axis": "" if w.channel_axis is None else str(w.channel_axis),
+                "kept because": "" if quantized else w.reason,
+            }
+        )
+    return rows
+
+
+def _add_weights_section(page: ReportPage, result: Any) -> None:
+    rows = _weight_rows(result)
+    if not rows:
+        return
+    n_q = sum(1 for row in rows if row["status"] == "quantized")
+    page.add_heading("Weights")
+    page.add_table(
+        rows,
+        caption=f"Every parameter tensor and what the quantizer does with it: {n_q} of {len(rows)} tensors quantized "
+        "(per-channel scales run along the channel axis); the others stay in full precision.",
+    )
+
+
+def _add_notices(page: ReportPage, warnings: list, notes: list) -> None:
+    """Warnings (what the numbers may not describe) and notes (how this run was computed)."""
+    if warnings:
+        page.add_heading("Warnings")
+        page.add_text("\n".join(f"- {w}" for w in warnings))
+    if notes:
+        page.add_heading("How this run was computed")
+        page.add_text("\n".join(f"- {n}" for n in notes))
+
+
 def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report") -> Path:
     """Write ``report.html`` and PNG figures for an :class:`~riverscape.analysis.AnalysisResult`.
 
@@ -120,6 +165,7 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
     """
     out_dir = Path(out_dir)
     page = ReportPage(title, subtitle=f"{result.n_quantized:,} quantized weights · bits {', '.join(str(b.bits) for b in result.by_bits)}")
+    _add_notices(page, list(getattr(result, "warnings", [])), list(getattr(result, "notes", [])))
     page.add_heading("Reading")
     for paragraph in reading(result):
         page.add_text(paragraph)
@@ -198,6 +244,8 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
     page.add_heading("Per layer")
     for b in result.by_bits:
         page.add_table(b.per_layer, caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.")
+
+    _add_weights_section(page, result)
 
     page.add_heading("Run")
     page.add_table([{"option": k, "value": str(v)} for k, v in result.options.items()], caption="Options.")

@@ -21,6 +21,7 @@ from .inputs import (
     alignment_entries,
     bits_series,
     check_slice,
+    choose_log_axis,
     color_values,
     density_rows,
     history_columns,
@@ -70,6 +71,13 @@ def _check_kind(kind: str) -> None:
 def _hover_text(loss: np.ndarray) -> np.ndarray:
     """Raw loss values as hover strings (the colour may be a log or an excess), transposed to (ny, nx)."""
     return np.vectorize(lambda v: f"{v:.5g}", otypes=[str])(loss.T)
+
+
+def _title(title: str | None, note: str | None) -> str | None:
+    """The figure title with ``note`` (e.g. why an axis is linear) as a small second line."""
+    if not note:
+        return title
+    return f"{title}<br><sup>{note}</sup>" if title else f"<sup>{note}</sup>"
 
 
 def _log_axis(*arrays: np.ndarray) -> dict[str, Any]:
@@ -190,7 +198,8 @@ def slice_figure(
     markers : ``{label: (x, y)}`` or ``{label: (x, y, height)}`` (e.g. θ_fp, Q(θ_fp), QAT points).
         On a surface a marker without height sits on the nearest grid node.
     paths : ``{label: (xs, ys)}`` or ``(xs, ys, heights)`` (e.g. the QAT trajectory projected on the plane).
-    log : colour (and surface height) = log10 of the loss; quantized slices span decades.
+    log : colour (and surface height) = log10 of the loss; quantized slices span decades. A loss
+        that reaches 0 or is negative is drawn on a linear scale instead, and the figure says so.
     subtract_min : use ``loss - min`` (with ``log``: log10 of the excess loss, see :func:`.inputs.color_values`).
     kind : ``"contour"``, ``"surface"`` or ``"both"`` (side by side).
     label : name of the loss in hover texts and on the colour bar (e.g. ``"cross-entropy"``).
@@ -202,7 +211,7 @@ def slice_figure(
     """
     _check_kind(kind)
     alphas, betas, loss = check_slice(alphas, betas, loss)
-    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label)
+    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
     values = colors.grids[0]
     points = marker_points(markers, alphas, betas, values)
     lines = path_lines(paths, alphas, betas, values)
@@ -217,7 +226,7 @@ def slice_figure(
         overlays = _overlay_traces(points, lines, three_d=three_d, first_panel=col in (None, 1))
         for trace in [base, *overlays]:
             fig.add_trace(trace, row=1 if col else None, col=col)
-    fig.update_layout(**base_layout(title, height=560 if kind == "both" else 500), coloraxis=_coloraxis(colors))
+    fig.update_layout(**base_layout(_title(title, colors.note), height=560 if kind == "both" else 500), coloraxis=_coloraxis(colors))
     if kind != "surface":
         fig.update_xaxes(title_text=xlabel, showgrid=False, zeroline=False)
         fig.update_yaxes(title_text=ylabel, showgrid=False, zeroline=False)
@@ -252,7 +261,7 @@ def side_by_side_slices(
     """
     alphas, betas, fp_loss = check_slice(alphas, betas, fp_loss)
     _, _, quantized_loss = check_slice(alphas, betas, quantized_loss)
-    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label)
+    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=list(titles), horizontal_spacing=0.05)
     for col, (values, raw) in enumerate(zip(colors.grids, (fp_loss, quantized_loss)), start=1):
         points = marker_points(markers, alphas, betas, values)
@@ -260,7 +269,7 @@ def side_by_side_slices(
         fig.add_trace(_contour(alphas, betas, values, raw, colors, ncontours, label), row=1, col=col)
         for trace in _overlay_traces(points, lines, three_d=False, first_panel=col == 1):
             fig.add_trace(trace, row=1, col=col)
-    fig.update_layout(**base_layout(title, height=500, subplot_titles=True), coloraxis=_coloraxis(colors))
+    fig.update_layout(**base_layout(_title(title, colors.note), height=500, subplot_titles=True), coloraxis=_coloraxis(colors))
     fig.update_xaxes(title_text=xlabel, showgrid=False, zeroline=False)
     fig.update_yaxes(title_text=ylabel, showgrid=False, zeroline=False, row=1, col=1)
     fig.update_yaxes(showgrid=False, zeroline=False, row=1, col=2)
@@ -281,7 +290,8 @@ def path_figure(
     ----------
     profiles : ``{label: (t (n,), loss (n,)[, quantized_loss (n,)])}`` or objects with attributes
         ``t``, ``loss`` and optionally ``quantized_loss``.
-    log_y : log loss axis; ``None`` chooses it when all losses are positive and span > 30x.
+    log_y : log loss axis; ``None`` chooses it when all losses are positive and span > 30x. A
+        requested log axis falls back to a linear one, noted on the figure, if a loss is <= 0.
     """
     rows = profile_rows(profiles)
     fig = go.Figure()
@@ -303,8 +313,8 @@ def path_figure(
                     hovertemplate=f"{label}, {name}<br>t=%{{x:.3g}}<br>{ylabel}=%{{y:.5g}}<extra></extra>",
                 )
             )
-    log_y = wants_log(*all_losses) if log_y is None else log_y
-    fig.update_layout(**base_layout(title, height=440), hovermode="x unified")
+    log_y, note = choose_log_axis(log_y, wants_log(*all_losses), *all_losses)
+    fig.update_layout(**base_layout(_title(title, note), height=440), hovermode="x unified")
     fig.update_xaxes(title_text=xlabel)
     fig.update_yaxes(title_text=ylabel + (" (log scale)" if log_y else ""), **(_log_axis(*all_losses) if log_y else {}))
     return fig
@@ -323,7 +333,8 @@ def spectrum_figure(
     ----------
     eigs : ``{label: eigenvalues (k,)}`` (any order; drawn in descending order, rank 1 = largest),
         or objects with an ``eigenvalues``/``values`` attribute.
-    log_y : log axis; ``None`` uses it when every eigenvalue is positive.
+    log_y : log axis; ``None`` uses it when every eigenvalue is positive (a requested log axis
+        falls back to a linear one, noted on the figure, otherwise).
     """
     rows = spectrum_rows(eigs)
     fig = go.Figure()
@@ -340,8 +351,8 @@ def spectrum_figure(
             )
         )
     all_values = np.concatenate([v for _, v in rows]) if rows else np.ones(1)
-    log_y = bool(np.all(all_values > 0)) if log_y is None else log_y
-    fig.update_layout(**base_layout(title, height=420))
+    log_y, note = choose_log_axis(log_y, bool(np.all(all_values > 0)), all_values, what="an eigenvalue")
+    fig.update_layout(**base_layout(_title(title, note), height=420))
     longest = max((v.size for _, v in rows), default=0)
     fig.update_xaxes(title_text="rank i (1 = largest)", dtick=1 if longest <= 20 else None, range=[0.5, longest + 0.5])
     fig.update_yaxes(title_text=ylabel + (" (log scale)" if log_y else ""), zeroline=not log_y, **(_log_axis(all_values) if log_y else {}))
@@ -526,7 +537,8 @@ def qat_curve_figure(
     history : dict of arrays, list of row dicts or object with attributes; columns (aliases in
         :data:`QAT_HISTORY_KEYS`): ``step``, ``quantized_loss`` (required), ``latent_loss``, ``accuracy``, ``flips``.
     fp_loss, fp_accuracy : full-precision reference values (dashed lines).
-    log_y : log loss axis; ``None`` chooses it when the loss spans > 30x.
+    log_y : log loss axis; ``None`` chooses it when the loss spans > 30x (a requested log axis
+        falls back to a linear one, noted on the figure, if a loss is <= 0).
     """
     columns = history_columns(history, QAT_HISTORY_KEYS)
     if "quantized_loss" not in columns:
@@ -560,8 +572,8 @@ def qat_curve_figure(
         fig.add_trace(go.Scatter(x=steps, y=columns["flips"], name="grid flips per step", mode="lines", line=dict(color=flip_color, width=1.4), fill="tozeroy", fillcolor="rgba(0,0,0,0.12)"), row=2, col=1)
         fig.update_yaxes(title_text="grid flips", row=2, col=1)
     loss_values = [columns[c] for c in ("quantized_loss", "latent_loss") if c in columns]
-    log_y = wants_log(*loss_values) if log_y is None else log_y
-    fig.update_layout(**base_layout(title, height=560 if has_flips else 440), hovermode="x unified")
+    log_y, note = choose_log_axis(log_y, wants_log(*loss_values), *loss_values)
+    fig.update_layout(**base_layout(_title(title, note), height=560 if has_flips else 440), hovermode="x unified")
     fig.update_yaxes(title_text="loss" + (" (log scale)" if log_y else ""), row=1, col=1, secondary_y=False, **(_log_axis(*loss_values) if log_y else {}))
     if "accuracy" in columns:  # tickmode "auto": Plotly would otherwise sync these ticks to the log loss grid
         fig.update_yaxes(title_text="accuracy", row=1, col=1, secondary_y=True, showgrid=False, tickmode="auto")

@@ -29,6 +29,8 @@ __all__ = [
     "history_columns",
     "bits_series",
     "wants_log",
+    "log_fallback",
+    "choose_log_axis",
 ]
 
 
@@ -76,6 +78,8 @@ class ColorValues:
     zmin, zmax : common colour range (global min/max of all transformed grids).
     title : colour bar title (says what the colour encodes).
     log : whether values are log10 of the loss (or of the excess loss).
+    note : why a requested log scale was replaced by a linear one (``None`` if it was not);
+        figures show it on the figure.
     """
 
     grids: tuple[np.ndarray, ...]
@@ -83,9 +87,40 @@ class ColorValues:
     zmax: float
     title: str
     log: bool
+    note: str | None = None
 
 
-def color_values(losses: Sequence[np.ndarray], *, log: bool, subtract_min: bool, label: str = "loss") -> ColorValues:
+def log_fallback(*arrays: Any, what: str = "the loss") -> str | None:
+    """Why a log axis cannot show these values (``None`` if it can): the text a figure displays.
+
+    ``"linear axis: the loss reaches 0"`` when the smallest finite value is exactly 0,
+    ``"linear axis: the loss is negative"`` when it is below 0.
+    """
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.empty(0)
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() > 0:
+        return None
+    return f"linear axis: {what} {'reaches 0' if values.min() == 0 else 'is negative'}"
+
+
+def choose_log_axis(requested: bool | None, auto: bool, *arrays: Any, what: str = "the loss") -> tuple[bool, str | None]:
+    """``(log axis?, note)`` for a 1-D figure's value axis.
+
+    ``requested=None`` takes the figure's automatic choice ``auto`` (which never picks a log axis
+    for non-positive values). A requested log axis falls back to a linear one, with the
+    :func:`log_fallback` note, when a value is zero or negative.
+    """
+    if requested is None:
+        return bool(auto), None
+    if requested:
+        note = log_fallback(*arrays, what=what)
+        return note is None, note
+    return False, None
+
+
+def color_values(
+    losses: Sequence[np.ndarray], *, log: bool, subtract_min: bool, label: str = "loss", fallback: bool = False
+) -> ColorValues:
     """Colour values of one or more loss grids on a common scale.
 
     ``log``: colour = log10(L). ``subtract_min``: colour = L - min (the minimum over *all* grids, so
@@ -93,6 +128,10 @@ def color_values(losses: Sequence[np.ndarray], *, log: bool, subtract_min: bool,
     itself, or a flat quantized plateau at the minimum) are drawn at half the smallest positive
     excess, the bottom of the colour scale. Quantized landscapes span orders of magnitude, so the log
     scale is the default everywhere.
+
+    A loss that reaches 0 or goes negative has no log10: with ``log`` (and not ``subtract_min``)
+    that raises ``ValueError``, unless ``fallback`` is set, in which case the colour is the loss
+    itself on a linear scale and ``note`` says why (the figures always set ``fallback``).
     """
     grids = [np.where(np.isfinite(g), g, np.nan) for g in losses]
     finite = np.concatenate([g[np.isfinite(g)] for g in grids])
@@ -108,15 +147,22 @@ def color_values(losses: Sequence[np.ndarray], *, log: bool, subtract_min: bool,
             floor = 0.5 * float(positive.min()) if positive.size else 1e-12
             shifted = [np.where(s > 0, s, np.where(np.isnan(s), np.nan, floor)) for s in shifted]
         elif positive.size < (finite - reference).size:
-            raise ValueError("log=True needs a positive loss; use subtract_min=True (log of L - min) or log=False")
+            note = log_fallback(finite, what=label)
+            if not fallback:
+                raise ValueError("log=True needs a positive loss; use subtract_min=True (log of L - min) or log=False")
+            return _color_range(shifted, name, log=False, note=note)
         transformed = [np.log10(s) for s in shifted]
     else:
         transformed = shifted
+    return _color_range(transformed, name, log=log)
+
+
+def _color_range(transformed: Sequence[np.ndarray], title: str, *, log: bool, note: str | None = None) -> ColorValues:
     values = np.concatenate([t[np.isfinite(t)] for t in transformed])
     zmin, zmax = float(values.min()), float(values.max())
     if zmax == zmin:  # a constant grid still needs a non-empty colour range
         zmin, zmax = zmin - 0.5, zmax + 0.5
-    return ColorValues(tuple(transformed), zmin, zmax, name, log)
+    return ColorValues(tuple(transformed), zmin, zmax, title, log, note)
 
 
 def log_ticks(zmin: float, zmax: float, max_ticks: int = 8) -> tuple[list[float], list[str]]:

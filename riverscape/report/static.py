@@ -23,6 +23,7 @@ from .inputs import (
     alignment_entries,
     bits_series,
     check_slice,
+    choose_log_axis,
     color_values,
     density_rows,
     history_columns,
@@ -81,6 +82,16 @@ def _colorbar(fig: Figure, mappable: Any, axes: Any, colors: ColorValues) -> Non
         bar.set_ticks(ticks, labels=labels)
 
 
+def _suptitle(fig: Figure, title: str | None, note: str | None) -> None:
+    """Figure title with ``note`` (why an axis is linear) as a second line; the note alone if no title."""
+    if title and note:
+        fig.suptitle(f"{title}\n{note}")
+    elif title:
+        fig.suptitle(title)
+    elif note:
+        fig.suptitle(note, fontsize="small")
+
+
 def _plane_axes(ax: Any) -> None:
     """No grid over a colour mesh; at most 5 ticks per axis (the default crowds panel edges)."""
     ax.grid(False)
@@ -131,7 +142,7 @@ def slice_figure(
     """Static twin of :func:`riverscape.report.figures.slice_figure` (colour mesh + contour lines)."""
     _check_kind(kind)
     alphas, betas, loss = check_slice(alphas, betas, loss)
-    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label)
+    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
     values = colors.grids[0]
     points = marker_points(markers, alphas, betas, values)
     lines = path_lines(paths, alphas, betas, values)
@@ -159,8 +170,7 @@ def slice_figure(
         ax3.view_init(elev=28, azim=-55)
         axes.append(ax3)
     _colorbar(fig, mesh, axes, colors)
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title, colors.note)
     _legend_below(fig, axes)
     return fig
 
@@ -186,7 +196,7 @@ def side_by_side_slices(
     """Static twin of :func:`riverscape.report.figures.side_by_side_slices`: one shared colour bar."""
     alphas, betas, fp_loss = check_slice(alphas, betas, fp_loss)
     _, _, quantized_loss = check_slice(alphas, betas, quantized_loss)
-    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label)
+    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
     fig = _figure(11.5, 5.2)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, values, panel_title in zip(axes, colors.grids, titles):
@@ -196,8 +206,7 @@ def side_by_side_slices(
         _plane_axes(ax)
     axes[0].set_ylabel(ylabel)
     _colorbar(fig, mesh, axes, colors)
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title, colors.note)
     _legend_below(fig, axes)
     return fig
 
@@ -222,10 +231,11 @@ def path_figure(
             if values is not None:
                 all_losses.append(values)
                 ax.plot(t, values, style, color=color, lw=2, label=f"{label}: {name}")
-    log_y = wants_log(*all_losses) if log_y is None else log_y
+    log_y, note = choose_log_axis(log_y, wants_log(*all_losses), *all_losses)
     if log_y:
         ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel + (" (log scale)" if log_y else ""), title=title)
+    _suptitle(fig, None, note)
     _legend_below(fig, ax, ncols=2)
     return fig
 
@@ -245,11 +255,12 @@ def spectrum_figure(
     for index, (label, values) in enumerate(rows):
         ax.plot(np.arange(1, values.size + 1), values, "-", lw=1, color=color_for(label, index), marker=symbol_for(label, index, matplotlib=True), ms=7, label=label)
     all_values = np.concatenate([v for _, v in rows]) if rows else np.ones(1)
-    log_y = bool(np.all(all_values > 0)) if log_y is None else log_y
+    log_y, note = choose_log_axis(log_y, bool(np.all(all_values > 0)), all_values, what="an eigenvalue")
     if log_y:
         ax.set_yscale("log")
     else:
         ax.axhline(0.0, color="#444", lw=0.8)
+    _suptitle(fig, None, note)
     if max((v.size for _, v in rows), default=0) <= 20:
         ax.set_xticks(np.arange(1, max(v.size for _, v in rows) + 1))
     ax.set(xlabel="rank i (1 = largest)", ylabel=ylabel + (" (log scale)" if log_y else ""), title=title)
@@ -369,10 +380,11 @@ def qat_curve_figure(
     if fp_loss is not None:
         ax.axhline(fp_loss, color="#555", ls="--", lw=1.2, label="L(θ_fp)")
     loss_values = [columns[c] for c in ("quantized_loss", "latent_loss") if c in columns]
-    log_y = wants_log(*loss_values) if log_y is None else log_y
+    log_y, note = choose_log_axis(log_y, wants_log(*loss_values), *loss_values)
     if log_y:
         ax.set_yscale("log")
     ax.set(ylabel="loss" + (" (log scale)" if log_y else ""), title=title)
+    _suptitle(fig, None, note)
     if "accuracy" in columns:
         twin = ax.twinx()
         twin.grid(False)
