@@ -1,4 +1,4 @@
-"""``python -m riverscape``: the command line, without the working directory on ``sys.path``.
+"""``python -m riverscape`` and the ``riverscape`` script: signal handlers first, then the command line.
 
 ``python -m`` puts the working directory first on ``sys.path``; a file there named like an
 optional dependency (``pandas.py``) would then run whenever a library tries that import.
@@ -8,9 +8,20 @@ before the command line itself is imported.
 import os
 import sys
 
-if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
-    del sys.path[0]
 
-from riverscape._signals import run_console  # noqa: E402  (after the sys.path fix on purpose)
+def run_console() -> None:
+    """Entry point of the ``riverscape`` script (and of ``python -m riverscape``)."""
+    from ._signals import exit_code_of, handlers_installed
 
-run_console()
+    with handlers_installed():
+        try:
+            from .cli import main
+        except KeyboardInterrupt as exc:
+            sys.exit(exit_code_of(exc))
+        sys.exit(main())
+
+
+if __name__ == "__main__":
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+    run_console()

@@ -52,13 +52,3 @@ def handlers_installed() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-
-def run_console() -> None:
-    """Entry point of the ``riverscape`` script: handlers first, then the command line."""
-    with handlers_installed():
-        try:
-            from .cli import main
-        except KeyboardInterrupt as exc:
-            sys.exit(exit_code_of(exc))
-        sys.exit(main())

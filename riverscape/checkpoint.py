@@ -698,6 +698,8 @@ def _riverscape_contents(obj: Mapping, path: Path, memory_limit: Optional[int]) 
         if not isinstance(trajectory, Tensor) or trajectory.ndim != 2 or not trajectory.is_floating_point():
             raise CheckpointError(f"{path}: 'trajectory' must be a 2-D floating tensor (n, D)")
         check_allocation(f"{path}: its trajectory {tuple(trajectory.shape)}", logical_bytes([trajectory]), memory_limit)
+        if not bool(torch.isfinite(trajectory).all()):
+            raise CheckpointError(f"{path}: the training trajectory contains NaN or inf; save it again or drop 'trajectory'")
         if steps is None:
             steps = list(range(trajectory.shape[0]))
         if not isinstance(steps, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in steps):
@@ -785,6 +787,8 @@ def read_checkpoint(path: PathLike, *, trust_checkpoint: bool = False, memory_li
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); give a checkpoint file")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely")

@@ -159,13 +159,24 @@ def check_output_dir(path: PathLike, force: bool = False, *, inputs: Iterable[Pa
     return path
 
 
+_CHECKPOINT_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+
+
 def check_output_file(path: PathLike, force: bool = False) -> Path:
-    """Fail early if ``path`` cannot be written as a new file (see :func:`check_output_dir`)."""
+    """Fail early if ``path`` cannot be written as a new checkpoint file.
+
+    ``force`` overwrites an existing file only if it is empty or a PyTorch checkpoint (a
+    zip container, as ``torch.save`` writes): ``--out notes.txt --force`` is refused.
+    """
     path = Path(path)
     if path.is_dir():
         raise InputError(f"output path {str(path)!r} is a directory; give a file name such as {str(path / 'model.pt')!r}")
     if path.exists() and not force:
         raise InputError(f"output file {str(path)!r} already exists; pass --force to overwrite it")
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            if handle.read(4) != _CHECKPOINT_MAGIC:
+                raise InputError(f"--force does not overwrite {str(path)!r}: it is not a PyTorch checkpoint; choose another --out")
     return path
 
 

@@ -390,7 +390,7 @@ def test_options_validate_and_normalise():
         ({"bits": ()}, "at least one bit-width"),
         ({"range_method": "max"}, "unknown range method 'max'; choose one of ['minmax', 'mse', 'percentile']"),
         ({"qat_estimator": "sgd"}, "unknown QAT estimator 'sgd'"),
-        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"top_k": 0}, "top_k must be an integer from 1 to 500"),
         ({"grid_steps": 2}, "grid_steps must be an integer from 3 to 401"),
         ({"grid_span": float("nan")}, "grid_span must be a positive finite number"),
         ({"max_samples": 0}, "max_samples must be a positive integer"),

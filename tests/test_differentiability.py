@@ -232,18 +232,20 @@ def test_a_twice_differentiable_model_is_left_alone():
     assert obj.hvp_mode == "auto"
 
 
-def test_analysis_reports_the_repair(tmp_path):
+@pytest.mark.parametrize("make, shape, said", [(hard_mlp, (5,), "Hardsigmoid"), (attention, (5, 6), "SDPA")])
+def test_analysis_reports_the_repair(tmp_path, make, shape, said):
+    """The whole analysis (PTQ, spectra, slices, QAT) runs end to end on both kinds of model."""
     from riverscape.analysis import run_analysis
     from riverscape.analysis_options import AnalyzeOptions
 
-    model = hard_mlp().float()
-    x, y = data((5,), n=64)
+    model = make().float()
+    x, y = data(shape, n=64)
     x = x.float()
     before = snapshot(model)
     options = AnalyzeOptions(bits=(2,), top_k=2, grid_steps=3, qat_steps=5, max_samples=64)
     result = run_analysis(model, "cross_entropy", (x, y), (x, y), options, progress=False)
     notes = result.metrics()["notes"]
-    assert any("Hardsigmoid" in note for note in notes), notes
+    assert any(said in note for note in notes), notes
     assert all(math.isfinite(v) for v in result.hessian_fp["top_eigenvalues"])
     assert_unchanged(model, before)
 

@@ -189,6 +189,16 @@ def test_force_replaces_only_its_own_untouched_reports(tmp_path, capsys, ckpt):
     one_line_error(main_in(capsys, "analyze", ckpt, *QUICK, "--out", out, "--force"), "riverscape did not write it")
 
 
+def test_train_force_overwrites_only_checkpoints(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    one_line_error(main_in(capsys, "train", "--steps", "5", "--out", notes, "--force"), "it is not a PyTorch checkpoint")
+    assert notes.read_text() == "precious"
+    ckpt = tmp_path / "m.pt"
+    assert main_in(capsys, "train", "--steps", "5", "--out", ckpt)[0] == 0
+    assert main_in(capsys, "train", "--steps", "5", "--out", ckpt, "--force")[0] == 0  # its own kind of file
+
+
 # ----------------------------------------------------------------------- 3. huge allocations
 
 GB = 2**30
@@ -385,7 +395,14 @@ def bad_files(ckpt, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
         "history_type": (variant(ckpt, folder, "history.pt", loss_history=["x"]), []),
         "zero_weights": (variant(ckpt, folder, "zero.pt", state_dict={k: torch.zeros_like(v) for k, v in state.items()}, trajectory=None), []),
         "saturated": (variant(ckpt, folder, "saturated.pt", state_dict={k: v * 1e4 for k, v in state.items()}, trajectory=None), []),
+        "nan_trajectory": (variant(ckpt, folder, "nan_trajectory.pt", trajectory=torch.full((21, 2410), float("nan"))), []),
+        "fifo": (_fifo(folder / "pipe.pt"), []),
     }
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 BAD_PHRASES = {
@@ -399,6 +416,8 @@ BAD_PHRASES = {
     "history_type": "field 'loss_history' must be a list of numbers",
     "zero_weights": "the Hessian eigensolver (ARPACK) failed",
     "saturated": "the Hessian eigensolver (ARPACK) failed",
+    "nan_trajectory": "the training trajectory contains NaN or inf",
+    "fifo": "is not a regular file",
 }
 
 
