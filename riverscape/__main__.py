@@ -16,9 +16,11 @@ def run_console() -> None:
     with handlers_installed():
         try:
             from .cli import main
-        except KeyboardInterrupt as exc:
-            sys.exit(exit_code_of(exc))
-        sys.exit(main())
+
+            code = main()
+        except KeyboardInterrupt as exc:  # main() handles its own; this covers the instants around it
+            code = exit_code_of(exc)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

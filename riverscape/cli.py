@@ -577,9 +577,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     Nothing is added to ``sys.path``: a ``--model``/``--data`` factory is imported from the
     file or module the user names, and nothing else from the working directory.
     """
-    from .outdir import signals_deferred
-
     try:
+        from .outdir import signals_deferred
+
         with handlers_installed():
             with signals_deferred():  # an import cut short leaves half-initialised modules: hold signals until all are in
                 parser = build_parser()

@@ -276,6 +276,16 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+def interrupted_write(target: Path, text: str) -> None:
+    """Write a report over ``target`` with Python's Ctrl-C handler; expect the interrupt to surface."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _written(target, text)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_signal_during_the_swap_leaves_old_or_new_and_nothing_else(tmp_path, monkeypatch):
     target = tmp_path / "report"
     _written(target, "old")
@@ -289,12 +299,7 @@ def test_signal_during_the_swap_leaves_old_or_new_and_nothing_else(tmp_path, mon
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _written(target, "new")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    interrupted_write(target, "new")
     assert len(calls) == 2  # the swap ran to its end, then the interrupt was delivered
     assert (target / "report.html").read_text() == "new" and leftovers(tmp_path) == []
 
@@ -325,12 +330,7 @@ def test_interrupt_while_deleting_the_old_report_leaves_nothing_behind(tmp_path,
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _written(target, "new")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    interrupted_write(target, "new")
     assert (target / "report.html").read_text() == "new" and leftovers(tmp_path) == []
 
 
