@@ -1,4 +1,4 @@
-"""E7 (THEORY.md 6.4, arXiv 2505.18113): 1-bit STE perceptron, sample complexity and recurrence.
+"""E7 (docs/theory.md §8.5, arXiv 2505.18113): 1-bit STE perceptron, sample complexity and recurrence.
 
 Teacher ``y = sign(w*.x / sqrt d)``, ``w*`` in {-1, +1}^d, Gaussian inputs, ``n = alpha d`` fixed
 samples. A 1-bit student ``sign(w)`` trained by the full-batch STE-gradient method (squared loss on
@@ -30,8 +30,8 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from riverscape import sweep as sw
-from riverscape import teacher_student as ts
 from riverscape.report.theme import PALETTE, base_layout, mpl_style
+from riverscape.theory import binary_perceptron as bp
 
 NAME = "binary_ste"
 STUDENTS = ("binary", "full_precision")
@@ -59,10 +59,10 @@ def cells(cfg: dict, seed: int) -> list[dict]:
 
 
 def run_cell(cell: dict, dtype: torch.dtype) -> dict:
-    config = ts.BinarySTEConfig(dim=cell["dim"], alpha=cell["alpha"], student=cell["student"], steps=cell["steps"],
+    config = bp.BinarySTEConfig(dim=cell["dim"], alpha=cell["alpha"], student=cell["student"], steps=cell["steps"],
                                 lr=cell["lr"], label_noise=cell.get("label_noise", 0.0))
     record_every = 5 if cell["kind"] == "noise" else max(1, cell["steps"] // 30)
-    res = ts.train_binary_ste(config, replicas=cell["replicas"], seed=cell["seed"], record_every=record_every, dtype=dtype)
+    res = bp.train_binary_ste(config, replicas=cell["replicas"], seed=cell["seed"], record_every=record_every, dtype=dtype)
     out = {"error": res.error, "overlap": res.overlap, "best_error": res.best_error, "exact": res.exact, "train_error": res.train_error,
            "mean_error": float(np.mean(res.error)), "mean_overlap": float(np.mean(res.overlap)), "p_exact": float(np.mean(res.exact))}
     if cell["kind"] == "noise":
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "recurrence": recurrence_figure(noise_records)}.items():
         sw.write_figure(fig, opts.out / name, static=mfig)
     summary = {"table": table, "sample_complexity": rows, "fits": fits, "recurrence": noise_rows}
-    sw.atomic_write_text(opts.out / "tables.md", "\n\n".join(md) + "\n")
-    sw.atomic_write_text(opts.out / "summary.json", json.dumps(sw.jsonable(summary), indent=1))
+    sw.write_text_atomic(opts.out / "tables.md", "\n\n".join(md) + "\n")
+    sw.write_text_atomic(opts.out / "summary.json", json.dumps(sw.to_jsonable(summary), indent=1))
     print(f"runtime {sweep.runtime_seconds:.1f} s wall, {sweep.cpu_seconds:.1f} s CPU; wrote {opts.out}/results.json, tables.md, *.html, *.png", flush=True)
     sweep.save()
     return summary

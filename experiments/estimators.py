@@ -1,6 +1,6 @@
-"""E8 (THEORY.md 8; arXiv 2509.00097): QAT gradient estimators compared at 2 and 3 bits.
+"""E8 (docs/experiments.md §4; arXiv 2509.00097): QAT gradient estimators compared at 2 and 3 bits.
 
-STE, clipped STE, LSQ, EWGS and the PEGE placeholder (THEORY.md 3: the paper's exact method is not
+STE, clipped STE, LSQ, EWGS and the PEGE placeholder (docs/theory.md §3.7: the paper's exact method is not
 known here) on the digits MLP and the MNIST-1D CNN, each from the same FP reference model, over 3
 seeds (seed = FP model and QAT mini-batches/masks): final test accuracy (mean and spread), the
 quantized training loss L(Q(theta_t)) vs step, the discretisation error |theta_t - Q(theta_t)| and
@@ -29,8 +29,9 @@ import numpy as np
 
 from riverscape import studies as st
 from riverscape import sweep as sw
+from riverscape.report.experiment_figures import series_figures
 from riverscape.gradients import alignment_along_qat
-from riverscape.quant import ptq
+from riverscape.quant import ESTIMATOR_REGISTRY, EstimatorConfig, ptq
 
 NAME = "estimators"
 ESTIMATORS = ("ste", "clipped_ste", "lsq", "ewgs", "pege")
@@ -40,7 +41,12 @@ def settings(quick: bool) -> dict:
     if quick:
         return {"models": {"digits_mlp": {"train_steps": 800, "qat_steps": 80}}, "bits": [2], "seeds": 1, "qat_options": {"digits_mlp": {}}}
     return {"models": {"digits_mlp": {}, "mnist1d_cnn": {"qat_steps": 150}}, "bits": [3, 2], "seeds": 3,
-            "qat_options": {"digits_mlp": {}, "mnist1d_cnn": {"ewgs_update_every": 75, "ewgs_matvecs": 3}}}
+            "qat_options": {"digits_mlp": {}, "mnist1d_cnn": {"ewgs": {"update_every": 75, "matvecs": 3}}}}
+
+
+def estimator(method: str, options: dict) -> EstimatorConfig:
+    """The estimator config of ``method`` with the model's options (``qat_options[model][method]``: config fields)."""
+    return ESTIMATOR_REGISTRY[method].config_cls(**options.get(method, {}))
 
 
 def specs(cfg: dict) -> dict[str, st.StudyModel]:
@@ -60,12 +66,10 @@ def run_cell(cell: dict, cfg: dict, out_dir, progress: bool) -> dict:
         q = ptq(study.analysis, qmap)
         loss, acc = study.evaluation.loss_and_metric(q)
         return {"accuracy": acc, "loss": loss, "train_loss": study.training.loss(q)}
-    res = st.run_qat(study, bits, method, seed=seed, progress=progress, **cfg["qat_options"][key])
+    res = st.run_qat(study, bits, estimator(method, cfg["qat_options"][key]), seed=seed, progress=progress)
     loss, acc = study.evaluation.loss_and_metric(res.theta_q)
-    values, vectors = study.hill()
-    ali = alignment_along_qat(study.analysis, study.theta_fp, qmap, res.latent_trajectory, steps=res.trajectory_steps, values=values,
-                              vectors=vectors, k=vectors.shape[1], qparams=qmap.qparams(study.theta_fp), operator=study.fp_operator(),
-                              seed=seed, progress=False)
+    ali = alignment_along_qat(study.analysis, study.theta_fp, qmap, res.latent_trajectory, steps=res.trajectory_steps,
+                              basis=study.basis(), qparams=qmap.qparams(study.theta_fp), seed=seed, progress=False)
     return {
         "accuracy": acc, "loss": loss, "train_loss": res.last_loss, "best_train_loss": res.best_loss,
         "total_grid_flips": int(sum(res.grid_flips)), "qat_seconds": res.wall_time,
@@ -115,7 +119,7 @@ def figures(records: list[dict], cfg: dict, out_dir) -> None:
                 results = [r["result"] for r in records if r["params"]["model"] == key and r["params"]["bits"] == bits and r["params"]["method"] == method]
                 for panel, path in zip(panels, (("history", "loss"), ("history", "discretization_error"), ("alignment", "cosine_to_fp"))):
                     panels[panel][method] = _curve(results, path)
-            fig, mfig = st.series_figures(panels, f"{key}, {bits} bits: QAT estimators (mean ± sd over seeds)", log_y=(True, False, False))
+            fig, mfig = series_figures(panels, f"{key}, {bits} bits: QAT estimators (mean ± sd over seeds)", log_y=(True, False, False))
             sw.write_figure(fig, out_dir / f"curves_{key}_{bits}bit", static=mfig)
 
 

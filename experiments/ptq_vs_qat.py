@@ -1,4 +1,4 @@
-"""E1/E3/E10 (THEORY.md 8): PTQ collapses at low bit-widths, QAT from the same FP point recovers.
+"""E1/E3/E10 (docs/experiments.md §2): PTQ collapses at low bit-widths, QAT from the same FP point recovers.
 
 Models: digits MLP, MNIST-1D CNN (``cnn1d``), tiny text transformer (perplexity = exp(test loss),
 accuracy = next-character accuracy). Bits 8/6/4/3/2/1; PTQ by round-to-nearest with min-max and
@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 
 from riverscape import studies as st
 from riverscape import sweep as sw
+from riverscape.report.experiment_figures import landscape_figures, series_figures
 from riverscape.report import accuracy_vs_bits_figure, static
 
 NAME = "ptq_vs_qat"
@@ -111,13 +112,13 @@ def figures(records: list[dict], cfg: dict, out_dir) -> None:
                                      "matched null mean": (bits, [r["null_mean"] for r in ptq], [r["null_sd"] for r in ptq]),
                                      "isotropic 1/sqrt(d)": (bits, [r["random_baseline"] for r in ptq])},
         }
-        fig, mfig = st.series_figures(panels, f"{key}: damage, curvature and gradient alignment vs bits", xlabel="bits", log_y=(True, True, False))
+        fig, mfig = series_figures(panels, f"{key}: damage, curvature and gradient alignment vs bits", xlabel="bits", log_y=(True, True, False))
         sw.write_figure(fig, out_dir / f"geometry_{key}", static=mfig)
     for r in records:
         land = r["result"].get("landscape")
         if land is not None:
             b = r["params"]["bits"]
-            fig, mfig = st.landscape_figures(land, f"{r['params']['model']}, {b} bits: θ_fp, PTQ point and QAT (STE) point")
+            fig, mfig = landscape_figures(land, f"{r['params']['model']}, {b} bits: θ_fp, PTQ point and QAT (STE) point")
             sw.write_figure(fig, out_dir / f"landscape_{r['params']['model']}_{b}bit", static=mfig)
 
 

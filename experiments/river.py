@@ -33,6 +33,7 @@ import torch
 
 from riverscape import studies as st
 from riverscape import sweep as sw
+from riverscape.report.experiment_figures import landscape_figures
 from riverscape.landscape import fit_bezier, loss_barrier, path_losses, project_onto_path, river
 from riverscape.quant import ptq
 from riverscape.report import path_figure, static
@@ -84,7 +85,7 @@ def run_cell(cell: dict, cfg: dict, seed: int, out_dir, progress: bool) -> dict:
 def figures(records: list[dict], out_dir) -> None:
     for r in records:
         b, res = r["params"]["bits"], r["result"]
-        fig, mfig = st.landscape_figures(res["landscape"], f"digits MLP, {b} bits: river (FP training), PTQ point and the QAT path")
+        fig, mfig = landscape_figures(res["landscape"], f"digits MLP, {b} bits: river (FP training), PTQ point and the QAT path")
         sw.write_figure(fig, out_dir / f"landscape_{b}bit", static=mfig)
         prof = res["river_profile"]
         profiles = {"river (FP training)": (prof["t"], prof["loss"], prof["quantized_loss"])}

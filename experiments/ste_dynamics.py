@@ -1,4 +1,4 @@
-"""E6 (THEORY.md 6.2-6.3, arXiv 2510.10693): STE teacher-student dynamics, plateau and fixed point.
+"""E6 (docs/theory.md §8.1-§8.4, arXiv 2510.10693): STE teacher-student dynamics, plateau and fixed point.
 
 Online STE-SGD of a linear student with b-bit deployed weights learning a +-1 (or Gaussian) linear
 teacher, simulated exactly (one fresh Gaussian sample per step) and compared with riverscape's
@@ -6,7 +6,7 @@ own mean-field limit: the per-coordinate McKean-Vlasov diffusion
 
     dw = eta (w* - Q(w)) g(w) dtau + eta sqrt(2 eps(tau) g(w)) dB,   eps = E(w* - Q(w))^2 / 2 + sigma^2 / 2
 
-(derivation in ``riverscape/teacher_student.py``; consistent with the paper's abstract, not its
+(derivation in ``riverscape/theory/teacher_student.py``; consistent with the paper's abstract, not its
 equations, which we do not have), integrated as a Fokker-Planck PDE.
 
 Shows: (1) eps(tau) = plateau, then drop; final error = the dithering fixed point
@@ -19,6 +19,7 @@ prediction); (3) trajectories concentrate on the PDE as d grows (spread over see
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -31,8 +32,8 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from riverscape import sweep as sw
-from riverscape import teacher_student as ts
 from riverscape.report.theme import PALETTE, base_layout, mpl_style
+from riverscape.theory import teacher_student as ts
 
 NAME = "ste_dynamics"
 
@@ -289,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "concentration": concentration_figure(conc, conc_rows)}.items():
         sw.write_figure(fig, opts.out / name, static=mfig)
     summary = {"plateau_fits": fits, "concentration": conc_rows, **exponent}
-    sw.atomic_write_text(opts.out / "tables.md", "\n\n".join(md) + "\n")
-    sw.atomic_write_text(opts.out / "summary.json", __import__("json").dumps(sw.jsonable(summary), indent=1))
+    sw.write_text_atomic(opts.out / "tables.md", "\n\n".join(md) + "\n")
+    sw.write_text_atomic(opts.out / "summary.json", json.dumps(sw.to_jsonable(summary), indent=1))
     print(f"runtime {sweep.runtime_seconds:.1f} s wall, {sweep.cpu_seconds:.1f} s CPU; wrote {opts.out}/results.json, tables.md, *.html, *.png", flush=True)
     sweep.save()
     return summary

@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "models", "quant", "landscape", "gradients", "report")
+_SUBMODULES = ("data", "models", "quant", "linalg", "landscape", "gradients", "report")
 _NAMES = {
     "Dataset": "data",
     "load_dataset": "data",

@@ -6,7 +6,7 @@ report is :func:`riverscape.report.analysis_page.write_report`'s job.
 
 Conventions
 -----------
-* Landscape quantities are taken with respect to the quantized tensors only (THEORY.md 7:
+* Landscape quantities are taken with respect to the quantized tensors only (docs/theory.md §1.2:
   ``d = dim theta_Q``); biases and normalisation parameters stay at their FP values.
 * The *analysis set* (curvature, slices, gradients, QAT) is the training data, capped at
   ``options.max_samples``; accuracy and loss of FP, PTQ and QAT points are reported on the
@@ -20,7 +20,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -30,21 +29,27 @@ from tqdm.auto import tqdm
 from .batchnorm import batchnorm_preflight
 from .differentiability import ensure_twice_differentiable
 from .errors import InputError
-from .gradients import alignment, alignment_along_qat, damage
-from .gradients.damage import basin_widths
+from .io.jsonable import to_jsonable
 from .landscape.curvature import hessian_eigs, hessian_trace, layer_curvature, spectral_density
-from .landscape.directions import plane_through, random_direction
-from .landscape.paths import LinearPath, loss_barrier, path_losses, river
-from .landscape.slices import slice_2d
+from .landscape.paths import LinearPath, path_losses, river
 from .objective import Objective
-from .quant import LayerSelection, QuantMap, WeightStatus, ptq
-from .quant.qat import qat
+from .pipeline import (
+    HILL_K,
+    TAU,
+    alignment_along,
+    alignment_at,
+    analysis_plane,
+    build_reference,
+    cap_samples,
+    damage_at,
+    measure_ptq,
+    measure_qat,
+    plane_landscape,
+)
+from .quant import QuantMap, WeightStatus
 from .threads import threads_for
 
-__all__ = ["AnalysisResult", "BitsResult", "run_analysis", "analyze"]
-
-HILL_K = 10
-TAU = 0.05
+__all__ = ["AnalysisResult", "BitsResult", "LayerRow", "run_analysis", "analyze"]
 
 
 @dataclass
@@ -93,7 +98,7 @@ class BitsResult:
                 "rho_max": dmg.get("rho_max"),
             },
             "damage": {k: v for k, v in dmg.items() if k != "per_layer"},
-            "per_layer": self.per_layer,
+            "per_layer": [row.to_dict() for row in self.per_layer],
             "notes": list(self.notes),
         }
         if ali_layers is not None:
@@ -143,7 +148,7 @@ class AnalysisResult:
         per_bits = {str(b.bits): b.metrics() for b in self.by_bits}
         headline = dict(per_bits[str(min(b.bits for b in self.by_bits))])
         headline["hessian"] = {"fp": self.hessian_fp, **headline["hessian"]}
-        return _json_ready(
+        return to_jsonable(
             {
                 **headline,
                 "n_params": self.n_params,
@@ -165,38 +170,6 @@ class AnalysisResult:
         )
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, Tensor):
-        return _json_ready(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value
-
-
-def _cap(data: Any, max_samples: Optional[int]) -> Any:
-    """At most ``max_samples`` samples of a tensor pair or an iterable of batches."""
-    if max_samples is None:
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        return data[0][:max_samples], data[1][:max_samples]
-    batches, seen = [], 0
-    for x, y, *_ in data:
-        if seen >= max_samples:
-            break
-        take = min(len(x), max_samples - seen)
-        batches.append((x[:take], y[:take]))
-        seen += take
-    return batches
-
-
-def _eigs(obj: Objective, theta: Tensor, k: int, op, seed: int) -> tuple[Tensor, Tensor]:
-    return hessian_eigs(obj, theta, min(k, obj.dim - 1), operator=op, seed=seed)
-
-
 def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int, values: Tensor | None = None) -> tuple[dict, Any]:
     """Top eigenvalues, Hutch++ trace and the SLQ density at ``theta`` (one shared operator).
 
@@ -205,7 +178,7 @@ def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int,
     bottom of the spectrum is a cluster near zero.
     """
     if values is None:
-        values, _ = _eigs(obj, theta, top_k, op, seed)
+        values, _ = hessian_eigs(obj, theta, min(top_k, obj.dim - 1), operator=op, seed=seed)
     trace = hessian_trace(obj, theta, matvecs=99, operator=op, seed=seed)
     density = spectral_density(obj, theta, lanczos_steps=min(60, obj.dim), probes=2, operator=op, seed=seed)
     summary = {
@@ -218,53 +191,65 @@ def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int,
     return summary, density
 
 
-def _trajectory_in_layout(full: Objective, obj: Objective, trajectory: Optional[Tensor]) -> Optional[Tensor]:
-    """Rows of a default-layout trajectory restricted to ``obj``'s parameters (``None`` if it does not fit)."""
-    if trajectory is None or trajectory.ndim != 2 or trajectory.shape[1] != full.dim or trajectory.shape[0] < 2:
-        return None
-    spans = {s.name: s.slice for s in full.layout}
-    index = torch.cat([torch.arange(spans[s.name].start, spans[s.name].stop) for s in obj.layout])
-    return trajectory[:, index].to(dtype=obj.dtype, device=obj.device)
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantized tensor at one bit-width: sensitivity, its share of the perturbation, damage and alignment.
+
+    Attributes
+    ----------
+    layer : str
+    numel : int
+    top_eigenvalue, mean_trace : float or None
+        HAWQ-style sensitivity: top eigenvalue and trace per weight of the layer's Hessian
+        block at ``theta_fp``.
+    delta_norm : float
+        ``|delta_l|`` of the layer's rounding perturbation.
+    hill_fraction : float or None
+        ``|V_k^T delta_l|^2 / |delta_l|^2`` (``None`` when ``delta_l = 0``).
+    predicted_damage, measured_damage : float or None
+        Second-order prediction and measured loss change of quantizing this layer alone.
+    cosine_to_fp : float or None
+        Alignment of the layer's gradient at ``Q(theta_fp)`` with ``-delta_l``.
+    """
+
+    layer: str
+    numel: int
+    top_eigenvalue: Optional[float]
+    mean_trace: Optional[float]
+    delta_norm: float
+    hill_fraction: Optional[float]
+    predicted_damage: Optional[float]
+    measured_damage: Optional[float]
+    cosine_to_fp: Optional[float]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def _plane_points(obj: Objective, qmap: QuantMap, fp: Tensor, q: Tensor, third: Optional[Tensor], seed: int):
-    """An orthonormal plane through theta_fp, Q(theta_fp) and the QAT point (or a random direction)."""
-    if third is not None and float((third - q).norm()) > 1e-12 * float(q.norm()):
-        try:
-            return plane_through(fp, q, third)
-        except ValueError:
-            pass
-    direction = random_direction(obj, seed=seed, mask=qmap, theta=fp)
-    scaled = fp + direction * (float((q - fp).norm()) / max(float(direction.norm()), 1e-30))
-    return plane_through(fp, q, scaled)
+def _by_layer(rows: list, names: list[str], key: str = "name") -> list[dict]:
+    """``rows`` (one dict per quantized tensor, in map order) checked against ``names``; empty dicts when absent."""
+    if not rows:
+        return [{} for _ in names]
+    found = [r[key] for r in rows]
+    if found != names:
+        raise AssertionError(f"per-layer rows out of order: {found} vs {names}")
+    return list(rows)
 
 
-def _layer_rows(qmap: QuantMap, delta: Tensor, vectors: Tensor, curvature: list, dmg: Any, ali: Any) -> list:
-    """Per quantized tensor: sensitivity (curvature), hill fraction of delta_l, damage and alignment."""
-    by_name_curv = {c["name"]: c for c in curvature}
-    by_name_dmg = {r["name"]: r for r in (dmg.per_layer if dmg is not None else [])}
+def _layer_rows(qmap: QuantMap, delta: Tensor, vectors: Tensor, curvature: list, dmg: Any, ali: Any) -> list[LayerRow]:
+    """Per quantized tensor (map order): sensitivity (curvature), hill fraction of delta_l, damage and alignment."""
+    layers = qmap.per_layer()
+    names = [name for name, _ in layers]
     ali_rows = ali.to_dict().get("per_layer", []) if ali is not None else []
-    by_name_ali = {r["name"]: r for r in ali_rows}
     rows = []
-    for name, sl in qmap.per_layer():
+    for (name, sl), curv, dm, al in zip(layers, _by_layer(curvature, names), _by_layer(dmg.per_layer if dmg is not None else [], names),
+                                        _by_layer(ali_rows, names)):
         d_l = torch.zeros_like(delta)
         d_l[sl] = delta[sl]
         norm2 = float(d_l.pow(2).sum())
         hill = float((vectors.T @ d_l).pow(2).sum()) / norm2 if norm2 > 0 else None
-        curv, dm, al = by_name_curv.get(name, {}), by_name_dmg.get(name, {}), by_name_ali.get(name, {})
-        rows.append(
-            {
-                "layer": name,
-                "numel": sl.stop - sl.start,
-                "top_eigenvalue": curv.get("top_eigenvalue"),
-                "mean_trace": curv.get("mean_trace"),
-                "delta_norm": math.sqrt(norm2),
-                "hill_fraction": hill,
-                "predicted_damage": dm.get("predicted"),
-                "measured_damage": dm.get("measured"),
-                "cosine_to_fp": al.get("cosine_to_fp"),
-            }
-        )
+        rows.append(LayerRow(name, sl.stop - sl.start, curv.get("top_eigenvalue"), curv.get("mean_trace"), math.sqrt(norm2), hill,
+                             dm.get("predicted"), dm.get("measured"), al.get("cosine_to_fp")))
     return rows
 
 
@@ -313,19 +298,14 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         timings[name] = timings.get(name, 0.0) + now - since
         return now
 
-    train_data = _cap(train_data, options.max_samples)
-    eval_data = _cap(eval_data, options.max_samples)
+    train_data = cap_samples(train_data, options.max_samples)
+    eval_data = cap_samples(eval_data, options.max_samples)
     model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
-    full = Objective(model, loss, train_data, device=device)
-    first_quantizer = options.quantizer(options.bits[0])
-    # the tensors are chosen once, on the full model; every map of the restricted objectives uses exactly them
-    chosen = QuantMap(full, options.quantizer(min(options.bits)), selection=options.selection())
-    names = [t.name for t in chosen.targets]
-    selection = LayerSelection.exactly(names)
-    obj = Objective(model, loss, train_data, params=names, device=device, batch_size=512)
-    eval_obj = Objective(model, loss, eval_data, params=names, device=device, batch_size=512)
+    # the tensors are chosen once, on the full model; every map of the reference uses exactly them
+    ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
+                                  selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed)
+    obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
     run_notes += ensure_twice_differentiable(obj)
-    fp = obj.theta0
     fp_loss, fp_acc = eval_obj.loss_and_metric(fp)
     fp_train_loss = obj.loss(fp)
     if not math.isfinite(fp_loss) or not math.isfinite(fp_train_loss):
@@ -334,37 +314,26 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         raise InputError(f"--top-k {options.top_k} asks for more eigenpairs than the {obj.dim} quantized parameters allow; use at most {obj.dim - 1}")
     k_hill = max(1, min(max(HILL_K, options.top_k), obj.dim - 1))
     t0 = time.perf_counter()
-    op_fp = obj.hessian(fp)
-    values, vectors = _eigs(obj, fp, k_hill, op_fp, options.seed)
+    op_fp = ref.fp_operator()
+    values, vectors = ref.hill(k_hill)
     hessian_fp, density_fp = _curvature_summary(obj, fp, options.top_k, op_fp, options.seed, values)
-    probe_qmap = QuantMap(obj, first_quantizer, selection=selection)
+    probe_qmap = ref.quant_map(options.quantizer(options.bits[0]))
     curvature_rows = [c.to_dict() for c in layer_curvature(obj, fp, names=probe_qmap, trace_matvecs=30, operator=op_fp, seed=options.seed, progress=False)]
     t0 = lap("curvature_fp", t0)
-    widths = basin_widths(obj, fp, values, vectors, TAU)
+    ref.widths(k_hill, TAU)
     t0 = lap("basin_widths", t0)
-    river_path = None
-    river_points = _trajectory_in_layout(full, obj, trajectory)
-    if river_points is not None:
-        river_path = river(river_points)
+    river_path = river(ref.trajectory) if ref.trajectory is not None else None
 
     results = []
     bar = tqdm(options.bits, desc="bit-widths", disable=not progress, leave=False)
     for bits in bar:
         bar.set_postfix_str(f"{bits} bits")
         quantizer = options.quantizer(bits)
-        qmap = QuantMap(obj, quantizer, selection=selection)
-        q = ptq(obj, qmap)
-        delta = q - fp
-        q_loss, q_acc = eval_obj.loss_and_metric(q)
-        ptq_metrics = {
-            "loss": q_loss,
-            "accuracy": q_acc,
-            "train_loss": obj.loss(q),
-            "delta_norm": float(delta.norm()),
-            "relative_delta_norm": float(delta.norm() / fp.norm()),
-        }
+        qmap = ref.quant_map(quantizer)
+        measured = measure_ptq(ref, qmap)
+        q, ptq_metrics = measured.point, dict(measured.metrics)
         notes: list[str] = []
-        finite = math.isfinite(ptq_metrics["train_loss"])
+        finite = measured.finite
         t0 = time.perf_counter()
         op_q = obj.hessian(q)
         hessian_q, density_q = _curvature_summary(obj, q, options.top_k, op_q, options.seed) if finite else ({}, None)
@@ -372,7 +341,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         t0 = lap("curvature_quantized", t0)
         dmg = None
         if finite:
-            dmg = damage(obj, fp, qmap, theta_q=q, k=k_hill, values=values, vectors=vectors, tau=TAU, widths=widths, operator=op_fp, seed=options.seed, progress=False)
+            dmg = damage_at(ref, qmap, q, k=k_hill)
         else:
             notes.append(f"the loss at Q(theta) is {ptq_metrics['train_loss']}: damage, alignment and curvature at the quantized point were skipped")
         t0 = lap("damage", t0)
@@ -380,12 +349,11 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         qat_metrics = qat_result = qat_ali = barrier = None
         qat_point = None
         if options.qat_steps > 0:
-            qat_result = qat(obj, qmap, estimator=options.qat_estimator, steps=options.qat_steps, eval_objective=eval_obj, seed=options.seed, progress=progress)
-            qat_point = qat_result.theta_q
-            qat_loss, qat_acc = eval_obj.loss_and_metric(qat_point)
+            run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress)
+            qat_result, qat_point = run.result, run.point
             qat_metrics = {
-                "loss": qat_loss,
-                "accuracy": qat_acc,
+                "loss": run.metrics["loss"],
+                "accuracy": run.metrics["accuracy"],
                 "train_loss": qat_result.last_loss,
                 "best_train_loss": qat_result.best_loss,
                 "best_step": qat_result.best_step,
@@ -394,34 +362,27 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
                 "estimator": qat_result.estimator,
                 "scale_mode": qat_result.scale_mode,
                 "total_grid_flips": int(sum(qat_result.grid_flips)),
-                "distance_to_fp": float((qat_point - fp).norm()),
-                "distance_ptq_to_fp": float(delta.norm()),
+                "distance_to_fp": run.metrics["delta_norm"],
+                "distance_ptq_to_fp": ptq_metrics["delta_norm"],
             }
-            b = loss_barrier(obj, fp, qat_point, n=25, progress=False)
-            barrier = {k: v for k, v in b.to_dict().items() if not isinstance(v, (list, dict))}
-            if finite and qat_result.scale_mode == "learned":
-                notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
-            elif finite:
-                # frozen scales: quantize every latent iterate with QAT's own grid, not one recomputed from it
-                frozen = qat_result.qparams if qat_result.scale_mode == "frozen" else None
-                qat_ali = alignment_along_qat(obj, fp, qmap, qat_result.latent_trajectory, steps=qat_result.trajectory_steps, k=k_hill, values=values, vectors=vectors, qparams=frozen, operator=op_fp, seed=options.seed, progress=False)
+            barrier = {k: v for k, v in run.barrier.to_dict().items() if not isinstance(v, (list, dict))}
+            if finite:
+                qat_ali = alignment_along(ref, qmap, qat_result, k=k_hill)
+                if qat_ali is None:
+                    notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
             t0 = lap("qat", t0)
-        ali = None
-        if finite:
-            ali = alignment(obj, fp, qmap, theta_q=q, k=k_hill, values=values, vectors=vectors, theta_qat=qat_point, operator=op_fp, seed=options.seed, progress=False)
+        ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point) if finite else None
         t0 = lap("alignment", t0)
 
-        plane = _plane_points(obj, qmap, fp, q, qat_point, options.seed)
-        markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": plane.coordinates(q)}
-        paths = {}
+        plane = analysis_plane(ref, qmap, q, qat_point)
+        markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": tuple(plane.coordinates(q))}
+        trajectories = {}
         if qat_point is not None:
-            markers["QAT Q(θ_T)"] = plane.coordinates(qat_point)
-            coords = [plane.coordinates(p) for p in qat_result.quantized_trajectory]
-            paths["QAT iterates Q(θ_t)"] = ([c[0] for c in coords], [c[1] for c in coords])
+            markers["QAT Q(θ_T)"] = tuple(plane.coordinates(qat_point))
+            trajectories["QAT iterates Q(θ_t)"] = qat_result.quantized_trajectory
         reach = max(max(abs(x), abs(y)) for x, y in markers.values()) or 1.0
-        span = options.grid_span * 1.3 * reach
-        slice_fp = slice_2d(obj, fp, plane.d1, plane.d2, span=span, steps=options.grid_steps, progress=progress)
-        slice_q = slice_2d(obj, fp, plane.d1, plane.d2, span=span, steps=options.grid_steps, quantizer=qmap, progress=progress)
+        land = plane_landscape(ref, qmap, plane, markers, paths=trajectories, span=options.grid_span * 1.3 * reach,
+                               steps=options.grid_steps, clip=False, progress=progress)
         t0 = lap("slices", t0)
 
         profiles = {"θ_fp → Q(θ_fp)": path_losses(obj, LinearPath(fp, q), n=33, quantizer=qmap, progress=False)}
@@ -431,12 +392,12 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
             profiles["river (FP training)"] = path_losses(obj, river_path, n=41, quantizer=qmap, progress=False)
         t0 = lap("paths", t0)
 
-        rows = _layer_rows(qmap, delta, vectors, curvature_rows, dmg, ali)
+        rows = _layer_rows(qmap, q - fp, vectors, curvature_rows, dmg, ali)
         results.append(
             BitsResult(bits, quantizer.describe(), ptq_metrics, hessian_q, density_q, dmg, ali, qat_metrics, qat_result, qat_ali,
-                       slice_fp, slice_q, markers, paths, profiles, barrier, rows, notes)
+                       land.fp_slice, land.quantized_slice, land.markers, land.paths, profiles, barrier, rows, notes)
         )
-    op_fp.release()
+    ref.release()
     timings["total"] = time.perf_counter() - started
     return AnalysisResult(
         n_params=sum(p.numel() for p in model.parameters()),
@@ -459,26 +420,24 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     )
 
 
-def analyze(loaded: Any, data: Any, options: Any, out_dir: Path, *, progress: Optional[bool] = None) -> dict:
-    """The ``riverscape analyze`` seam: analyse a loaded checkpoint and write the report into ``out_dir``.
+def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = None) -> AnalysisResult:
+    """Analyse a loaded checkpoint: :func:`run_analysis` on its model, data and trajectory.
 
     Parameters
     ----------
     loaded : LoadedCheckpoint
     data : ResolvedData
     options : AnalyzeOptions
-    out_dir : Path
-        Directory (a temporary one, renamed by the caller on success) for ``report.html`` and PNGs.
     progress : bool, optional
         Progress bars (default: only when stderr is a terminal).
 
     Returns
     -------
-    dict
-        JSON-friendly metrics (see :meth:`AnalysisResult.metrics`).
+    AnalysisResult
+        With a note on the checkpoint's stored precision and the precision it was analysed in.
+        Drawing it is :func:`riverscape.report.analysis_page.write_report`'s job; the command
+        line writes every file.
     """
-    from .report.analysis_page import write_report
-
     if progress is None:
         progress = sys.stderr.isatty()
     result = run_analysis(
@@ -493,8 +452,4 @@ def analyze(loaded: Any, data: Any, options: Any, out_dir: Path, *, progress: Op
     )
     precision = next((str(p.dtype).removeprefix("torch.") for p in loaded.model.parameters() if p.is_floating_point()), "?")
     stored = getattr(loaded, "checkpoint_dtype", precision)
-    result = dataclasses.replace(
-        result, notes=[f"checkpoint weights stored as {stored}; analysed in {precision}", *result.notes]
-    )
-    write_report(result, Path(out_dir), title=f"riverscape report: {Path(str(loaded.path)).name if loaded.path else 'model'}")
-    return result.metrics()
+    return dataclasses.replace(result, notes=[f"checkpoint weights stored as {stored}; analysed in {precision}", *result.notes])

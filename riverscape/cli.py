@@ -18,17 +18,14 @@ import errno
 import importlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from . import __version__
-from ._signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_of, handlers_installed  # noqa: F401 (exit codes re-exported)
+from ._signals import exit_code_of, handlers_installed
 from .errors import ConvergenceError, InputError, RiverscapeError
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT = 0, 1, 2
@@ -240,7 +237,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
-    """Run ``riverscape.analysis.analyze(loaded, data, options, out_dir)`` and return its metrics.
+    """Analyse (:func:`riverscape.analysis.analyze`), draw the report into ``out_dir``, return the metrics.
 
     Parameters
     ----------
@@ -254,26 +251,15 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     Returns
     -------
     dict
-        JSON-friendly metrics (stored under ``"metrics"`` in ``metrics.json``).
+        JSON-friendly metrics (stored in ``metrics.json`` beside the report).
     """
     from .analysis import analyze
+    from .report.analysis_page import write_report
 
-    return analyze(loaded, data, options, out_dir)
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values: tensors/arrays to lists, NaN/inf to None, tuples to lists."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    result = analyze(loaded, data, options, progress=_progress())
+    name = Path(str(loaded.path)).name if loaded.path else "model"
+    write_report(result, out_dir, title=f"riverscape report: {name}")
+    return result.metrics()
 
 
 def _analysis_data(args: argparse.Namespace, raw: Any, data_kwargs: Optional[dict], limit: Optional[int]) -> Any:
@@ -297,27 +283,19 @@ def _default_model_kwargs(args: argparse.Namespace, model_kwargs: Optional[dict]
 
 
 def _analyze_options(args: argparse.Namespace) -> Any:
+    """The :class:`AnalyzeOptions` of the parsed arguments (every option is named after its field)."""
+    import dataclasses
+
     from .analysis_options import AnalyzeOptions
 
-    return AnalyzeOptions(
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnalyzeOptions) if hasattr(args, f.name)}
+    values.update(
         bits=tuple(_int_list(args.bits, "--bits")),
-        range_method=args.range_method,
-        per_channel=args.per_channel,
-        symmetric=args.symmetric,
         include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()),
-        keep_first_last=args.keep_first_last,
-        top_k=args.top_k,
-        grid_steps=args.grid_steps,
-        grid_span=args.grid_span,
         max_samples=args.max_samples or None,
-        qat_steps=args.qat_steps,
-        qat_estimator=args.qat_estimator,
-        seed=args.seed,
-        device=args.device,
-        bn_recalibrate=args.bn_recalibrate,
-        json=args.json,
     )
+    return AnalyzeOptions(**values)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -355,11 +333,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = ()) -> dict:
     """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``."""
+    from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         metrics = run_analysis(loaded, data, options, tmp)
-        payload = _json_safe(
+        payload = to_jsonable(
             {
                 **metrics,
                 "run": {

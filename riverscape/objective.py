@@ -15,14 +15,15 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Sequence, Union
+from typing import Callable, ContextManager, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+
+from .linalg.operators import HVP_MODES, HessianOperator
 
 __all__ = [
     "Objective",
@@ -35,7 +36,6 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, Tensor], bool]]
-HVP_MODES = ("auto", "reuse", "forward", "reverse", "finite_difference")
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -478,9 +478,11 @@ class Objective:
             (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
         return leaf, g
 
-    def _hvp_batch(self, theta: Tensor, v: Tensor, x, y) -> Tensor:
+    def _hvp_batch(self, theta: Tensor, v: Tensor, x, y, *, reverse: bool | None = None) -> Tensor:
+        """One batch's ``H v``: forward-over-reverse, or reverse-over-reverse when ``reverse``
+        (default: when forward mode failed before or ``hvp_mode="reverse"``)."""
         grad_fn = grad(self.batch_loss)
-        if not self._reverse_hvp:
+        if not (self._reverse_hvp if reverse is None else reverse):
             try:
                 return jvp(lambda t: grad_fn(t, x, y), (theta,), (v,))[1]
             except RuntimeError as err:  # pytorch issue 123996: jvp(grad(mse_loss)) -> ZeroTensor
@@ -519,18 +521,22 @@ class Objective:
             out.add_(batched.T, alpha=w)
         return out
 
-    def hessian(self, theta: Tensor, *, mode: str | None = None) -> "HessianOperator":
-        """The Hessian at ``theta`` as a scipy ``LinearOperator`` (float64 in and out).
+    def hessian(self, theta: Tensor, *, mode: str | None = None) -> HessianOperator:
+        """The Hessian at ``theta`` as a :class:`~riverscape.linalg.HessianOperator`.
+
+        A symmetric operator on torch tensors and a float64 scipy ``LinearOperator`` (see
+        :mod:`riverscape.linalg.operators`) that counts its products in ``matvecs``.
 
         Parameters
         ----------
-        theta : Tensor
+        theta : Tensor, shape (D,)
             Point of evaluation.
         mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}, optional
-            Overrides the Objective's ``hvp_mode`` for this operator (except that an Objective
-            in ``"finite_difference"`` mode, whose exact HVPs fail, always uses differences).
+            The operator's HVP mode (default: the Objective's ``hvp_mode``), owned by the
+            operator: this Objective is not modified. An Objective in ``"finite_difference"``
+            mode, whose exact HVPs fail, always gives differences.
         """
-        return HessianOperator(self, self.check_theta(theta), mode or self.hvp_mode)
+        return HessianOperator(self, theta, mode or self.hvp_mode)
 
     def dense_hessian(self, theta: Tensor) -> Tensor:
         """The full ``(D, D)`` Hessian (D HVPs, vectorised). Only for small models."""
@@ -616,77 +622,6 @@ class Objective:
         largest = max(_numel(x) for x, _ in self.batches)
         budget = 2e7 / max(1, largest * 8)
         return int(max(1, min(64, math.floor(budget))))
-
-
-class HessianOperator(LinearOperator):
-    """``H(theta)`` as a symmetric scipy ``LinearOperator`` (float64 numpy in and out).
-
-    Counts its products in ``matvecs`` so benchmarks and tests can report HVP budgets.
-    In ``"reuse"`` mode the gradient graph of every batch is built once (create_graph)
-    and each product runs only the second backward pass.
-    """
-
-    def __init__(self, objective: Objective, theta: Tensor, mode: str) -> None:
-        if mode not in HVP_MODES:
-            raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
-        super().__init__(dtype=np.float64, shape=(objective.dim, objective.dim))
-        self.objective = objective
-        self.theta = theta
-        if objective.finite_difference:
-            mode = "finite_difference"
-        elif mode == "auto":
-            mode = "reuse" if len(objective.batches) <= objective.reuse_max_batches else "forward"
-        self.mode = mode
-        self.matvecs = 0
-        self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
-
-    def _build_graphs(self) -> None:
-        obj = self.objective
-        self._graphs = [(w, *obj._grad_graph(self.theta, x, y)) for w, (x, y) in zip(obj._weights, obj.batches)]
-
-    def torch_matvec(self, v: Tensor) -> Tensor:
-        """``H v`` on torch tensors in the Objective's dtype."""
-        self.matvecs += 1
-        if self.mode == "reuse":
-            if self._graphs is None:
-                self._build_graphs()
-            out = torch.zeros_like(v)
-            for w, leaf, g in self._graphs:
-                (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
-                out.add_(hv, alpha=w)
-            return out
-        if self.mode == "reverse":
-            self.objective._reverse_hvp = True
-        if self.mode == "finite_difference":
-            return self.objective.finite_difference_hvp(self.theta, v)
-        return self.objective.hvp(self.theta, v)
-
-    def torch_matmat(self, vectors: Tensor) -> Tensor:
-        """``H V`` for a block ``(D, K)``."""
-        if self.mode == "reuse":
-            return torch.stack([self.torch_matvec(v) for v in vectors.T], dim=1)
-        self.matvecs += vectors.shape[1]
-        if self.mode == "finite_difference":
-            return torch.stack([self.objective.finite_difference_hvp(self.theta, v) for v in vectors.T], dim=1)
-        return self.objective.hvps(self.theta, vectors)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.objective.dtype, device=self.objective.device)
-        return self.torch_matvec(v).detach().cpu().double().numpy()
-
-    def _matmat(self, x: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(x), dtype=self.objective.dtype, device=self.objective.device)
-        return self.torch_matmat(v).detach().cpu().double().numpy()
-
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # symmetric
-        return self._matvec(x)
-
-    def _adjoint(self):
-        return self
-
-    def release(self) -> None:
-        """Free the stored gradient graphs."""
-        self._graphs = None
 
 
 def _as_args(inputs) -> tuple:

@@ -30,12 +30,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .report.html import save_figure, write_text_atomic
+from .io.atomic import write_text_atomic
+from .io.figure_files import save_figure
+from .io.jsonable import to_jsonable
 
 __all__ = [
     "Sweep",
     "ConfigMismatchError",
     "cell_key",
+    "to_jsonable",
+    "write_text_atomic",
     "jsonable",
     "atomic_write_text",
     "print_table",
@@ -48,36 +52,13 @@ __all__ = [
 RESULTS_FILE = "results.json"
 
 
+#: former names, kept for scripts written against them
+jsonable = to_jsonable
+atomic_write_text = write_text_atomic
+
+
 class ConfigMismatchError(ValueError):
     """An existing ``results.json`` was produced with a different experiment configuration."""
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` converted to plain JSON types (dict, list, str, int, float, bool, None).
-
-    Tuples become lists, numpy/torch scalars and arrays become Python numbers and (nested)
-    lists, paths become strings, NaN and infinities become ``None`` (JSON has no NaN).
-
-    >>> jsonable({"a": (1, 2.0), "b": float("nan")})
-    {'a': [1, 2.0], 'b': None}
-    """
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch at module load
-        value = value.detach().cpu().numpy()
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return jsonable(value.tolist())
-    if hasattr(value, "to_dict"):
-        return jsonable(value.to_dict())
-    raise TypeError(f"cannot store a {type(value).__name__} in results.json: {value!r}")
 
 
 def cell_key(params: Mapping[str, Any]) -> str:
@@ -86,12 +67,7 @@ def cell_key(params: Mapping[str, Any]) -> str:
     >>> cell_key({"bits": 2, "R": 1.5}) == cell_key({"R": 1.5, "bits": 2})
     True
     """
-    return json.dumps(jsonable(params), sort_keys=True, separators=(",", ":"))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    write_text_atomic(path, text)
+    return json.dumps(to_jsonable(params), sort_keys=True, separators=(",", ":"))
 
 
 def versions() -> dict[str, str]:
@@ -131,7 +107,7 @@ class Sweep:
     def __init__(self, out_dir: str | os.PathLike, name: str, config: Mapping[str, Any], *, fresh: bool = False, progress: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.name = str(name)
-        self.config = jsonable(config)
+        self.config = to_jsonable(config)
         self.progress = progress
         self.path = self.out_dir / RESULTS_FILE
         self._cells: dict[str, dict[str, Any]] = {}
@@ -198,7 +174,7 @@ class Sweep:
         list of dict
             ``{"key", "params", "result", "seconds"}`` for each requested cell.
         """
-        cells = [jsonable(dict(c)) for c in cells]
+        cells = [to_jsonable(dict(c)) for c in cells]
         show = self.progress if progress is None else progress
         out = []
         todo = sum(cell_key(c) not in self._cells for c in {cell_key(c): c for c in cells}.values())
@@ -209,7 +185,7 @@ class Sweep:
                 if key not in self._cells:
                     bar.set_postfix_str(_short(params), refresh=False)
                     start = time.perf_counter()
-                    result = jsonable(dict(fn(dict(params))))
+                    result = to_jsonable(dict(fn(dict(params))))
                     self._cells[key] = {"key": key, "params": params, "result": result, "seconds": time.perf_counter() - start}
                     self.save()
                     bar.update(1)
@@ -242,7 +218,7 @@ class Sweep:
 
     def save(self) -> Path:
         """Write ``results.json`` atomically; returns its path."""
-        atomic_write_text(self.path, json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(self.path, json.dumps(self.to_dict(), indent=1))
         return self.path
 
 

@@ -12,9 +12,53 @@ from tqdm.auto import tqdm
 from .data import Dataset
 from .objective import LossFn, resolve_loss
 
-__all__ = ["TrainResult", "train", "flat_parameters", "OPTIMIZERS"]
+__all__ = ["TrainResult", "train", "flat_parameters", "OPTIMIZERS", "build_optimizer"]
 
 OPTIMIZERS = ("adam", "sgd")
+
+
+def build_optimizer(
+    name: str, params: Sequence[Tensor], lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The optimiser called ``name`` (one of :data:`OPTIMIZERS`) over ``params``.
+
+    The one place where riverscape turns an optimiser name into a ``torch.optim`` object
+    (full-precision training and QAT use it).
+
+    Parameters
+    ----------
+    name : {"adam", "sgd"}
+        ``"adam"``: :class:`torch.optim.Adam`; ``"sgd"``: :class:`torch.optim.SGD`, heavy
+        ball with ``momentum``.
+    params : sequence of Tensor
+        Leaf tensors to optimise.
+    lr : float
+        Learning rate (positive).
+    momentum : float
+        SGD momentum (ignored by Adam).
+    weight_decay : float
+        L2 penalty coefficient of either optimiser.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name`` (the message lists :data:`OPTIMIZERS`).
+
+    Examples
+    --------
+    >>> w = torch.zeros(3, requires_grad=True)
+    >>> type(build_optimizer("sgd", [w], 0.1)).__name__
+    'SGD'
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def flat_parameters(model: nn.Module) -> Tensor:
@@ -122,10 +166,7 @@ def train(
     device = next(net.parameters()).device
     x, y = x.to(device), y.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = build_optimizer(optimizer, params, lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     bs = n if batch_size is None else min(batch_size, n)

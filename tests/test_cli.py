@@ -7,7 +7,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -248,16 +247,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 _FAKE_SLOW_ANALYSIS = """
-import sys, time, types
-fake = types.ModuleType("riverscape.analysis")
-def analyze(loaded, data, options, out_dir, progress=False):
+import sys, time
+import riverscape.cli as cli
+def analyze(loaded, data, options, out_dir):
     (out_dir / "report.html").write_text("<html>half written</html>")
     print("READY", flush=True)
     time.sleep(300)
-fake.analyze = analyze
-sys.modules["riverscape.analysis"] = fake
-from riverscape.cli import main
-sys.exit(main(sys.argv[1:]))
+cli.run_analysis = analyze
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
@@ -303,12 +300,12 @@ def test_interrupted_analysis_leaves_no_partial_report(tmp_path, inputs, signum,
 def test_analyze_calls_the_analysis_and_writes_metrics_atomically(tmp_path, inputs, monkeypatch, capsys):
     seen = {}
 
-    def analyze(loaded, data, options, out_dir, progress=False):
+    def analyze(loaded, data, options, out_dir):
         seen.update(loaded=loaded, data=data, options=options, out_dir=out_dir)
         (out_dir / "report.html").write_text("<html></html>")
         return {"ptq": {"2": {"loss": 1.5, "accuracy": float("nan")}}, "eigenvalues": torch.tensor([3.0, 1.0])}
 
-    monkeypatch.setitem(sys.modules, "riverscape.analysis", types.SimpleNamespace(analyze=analyze))
+    monkeypatch.setattr(cli, "run_analysis", analyze)
     out = tmp_path / "reports" / "run1"
     code = cli.main(["analyze", str(inputs["ckpt"]), "--bits", "4,2", "--out", str(out), "--max-samples", "0", "--json"])
     assert code == 0
@@ -326,11 +323,11 @@ def test_analyze_calls_the_analysis_and_writes_metrics_atomically(tmp_path, inpu
 
 
 def test_failing_analysis_leaves_nothing_and_points_to_debug(tmp_path, inputs, monkeypatch, capsys):
-    def analyze(loaded, data, options, out_dir, progress=False):
+    def analyze(loaded, data, options, out_dir):
         (out_dir / "report.html").write_text("half")
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setitem(sys.modules, "riverscape.analysis", types.SimpleNamespace(analyze=analyze))
+    monkeypatch.setattr(cli, "run_analysis", analyze)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["analyze", str(inputs["ckpt"])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -344,7 +341,7 @@ def test_failing_analysis_leaves_nothing_and_points_to_debug(tmp_path, inputs, m
 
 
 def test_force_replaces_an_existing_report(tmp_path, inputs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "riverscape.analysis", types.SimpleNamespace(analyze=lambda *a: {"x": 1}))
+    monkeypatch.setattr(cli, "run_analysis", lambda *a: {"x": 1})
     out = tmp_path / "report"
     out.mkdir()
     assert cli.main(["analyze", str(inputs["ckpt"]), "--out", str(out)]) == 0  # an empty folder is fine

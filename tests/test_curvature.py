@@ -149,7 +149,7 @@ def test_hutchpp_and_hutchinson_on_known_psd_matrix():
     assert est.method == "hutch++" and est.matvecs == 100
     assert abs(est.value - exact) < 0.05 * exact  # the 5% at 100 matvecs (observed ~1%)
     frob2, diag2 = float((matrix**2).sum()), float((torch.diagonal(matrix) ** 2).sum())
-    predicted_sd = math.sqrt(2 * (frob2 - diag2) / 100)  # Rademacher Hutchinson variance (THEORY 5)
+    predicted_sd = math.sqrt(2 * (frob2 - diag2) / 100)  # Rademacher Hutchinson variance (docs/theory.md §4.4)
     for seed in range(5):
         h = hessian_trace(obj, matvecs=100, method="hutchinson", seed=seed)
         # calibrated stderr: the truth lies within 4 stderr, and stderr matches the closed form
@@ -215,7 +215,7 @@ def test_hessian_diagonal_against_dense(image_data):
 def test_hessian_diagonal_of_quadratic_gives_rtn_damage_formula():
     obj, matrix, _ = quadratic_objective(150)
     scales = torch.linspace(0.1, 1.0, 150, dtype=torch.float64)
-    exact = float((torch.diagonal(matrix) * scales**2).sum()) / 24  # THEORY 7.3: (1/24) sum_j H_jj s_j^2
+    exact = float((torch.diagonal(matrix) * scales**2).sum()) / 24  # docs/theory.md §6.6: (1/24) sum_j H_jj s_j^2
     est = hessian_diagonal(obj, matvecs=149, seed=1)
     value = float((est.values * scales**2).sum()) / 24
     sd = float(torch.sqrt(((est.stderr * scales**2) ** 2).sum())) / 24

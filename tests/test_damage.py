@@ -16,7 +16,7 @@ import torch
 from helpers import assert_close
 from gradients_helpers import DIM, digits_setup, quadratic_objective, single_thread, top_eigenpairs  # noqa: F401 (fixtures)
 
-from riverscape.gradients import basin_widths, breakdown_scale, damage
+from riverscape.gradients import HillBasis, basin_widths, breakdown_scale, damage
 from riverscape.gradients._common import per_coordinate_scale, random_orthonormal
 from riverscape.quant import QuantMap, UniformQuantizer
 
@@ -32,7 +32,7 @@ def test_damage_is_exactly_quadratic_on_a_quadratic():
     obj, A, w_star, theta_fp = quadratic_objective(seed=0, offset_scale=0.3)  # g != 0 at theta_fp
     quantizer = UniformQuantizer(2)
     k = 4
-    res = damage(obj, theta_fp, quantizer, k=k, tau=0.05, rtn_matvecs=60, progress=False)
+    res = damage(obj, theta_fp, quantizer, basis=HillBasis.compute(obj, theta_fp, k=k), tau=0.05, rtn_matvecs=60, progress=False)
     q = QuantMap(obj, quantizer)(theta_fp)
     delta = q - theta_fp
     g = A @ (theta_fp - w_star)
@@ -43,8 +43,8 @@ def test_damage_is_exactly_quadratic_on_a_quadratic():
     # Exact identities up to float64 round-off (|terms| ~ 10, d = 18): rtol 1e-10.
     assert res.measured_loss_increase == pytest.approx(measured, rel=1e-12)
     assert res.predicted_first_order == pytest.approx(float(g @ delta), rel=1e-10)
-    assert res.predicted_quadratic == pytest.approx(measured, rel=1e-10)
-    assert res.predicted_loss_increase == res.predicted_quadratic
+    assert res.predicted_loss_increase == pytest.approx(measured, rel=1e-10)
+    assert not hasattr(res, "predicted_quadratic") and not hasattr(res, "hill_energy_share")  # one name per quantity
     assert res.ratio == pytest.approx(1.0, abs=1e-10)
     assert math.isinf(res.breakdown_scale) and res.inside_basin
     assert_close(res.profile_loss, res.profile_quadratic, rtol=1e-10, atol=1e-12, what="profile")
@@ -59,8 +59,8 @@ def test_damage_is_exactly_quadratic_on_a_quadratic():
         assert row["predicted"] == pytest.approx(row["measured"], rel=1e-10)
     # Hill/river split with the dense eigenvectors.
     d_hill = V @ c
-    assert res.hill_energy_share == pytest.approx(float(c @ c / (delta @ delta)), rel=1e-10)
-    assert res.hill_fraction == res.hill_energy_share and res.hill_energy_baseline == k / DIM
+    assert res.hill_fraction == pytest.approx(float(c @ c / (delta @ delta)), rel=1e-10)
+    assert res.hill_energy_baseline == k / DIM
     assert res.curvature_share == pytest.approx(float((values * c**2).sum() / (delta @ A @ delta)), rel=1e-10)
     assert res.predicted_hill_only == pytest.approx(0.5 * float((values * c**2).sum()), rel=1e-10)
     assert res.dL_hill == pytest.approx(_quad(A, w_star, theta_fp + d_hill) - base, rel=1e-10)
@@ -95,7 +95,7 @@ def test_basin_widths_match_the_quadratic_width():
 
 def test_rho_is_the_hill_coordinate_over_the_measured_width():
     obj, A, w_star, theta_fp = quadratic_objective(seed=2)
-    res = damage(obj, theta_fp, UniformQuantizer(2), k=3, tau=0.02, floor=False, random_control=False, rtn_matvecs=0, progress=False)
+    res = damage(obj, theta_fp, UniformQuantizer(2), basis=HillBasis.compute(obj, theta_fp, k=3), tau=0.02, floor=False, random_control=False, rtn_matvecs=0, progress=False)
     values, V = top_eigenpairs(A, 3)
     c = V.T @ (QuantMap(obj, UniformQuantizer(2))(theta_fp) - theta_fp)
     assert_close(res.rho, c.abs() / torch.sqrt(2 * 0.02 / values), rtol=1e-8, what="rho")
@@ -103,20 +103,20 @@ def test_rho_is_the_hill_coordinate_over_the_measured_width():
     assert res.floor_recovery is None and res.random_subspace_recovery is None and res.expected_rtn_damage is None
 
 
-def test_hill_energy_share_is_one_inside_the_subspace_and_k_over_d_for_random_perturbations():
+def test_hill_fraction_is_one_inside_the_subspace_and_k_over_d_for_random_perturbations():
     obj, A, w_star, theta_fp = quadratic_objective(seed=3)
     k = 3
     values, V = top_eigenpairs(A, k)
-    kwargs = dict(k=k, values=values, vectors=V, widths=False, floor=False, random_control=False, rtn_matvecs=0, progress=False)
+    kwargs = dict(basis=HillBasis.from_vectors(obj, theta_fp, V, values=values), widths=False, floor=False, random_control=False, rtn_matvecs=0, progress=False)
     inside = damage(obj, theta_fp, UniformQuantizer(4), theta_q=theta_fp + V @ torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), **kwargs)
-    assert inside.hill_energy_share == pytest.approx(1.0, abs=1e-12)
+    assert inside.hill_fraction == pytest.approx(1.0, abs=1e-12)
     assert inside.curvature_share == pytest.approx(1.0, abs=1e-12)
     assert inside.dL_river == pytest.approx(0.0, abs=1e-14)
     # For isotropic delta, E_H ~ Beta(k/2, (d-k)/2): mean k/d = 1/6, variance
     # (k/d)(1 - k/d) 2/(d + 2) = 0.0139. The mean of n = 200 draws has sd 0.0083; allow 4 sd.
     g = torch.Generator().manual_seed(0)
     shares = [
-        damage(obj, theta_fp, UniformQuantizer(4), theta_q=theta_fp + torch.randn(DIM, generator=g, dtype=torch.float64), **kwargs).hill_energy_share
+        damage(obj, theta_fp, UniformQuantizer(4), theta_q=theta_fp + torch.randn(DIM, generator=g, dtype=torch.float64), **kwargs).hill_fraction
         for _ in range(200)
     ]
     assert abs(sum(shares) / len(shares) - k / DIM) < 4 * 0.0083
@@ -124,7 +124,7 @@ def test_hill_energy_share_is_one_inside_the_subspace_and_k_over_d_for_random_pe
 
 def test_floor_recovery_beats_the_random_subspace_on_a_quadratic():
     obj, A, w_star, theta_fp = quadratic_objective(seed=4)
-    res = damage(obj, theta_fp, UniformQuantizer(2), k=6, widths=False, rtn_matvecs=0, progress=False)
+    res = damage(obj, theta_fp, UniformQuantizer(2), basis=HillBasis.compute(obj, theta_fp, k=6), widths=False, rtn_matvecs=0, progress=False)
     values, V = top_eigenpairs(A, 6)
     q = QuantMap(obj, UniformQuantizer(2))(theta_fp)
     # Exact floor: remove the hill coordinates of q - w*; the rest is the river damage.
@@ -165,10 +165,10 @@ def test_digits_damage_end_to_end(digits_setup):
     results = {}
     for bits in (4, 2):
         start = time.perf_counter()
-        res = damage(obj, None, UniformQuantizer(bits), values=values, vectors=vectors, operator=op, widths=widths, progress=False)
+        res = damage(obj, None, UniformQuantizer(bits), basis=HillBasis(values, vectors, op), widths=widths, progress=False)
         results[bits] = res
-        print(f"\n{bits}-bit: dL {res.measured_loss_increase:.4g} pred {res.predicted_quadratic:.4g} r {res.ratio:.3g} "
-              f"t_b {res.breakdown_scale:.3g} E_H {res.hill_energy_share:.4f} (k/d {res.hill_energy_baseline:.4f}) "
+        print(f"\n{bits}-bit: dL {res.measured_loss_increase:.4g} pred {res.predicted_loss_increase:.4g} r {res.ratio:.3g} "
+              f"t_b {res.breakdown_scale:.3g} E_H {res.hill_fraction:.4f} (k/d {res.hill_energy_baseline:.4f}) "
               f"C_H {res.curvature_share:.3f} rho_max {res.rho_max:.3f} floor {res.floor_recovery:.4g} "
               f"random {res.random_subspace_recovery:.4g} ({time.perf_counter() - start:.2f} s)")
     four, two = results[4], results[2]
@@ -178,7 +178,7 @@ def test_digits_damage_end_to_end(digits_setup):
     assert two.ratio > 10 and not two.inside_basin
     for res in (four, two):
         # delta's energy in the hill subspace is random-like, its curvature share is not.
-        assert res.curvature_share > 20 * res.hill_energy_share
+        assert res.curvature_share > 20 * res.hill_fraction
         assert res.floor_recovery < res.measured_loss_increase
     # The user's model is unchanged.
     for key, value in model.state_dict().items():

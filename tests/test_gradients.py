@@ -15,7 +15,7 @@ import torch
 from helpers import assert_close
 from gradients_helpers import DIM, digits_setup, quadratic_objective, single_thread, top_eigenpairs  # noqa: F401 (fixtures)
 
-from riverscape.gradients import alignment, alignment_along_qat, floor, matched_null, valley_floor
+from riverscape.gradients import HillBasis, alignment, alignment_along_qat, floor, matched_null, valley_floor
 from riverscape.gradients._common import random_orthonormal
 from riverscape.quant import QuantMap, UniformQuantizer
 
@@ -32,7 +32,7 @@ def _projector(V):
 def test_alignment_matches_closed_forms_on_a_quadratic(offset_scale):
     obj, A, w_star, theta_fp = quadratic_objective(seed=0, offset_scale=offset_scale)
     quantizer = UniformQuantizer(3)
-    res = alignment(obj, theta_fp, quantizer, k=4, n_null=3, progress=False)
+    res = alignment(obj, theta_fp, quantizer, basis=HillBasis.compute(obj, theta_fp, k=4), n_null=3, progress=False)
     q = QuantMap(obj, quantizer)(theta_fp)
     g_q, g_fp = A @ (q - w_star), A @ (theta_fp - w_star)
     u_back = theta_fp - q
@@ -69,7 +69,7 @@ def test_alignment_to_dict_is_flat_and_json_ready():
 
     obj, A, w_star, theta_fp = quadratic_objective(seed=1)
     theta_qat = theta_fp + 0.01
-    res = alignment(obj, None, UniformQuantizer(2), k=3, n_null=2, theta_qat=theta_qat, progress=False)
+    res = alignment(obj, None, UniformQuantizer(2), basis=HillBasis.compute(obj, None, k=3), n_null=2, theta_qat=theta_qat, progress=False)
     out = res.to_dict()
     json.dumps(out, allow_nan=False)
     for key in ("cosine_to_fp", "random_baseline", "cosine_hill", "cosine_river", "cosine_floor", "cosine_qat",
@@ -79,7 +79,7 @@ def test_alignment_to_dict_is_flat_and_json_ready():
         assert key in out, key
     assert out["cosine_qat"] == pytest.approx(_cos(-(A @ (QuantMap(obj, UniformQuantizer(2))(theta_fp) - w_star)),
                                                    theta_qat - QuantMap(obj, UniformQuantizer(2))(theta_fp)), abs=1e-12)
-    no_qat = alignment(obj, None, UniformQuantizer(2), k=3, n_null=0, floor=False, progress=False).to_dict()
+    no_qat = alignment(obj, None, UniformQuantizer(2), basis=HillBasis.compute(obj, None, k=3), n_null=0, floor=False, progress=False).to_dict()
     assert no_qat["cosine_qat"] is None and no_qat["cosine_floor"] is None and no_qat["null_mean"] is None
 
 
@@ -105,7 +105,7 @@ def test_matched_null_equals_enumeration_of_all_sign_patterns():
     # 4 sd is a two-sided false-alarm rate of 6e-5 (and the seed is fixed).
     exact = torch.tensor(expected)
     n = 400
-    res = alignment(obj, theta_fp, UniformQuantizer(2), k=2, n_null=n, floor=False, per_layer=False, progress=False)
+    res = alignment(obj, theta_fp, UniformQuantizer(2), basis=HillBasis.compute(obj, theta_fp, k=2), n_null=n, floor=False, per_layer=False, progress=False)
     sigma = float(exact.std(unbiased=False))
     assert abs(res.null_mean - float(exact.mean())) < 4 * sigma / math.sqrt(n)
     assert res.null_sd == pytest.approx(sigma, rel=0.25)  # sd of a sample sd ~ sigma/sqrt(2n) = 3.5 % of sigma
@@ -150,31 +150,31 @@ def test_alignment_along_qat_agrees_with_alignment_at_each_row():
     g = torch.Generator().manual_seed(1)
     trajectory = torch.stack([theta_fp + 0.05 * i * torch.randn(DIM, generator=g, dtype=torch.float64) for i in range(3)])
     values, vectors = top_eigenpairs(A, 4)
-    series = alignment_along_qat(obj, theta_fp, quantizer, trajectory, steps=[0, 10, 20], values=values, vectors=vectors, progress=False)
+    series = alignment_along_qat(obj, theta_fp, quantizer, trajectory, steps=[0, 10, 20], basis=HillBasis.from_vectors(obj, theta_fp, vectors, values=values), progress=False)
     assert series.steps == [0, 10, 20]
     qmap = QuantMap(obj, quantizer)
     P = _projector(vectors)
     for i, w in enumerate(trajectory):
         q = qmap(w)
-        single = alignment(obj, theta_fp, quantizer, theta_q=q, values=values, vectors=vectors, n_null=0, floor=False, progress=False)
+        single = alignment(obj, theta_fp, quantizer, theta_q=q, basis=HillBasis.from_vectors(obj, theta_fp, vectors, values=values), n_null=0, floor=False, progress=False)
         assert series.cosine_to_fp[i] == pytest.approx(single.cosine_to_fp, abs=1e-14)
         assert series.cosine_hill[i] == pytest.approx(single.cosine_hill, abs=1e-14)
         assert series.inward[i] == pytest.approx(single.inward, rel=1e-12)
         assert series.chi_k[i] == pytest.approx(single.chi_k, rel=1e-12)
         delta = q - w
         assert series.delta_norm[i] == pytest.approx(float(delta.norm()), rel=1e-14)
-        assert series.hill_energy_share[i] == pytest.approx(float((P @ delta).norm() ** 2 / delta.norm() ** 2), rel=1e-10)
+        assert series.hill_fraction[i] == pytest.approx(float((P @ delta).norm() ** 2 / delta.norm() ** 2), rel=1e-10)
         cH = float((values * (vectors.T @ delta) ** 2).sum() / (delta @ A @ delta))
         assert series.curvature_share[i] == pytest.approx(cH, rel=1e-10)
         assert series.loss_q[i] == pytest.approx(float(0.5 * (q - w_star) @ A @ (q - w_star)), rel=1e-12)
         assert series.cosine_latent[i] == pytest.approx(_cos(-(A @ (q - w_star)), w - q), abs=1e-12)
     # Frozen quantization parameters give Q(w_t) on the grid calibrated at theta_fp.
     frozen = qmap.qparams(theta_fp)
-    fixed = alignment_along_qat(obj, theta_fp, quantizer, trajectory, values=values, vectors=vectors, qparams=frozen, progress=False)
+    fixed = alignment_along_qat(obj, theta_fp, quantizer, trajectory, basis=HillBasis.from_vectors(obj, theta_fp, vectors, values=values), qparams=frozen, progress=False)
     q_last = qmap(trajectory[-1], frozen)
     assert fixed.loss_q[-1] == pytest.approx(float(0.5 * (q_last - w_star) @ A @ (q_last - w_star)), rel=1e-12)
     with pytest.raises(ValueError, match="step labels"):
-        alignment_along_qat(obj, theta_fp, quantizer, trajectory, steps=[0, 1], values=values, vectors=vectors, progress=False)
+        alignment_along_qat(obj, theta_fp, quantizer, trajectory, steps=[0, 1], basis=HillBasis.from_vectors(obj, theta_fp, vectors, values=values), progress=False)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -185,8 +185,13 @@ def test_bad_arguments_raise_clear_errors():
         alignment(obj, theta_fp, UniformQuantizer(2), n_null=-1, progress=False)
     with pytest.raises(ValueError, match="only apply to a UniformQuantizer"):
         alignment(obj, theta_fp, QuantMap(obj, UniformQuantizer(2)), keep_first_last=True, progress=False)
-    with pytest.raises(ValueError, match="values were given without vectors"):
-        alignment(obj, theta_fp, UniformQuantizer(2), values=torch.ones(3), progress=False)
+    with pytest.raises(ValueError, match="3 values for 2 vectors"):
+        HillBasis.from_vectors(obj, theta_fp, torch.eye(obj.dim, dtype=torch.float64)[:, :2], values=torch.ones(3))
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        HillBasis.from_vectors(obj, theta_fp, torch.ones(3, 2, dtype=torch.float64))
+    other, *_ = quadratic_objective(seed=7, shapes=((3, 2),))  # a basis of another model is refused before any work
+    with pytest.raises(ValueError, match="hill basis has vectors of dimension 6"):
+        alignment(obj, theta_fp, UniformQuantizer(2), basis=HillBasis.compute(other, k=2), progress=False)
 
 
 def test_docstring_examples():
@@ -200,7 +205,7 @@ def test_digits_alignment_end_to_end(digits_setup):
     results = {}
     for bits in (4, 2):
         start = time.perf_counter()
-        res = alignment(obj, None, UniformQuantizer(bits), values=values, vectors=vectors, operator=op, progress=False)
+        res = alignment(obj, None, UniformQuantizer(bits), basis=HillBasis(values, vectors, op), progress=False)
         results[bits] = res
         print(f"\n{bits}-bit: A(u_back) {res.cosine_to_fp:.4f} (1/sqrt(d) {res.random_baseline:.4f}, null "
               f"{res.null_mean:.4f}+-{res.null_sd:.4f}, z {res.null_z:+.2f}) A(u_hill) {res.cosine_hill:.3f} "

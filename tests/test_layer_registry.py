@@ -12,6 +12,7 @@ from torch import nn
 
 import riverscape as rs
 import riverscape.analysis
+import riverscape.pipeline.measure
 from riverscape import cli
 from riverscape.analysis_options import AnalyzeOptions
 from riverscape.checkpoint import build_model_from_spec, make_spec, save_checkpoint
@@ -408,7 +409,7 @@ def test_cli_include_and_every_quantmap_of_the_run_select_the_header_set(case, t
         selections.append([t.name for t in self.targets])
 
     ptq_points = []
-    original_ptq = riverscape.analysis.ptq
+    original_ptq = riverscape.pipeline.measure.ptq
 
     def spy_ptq(objective, quantizer, *args, **kwargs):
         theta_q = original_ptq(objective, quantizer, *args, **kwargs)
@@ -416,7 +417,7 @@ def test_cli_include_and_every_quantmap_of_the_run_select_the_header_set(case, t
         return theta_q
 
     monkeypatch.setattr(QuantMap, "__init__", spy_init)
-    monkeypatch.setattr(riverscape.analysis, "ptq", spy_ptq)
+    monkeypatch.setattr(riverscape.pipeline.measure, "ptq", spy_ptq)
     args = ["analyze", "ckpt.pt", "--model", spec, "--data", "digits", "--bits", "2", "--qat-steps", "5", "--grid-steps", "3",
             "--top-k", "2", "--max-samples", "64", *extra, "--out", "out"]
     assert cli.main(args) == 0

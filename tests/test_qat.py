@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import riverscape as rs
-from riverscape.quant import QParams, QuantMap, UniformQuantizer, ptq
+from riverscape.quant import EWGS, LSQ, PEGE, QParams, QuantMap, UniformQuantizer, ptq
 from riverscape.quant.estimators import lsq, lsq_grad_scale, pege_rho
 import importlib
 
@@ -100,7 +100,7 @@ def test_recomputed_scale_is_chosen_from_each_latent_iterate(tiny_objective):
 
 def test_learned_scale_with_lsq_init(tiny_objective):
     obj, q = tiny_objective, UniformQuantizer(2)
-    res = qat(obj, q, estimator="lsq", lsq_init="lsq", steps=1, lr=1e-12, progress=False)
+    res = qat(obj, q, estimator=LSQ(init="lsq"), steps=1, lr=1e-12, progress=False)
     w = _layers(obj, obj.theta0)["0.weight"]
     s0 = 2 * w.abs().mean(dim=1, keepdim=True) / math.sqrt(1)  # 2 mean|w| / sqrt(Q_P), Q_P = 1 at 2 bits
     assert_close(res.scales["0.weight"], s0, rtol=1e-9, what="LSQ initial step")  # one step of lr 1e-12
@@ -116,12 +116,13 @@ def test_learned_scale_with_lsq_init(tiny_objective):
         ({"scale": "ema"}, "recomputed"),
         ({"optimizer": "lbfgs"}, "adam"),
         ({"steps": 0}, "steps"),
-        ({"lsq_init": "zero", "estimator": "lsq"}, "calibrated"),
-        ({"pege_beta": 1.0, "estimator": "pege"}, "beta"),
+        ({"estimator": lambda: LSQ(init="zero")}, "calibrated"),
+        ({"estimator": lambda: PEGE(beta=1.0)}, "beta"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tiny_objective, kwargs, match):
     with pytest.raises(ValueError, match=match):
+        kwargs = {k: v() if callable(v) else v for k, v in kwargs.items()}  # bad configs raise when built
         qat(tiny_objective, UniformQuantizer(2), progress=False, **kwargs)
 
 
@@ -131,7 +132,7 @@ def test_lsq_rejects_asymmetric_quantizer(tiny_objective):
 
 
 def test_pege_replaced_fraction_follows_the_curriculum(tiny_objective):
-    res = qat(tiny_objective, UniformQuantizer(2), estimator="pege", steps=10, lr=0.01, pege_beta=10.0, record_every=1, progress=False)
+    res = qat(tiny_objective, UniformQuantizer(2), estimator=PEGE(beta=10.0), steps=10, lr=0.01, record_every=1, progress=False)
     fractions = dict(zip(res.history["step"], res.history["replaced_fraction"]))
     # targets have 20 and 12 weights; per target k = floor(rho n + 1/2), rho(t) = log10(1 + 9 t / 10)
     assert pege_rho(1, 10) == pytest.approx(math.log10(1.9))  # 0.27875: k = 6 and 3
@@ -201,7 +202,7 @@ def test_ewgs_deltas_follow_the_formula_and_the_dense_block_trace(tiny_objective
 
 
 def test_ewgs_run_logs_delta_updates(tiny_objective):
-    res = qat(tiny_objective, UniformQuantizer(2), estimator="ewgs", steps=10, ewgs_update_every=4, ewgs_matvecs=6, progress=False)
+    res = qat(tiny_objective, UniformQuantizer(2), estimator=EWGS(update_every=4, matvecs=6), steps=10, progress=False)
     assert [entry["step"] for entry in res.ewgs_deltas] == [0, 4, 8]
     assert all(v >= 0 for entry in res.ewgs_deltas for v in entry["delta"].values())
 

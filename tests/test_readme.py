@@ -6,7 +6,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd ", "export "))]
+    # Besides the README's command, .ci/run may only set up the shell and run its helper scripts (`bash .ci/...`).
+    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines()
+                if l.strip() and not l.startswith(("#", "set ", "cd ", "export ", "bash .ci/"))]
     assert len(ci_lines) == 1, ci_lines
     assert ci_lines[0] in readme
     assert "pip install torch==2.13.0 -e . && riverscape demo" in readme

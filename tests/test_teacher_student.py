@@ -1,4 +1,4 @@
-"""STE teacher-student simulator, its mean-field PDE, and the 1-bit perceptron (riverscape.teacher_student)."""
+"""STE teacher-student simulator, its mean-field PDE, and the 1-bit perceptron (riverscape.theory)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from riverscape import teacher_student as ts
+from riverscape.theory import binary_perceptron as bp
+from riverscape.theory import teacher_student as ts
 from riverscape.quant.quantizers import fake_quantize
 
 
@@ -42,14 +43,14 @@ def test_bad_arguments_raise_with_allowed_values():
     with pytest.raises(ValueError, match="binary"):
         ts.STEConfig(teacher="uniform")
     with pytest.raises(ValueError, match="full_precision"):
-        ts.BinarySTEConfig(student="ternary")
+        bp.BinarySTEConfig(student="ternary")
     with pytest.raises(ValueError, match="ascending"):
         ts.simulate_ste(ts.STEConfig(dim=10), [2.0, 1.0])
 
 
 def test_closed_form_predictions():
     c = ts.STEConfig(bits=2, range=1.5)
-    assert ts.dithering_error(c) == 0.25 and ts.rounding_error(c) == 0.125  # THEORY 6.3 table
+    assert ts.dithering_error(c) == 0.25 and ts.rounding_error(c) == 0.125  # docs/theory.md §8.3-§8.4 table
     assert ts.dithering_error(replace_cfg(c, range=4.0)) == pytest.approx(1.5)  # (1-0)(4-1)/2: error rises
     assert ts.dithering_error(replace_cfg(c, range=0.5)) == pytest.approx(0.125)  # w* outside the range
     assert ts.dithering_error(ts.STEConfig(bits=1, range=4.0, quantizer="mid_rise")) == pytest.approx(1.5)
@@ -95,7 +96,7 @@ def test_eight_bit_ste_approaches_the_full_precision_solution():
 
 
 def test_dithering_fixed_point_r15_two_bits():
-    # THEORY 6.3: R = 1.5, 2 bits, eta = 0.05: eps_final = 0.245 (pred. 0.25), not the RTN 0.125.
+    # docs/theory.md §8.3-§8.4: R = 1.5, 2 bits, eta = 0.05: eps_final = 0.245 (pred. 0.25), not the RTN 0.125.
     # Seed-to-seed sd of eps at d = 500 is ~0.01 (0.26/sqrt(d), measured); tolerance 0.02 covers it
     # plus the O(eta) correction of the first-order prediction.
     cfg = ts.STEConfig(dim=500, bits=2, range=1.5)
@@ -126,7 +127,7 @@ def test_mean_field_conserves_mass(changes):
 def test_mean_field_fixed_point_and_plateau():
     taus = np.linspace(0.0, 45.0, 91)
     fixed = ts.ste_mean_field(ts.STEConfig(range=1.5), taus)
-    assert fixed.eps[-1] == pytest.approx(0.25, abs=0.005)  # dithering, THEORY 6.3
+    assert fixed.eps[-1] == pytest.approx(0.25, abs=0.005)  # dithering, docs/theory.md §8.3-§8.4
     plateaus = []
     for r in (0.5, 1.0, 1.5):
         cfg = ts.STEConfig(range=r)
@@ -166,13 +167,13 @@ def test_sign_generalization_error_monte_carlo():
     empirical = float((torch.sign(x @ a) != torch.sign(x @ b)).double().mean())
     rho = float(a @ b / (a.norm() * b.norm()))
     # binomial sd at p ~ 0.3 and n = 2e5 is 1e-3: 4 sd
-    assert empirical == pytest.approx(float(ts.sign_generalization_error(rho)), abs=4e-3)
+    assert empirical == pytest.approx(float(bp.sign_generalization_error(rho)), abs=4e-3)
 
 
 def test_binary_ste_learns_and_beats_full_precision_at_large_alpha():
-    small = ts.train_binary_ste(ts.BinarySTEConfig(dim=40, alpha=1.0, steps=150), replicas=6, seed=0)
-    large = ts.train_binary_ste(ts.BinarySTEConfig(dim=40, alpha=8.0, steps=150), replicas=6, seed=0)
-    fp = ts.train_binary_ste(ts.BinarySTEConfig(dim=40, alpha=8.0, steps=150, student="full_precision"), replicas=6, seed=0)
+    small = bp.train_binary_ste(bp.BinarySTEConfig(dim=40, alpha=1.0, steps=150), replicas=6, seed=0)
+    large = bp.train_binary_ste(bp.BinarySTEConfig(dim=40, alpha=8.0, steps=150), replicas=6, seed=0)
+    fp = bp.train_binary_ste(bp.BinarySTEConfig(dim=40, alpha=8.0, steps=150, student="full_precision"), replicas=6, seed=0)
     assert np.mean(large.error) < np.mean(small.error) < 0.5
     assert np.mean(large.exact) >= 0.8 and np.mean(large.error) < np.mean(fp.error)
     assert np.allclose(large.error, np.arccos(np.clip(large.overlap, -1, 1)) / np.pi)

@@ -1,4 +1,4 @@
-"""Gradients at quantized weights, PTQ damage and the hill/river geometry (THEORY.md 7.3-7.5).
+"""Gradients at quantized weights, PTQ damage and the hill/river geometry (docs/theory.md §5.9, §6 and §7).
 
 * :func:`alignment` -- does the identity-STE gradient at ``q = Q(w)`` point back into the
   basin? Cosines to ``u_back``, its hill and river parts, the valley floor and a QAT
@@ -9,17 +9,19 @@
 * :func:`alignment_along_qat` -- the same geometry along a QAT latent trajectory.
 * :func:`valley_floor` -- R3, the loss minimised inside the hill subspace.
 
-Coordinates: all quantities live in the Objective's ``theta``. THEORY's convention
+Coordinates: all quantities live in the Objective's ``theta``. The docs/theory.md §1.2 convention
 (``d = dim theta_Q``, non-quantized parameters frozen) holds when the Objective selects
 exactly the quantized tensors, e.g. ``Objective(model, loss, data, params="*.weight")``.
 With all parameters selected, biases are extra (unperturbed) directions of the landscape;
 results report ``dim`` and ``n_quantized`` either way, and per-layer numbers.
 """
+from ._common import HillBasis
 from .alignment import AlignmentResult, NullSample, QATAlignment, alignment, alignment_along_qat, matched_null
 from .damage import DamageResult, basin_widths, breakdown_scale, damage
 from .floor import FLOOR_METHODS, FloorResult, valley_floor
 
 __all__ = [
+    "HillBasis",
     "alignment",
     "AlignmentResult",
     "matched_null",

@@ -3,7 +3,7 @@
 Coordinates
 -----------
 Every quantity is computed in the coordinates ``theta`` that the :class:`~riverscape.Objective`
-selects (its ``params``). THEORY.md section 7 defines the landscape with respect to the
+selects (its ``params``). docs/theory.md §1.2 defines the landscape with respect to the
 quantized tensors only (``d = dim theta_Q``, everything else frozen). To get exactly that
 convention build the Objective with ``params`` selecting the quantized weights, e.g.
 ``Objective(model, loss, data, params="*.weight")`` for models whose weights are all Linear/Conv.
@@ -16,20 +16,21 @@ quantized tensors (``QuantMap.per_layer()``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Union
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..landscape.curvature import hessian_eigs
 from ..objective import HessianOperator, Objective
-from ..quant import QuantMap, UniformQuantizer, resolve_quant_map
+from ..quant import QuantizerLike, QuantMap, resolve_quant_map
 
-Quantizer = Union[UniformQuantizer, QuantMap]
+Quantizer = QuantizerLike
 
 
 def as_quant_map(objective: Objective, quantizer: Quantizer, map_options: dict) -> QuantMap:
-    """A :class:`QuantMap` for ``objective`` from a quantizer (with ``map_options``: ``selection`` or
+    """A :class:`QuantMap` for ``objective`` from a bit-width or quantizer (with ``map_options``: ``selection`` or
     ``include``/``exclude``/``keep_first_last``/``quantize_bias``) or a ready map (see
     :func:`riverscape.quant.resolve_quant_map`)."""
     return resolve_quant_map(objective, quantizer, **map_options)
@@ -66,38 +67,59 @@ def safe_ratio(num: float, den: float) -> float | None:
     return None if den == 0.0 else num / den
 
 
-def eigenpairs(
-    objective: Objective,
-    theta: Tensor,
-    k: int,
-    values: Tensor | None,
-    vectors: Tensor | None,
-    operator: HessianOperator,
-    seed: int,
-) -> tuple[Tensor, Tensor]:
-    """Top-``k`` Hessian eigenpairs at ``theta``: given, completed, or computed.
+HILL_K_DEFAULT = 10
+"""Hill-subspace size used when no :class:`HillBasis` is given."""
 
-    ``vectors`` (D, k) given without ``values``: the values are the Rayleigh quotients
-    ``v_i^T H v_i`` (one block of k HVPs). Neither given: :func:`hessian_eigs` (Lanczos).
 
-    Returns
-    -------
-    values : Tensor, shape (k,), float64
-    vectors : Tensor, shape (D, k), the Objective's dtype and device
+@dataclass(frozen=True)
+class HillBasis:
+    """The hill subspace at a reference point: top-``k`` Hessian eigenpairs and the operator they came from.
+
+    Passed to :func:`~riverscape.gradients.damage`, :func:`~riverscape.gradients.alignment` and
+    :func:`~riverscape.gradients.alignment_along_qat` instead of threading ``k``, eigenpairs
+    and operator through every call (docs/theory.md §6.1).
+
+    Attributes
+    ----------
+    values : Tensor, shape (k,), float64, descending
+    vectors : Tensor, shape (D, k), orthonormal columns, the Objective's dtype and device
+    operator : HessianOperator
+        ``H`` at the reference point (its products are reused, e.g. for quadratic predictions).
     """
-    if vectors is None:
-        if values is not None:
-            raise ValueError("values were given without vectors; pass both, only vectors, or neither")
-        return hessian_eigs(objective, theta, k=k, operator=operator, seed=seed)
-    vectors = vectors.to(device=objective.device, dtype=objective.dtype)
-    if vectors.ndim != 2 or vectors.shape[0] != objective.dim:
-        raise ValueError(f"vectors must have shape ({objective.dim}, k), got {tuple(vectors.shape)}")
-    if values is None:
-        values = (vectors * operator.torch_matmat(vectors)).sum(0)
-    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if values.shape[0] != vectors.shape[1]:
-        raise ValueError(f"{values.shape[0]} values for {vectors.shape[1]} vectors")
-    return values, vectors
+
+    values: Tensor
+    vectors: Tensor
+    operator: HessianOperator
+
+    @property
+    def k(self) -> int:
+        """Size of the subspace."""
+        return int(self.vectors.shape[1])
+
+    @classmethod
+    def compute(cls, objective: Objective, theta: Tensor | None = None, *, k: int = HILL_K_DEFAULT,
+                operator: HessianOperator | None = None, seed: int = 0) -> "HillBasis":
+        """Top-``k`` eigenpairs of ``H(theta)`` (``theta`` defaults to ``objective.theta0``) by :func:`hessian_eigs`."""
+        theta = objective.theta0 if theta is None else objective.check_theta(theta)
+        op = operator if operator is not None else objective.hessian(theta)
+        values, vectors = hessian_eigs(objective, theta, k=k, operator=op, seed=seed)
+        return cls(values, vectors, op)
+
+    @classmethod
+    def from_vectors(cls, objective: Objective, theta: Tensor | None, vectors: Tensor, *, values: Tensor | None = None,
+                     operator: HessianOperator | None = None) -> "HillBasis":
+        """A basis from given eigenvectors (``values`` default to the Rayleigh quotients ``v_i^T H v_i``, one block of k HVPs)."""
+        theta = objective.theta0 if theta is None else objective.check_theta(theta)
+        op = operator if operator is not None else objective.hessian(theta)
+        vectors = vectors.to(device=objective.device, dtype=objective.dtype)
+        if vectors.ndim != 2 or vectors.shape[0] != objective.dim:
+            raise ValueError(f"vectors must have shape ({objective.dim}, k), got {tuple(vectors.shape)}")
+        if values is None:
+            values = (vectors * op.torch_matmat(vectors)).sum(0)
+        values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        if values.shape[0] != vectors.shape[1]:
+            raise ValueError(f"{values.shape[0]} values for {vectors.shape[1]} vectors")
+        return cls(values, vectors, op)
 
 
 def split(delta: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,16 +184,15 @@ def prepare(
     theta_fp: Tensor | None,
     quantizer: Quantizer,
     *,
-    k: int,
-    values: Tensor | None,
-    vectors: Tensor | None,
-    operator: HessianOperator | None,
+    basis: HillBasis | None,
     seed: int,
     map_options: dict,
 ) -> Setup:
-    """Reference point (default ``theta0``), quantization map, Hessian operator and top-k eigenpairs there."""
+    """Reference point (default ``theta0``), quantization map, and the hill basis there (computed if ``None``)."""
     theta_fp = objective.theta0 if theta_fp is None else objective.check_theta(theta_fp)
     qmap = as_quant_map(objective, quantizer, map_options)
-    op = operator if operator is not None else objective.hessian(theta_fp)
-    lam, V = eigenpairs(objective, theta_fp, k, values, vectors, op, seed)
-    return Setup(theta_fp, qmap, op, lam, V)
+    if basis is None:
+        basis = HillBasis.compute(objective, theta_fp, seed=seed)
+    elif basis.vectors.shape[0] != objective.dim:
+        raise ValueError(f"the hill basis has vectors of dimension {basis.vectors.shape[0]}, the objective {objective.dim}")
+    return Setup(theta_fp, qmap, basis.operator, basis.values, basis.vectors)

@@ -1,4 +1,4 @@
-"""Does the gradient at a quantized point point back into the basin? (THEORY.md 7.4)
+"""Does the gradient at a quantized point point back into the basin? (docs/theory.md §7)
 
 At ``q = Q(w)`` the identity-STE gradient is ``g_Q = grad L(q)``: the full-precision loss
 ``L(theta)`` differentiated at the quantized point (not ``L(Q(theta))`` as a function of
@@ -12,7 +12,7 @@ of a minimum, since ``cos(-grad L(w + delta), -delta) ~ delta^T H delta / (|H de
 and the matched perturbation ``delta' = delta * eps`` (random signs, same magnitudes).
 
 Coordinates: see :mod:`riverscape.gradients._common` (build the Objective with ``params``
-selecting the quantized tensors for THEORY's ``d = dim theta_Q``).
+selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2)).
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..objective import HessianOperator, Objective
+from ..objective import Objective
 from ..quant import QParams
 from ._common import (
+    HillBasis,
     Quantizer,
     cosine,
     dot,
@@ -142,7 +143,7 @@ def _zscore(value: float | None, mean: float | None, sd: float | None) -> float 
 
 @dataclass(frozen=True)
 class AlignmentResult:
-    """Alignment of the identity-STE gradient at a quantized point with the basin (THEORY.md 7.4).
+    """Alignment of the identity-STE gradient at a quantized point with the basin (docs/theory.md §7).
 
     All cosines are ``A(u) = cos(-g_Q, u)``, ``g_Q = grad L(q)``; ``None`` where a direction is
     zero or was not requested. ``to_dict()`` gives the flat JSON-friendly form.
@@ -251,35 +252,31 @@ def alignment(
     quantizer: Quantizer,
     *,
     theta_q: Tensor | None = None,
-    k: int = 10,
-    values: Tensor | None = None,
-    vectors: Tensor | None = None,
+    basis: HillBasis | None = None,
     theta_qat: Tensor | None = None,
     n_null: int = 8,
     floor: bool = True,
     floor_steps: int = 100,
     per_layer: bool = True,
-    operator: HessianOperator | None = None,
     seed: int = 0,
     progress: bool = True,
     **map_options,
 ) -> AlignmentResult:
-    """Alignment metrics of the gradient at a quantized point (THEORY.md 7.4).
+    """Alignment metrics of the gradient at a quantized point (docs/theory.md §7).
 
     Parameters
     ----------
     objective : Objective
-        Build it with ``params`` selecting the quantized tensors for THEORY's ``d = dim theta_Q``.
+        Build it with ``params`` selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2).
     theta_fp : Tensor, shape (D,), or None
         Reference FP point ``w_ref`` (default ``objective.theta0``).
     quantizer : UniformQuantizer or QuantMap
         A quantizer (wrapped in a ``QuantMap`` with ``map_options``) or a ready map.
     theta_q : Tensor, shape (D,), optional
         The quantized point ``q`` (default ``Q(theta_fp)``, round to nearest).
-    k : int
-        Size of the hill subspace (top-k Hessian eigenvectors at ``theta_fp``).
-    values, vectors : Tensor, shapes (k,) and (D, k), optional
-        Precomputed eigenpairs at ``theta_fp`` (vectors alone: values by Rayleigh quotients).
+    basis : HillBasis, optional
+        The hill subspace at ``theta_fp`` (top-k eigenpairs and the Hessian operator there,
+        :class:`~riverscape.gradients.HillBasis`); computed with k = 10 when ``None``.
     theta_qat : Tensor, shape (D,), optional
         A QAT solution (latent or deployed); gives ``cosine_qat = A(theta_qat - q)``.
     n_null : int
@@ -290,10 +287,8 @@ def alignment(
         Iterations of that solve.
     per_layer : bool
         Per-quantized-tensor alignment and gradient energy shares.
-    operator : HessianOperator, optional
-        ``objective.hessian(theta_fp)`` to reuse (its gradient graph); built if ``None``.
     seed : int
-        Seeds Lanczos and the null's sign patterns.
+        Seeds Lanczos (when the basis is computed) and the null's sign patterns.
     progress : bool
         Progress bar over the null draws.
 
@@ -304,7 +299,7 @@ def alignment(
     if n_null < 0:
         raise ValueError("n_null must be non-negative")
     theta_fp, qmap, op, lam, V = prepare(
-        objective, theta_fp, quantizer, k=k, values=values, vectors=vectors, operator=operator, seed=seed, map_options=map_options
+        objective, theta_fp, quantizer, basis=basis, seed=seed, map_options=map_options
     )
     q = quantized_point(objective, qmap, theta_fp, theta_q)
     k = V.shape[1]
@@ -394,7 +389,7 @@ class QATAlignment:
         ``L(q_t)`` with ``q_t = Q(w_t)``, and the metric (accuracy) there (``None`` without a metric).
     delta_norm : list of float
         ``|q_t - w_t|`` (rounding perturbation of the latent point).
-    hill_energy_share, curvature_share : list of float
+    hill_fraction, curvature_share : list of float
         ``E_H`` and ``C_H`` of ``delta_t = q_t - w_t`` (``H`` at ``theta_fp``).
     distance_to_fp, hill_distance_to_fp, river_distance_to_fp : list of float
         ``|q_t - w_ref|`` and its hill / river parts.
@@ -408,7 +403,7 @@ class QATAlignment:
     loss_q: list
     metric_q: list
     delta_norm: list
-    hill_energy_share: list
+    hill_fraction: list
     curvature_share: list
     distance_to_fp: list
     hill_distance_to_fp: list
@@ -441,16 +436,13 @@ def alignment_along_qat(
     latent_trajectory: Tensor,
     *,
     steps: Sequence[int] | None = None,
-    k: int = 10,
-    values: Tensor | None = None,
-    vectors: Tensor | None = None,
+    basis: HillBasis | None = None,
     qparams: Sequence[QParams] | None = None,
-    operator: HessianOperator | None = None,
     seed: int = 0,
     progress: bool = True,
     **map_options,
 ) -> QATAlignment:
-    """Track alignment and hill/river geometry along a QAT run (THEORY.md 7.4, QAT metrics).
+    """Track alignment and hill/river geometry along a QAT run (docs/theory.md §7.7).
 
     Parameters
     ----------
@@ -462,12 +454,11 @@ def alignment_along_qat(
         Latent weights ``w_t`` (e.g. ``QATResult.latent_trajectory``).
     steps : sequence of int, optional
         Labels of the rows (e.g. ``QATResult.trajectory_steps``); default ``0..n-1``.
-    k, values, vectors : see :func:`alignment`.
+    basis : HillBasis, optional
+        See :func:`alignment`.
     qparams : list of QParams, optional
         Frozen quantization parameters (e.g. ``qmap.qparams(theta_fp)``); default: recomputed
         from each ``w_t``.
-    operator : HessianOperator, optional
-        ``objective.hessian(theta_fp)`` to reuse.
     seed : int
     progress : bool
 
@@ -477,7 +468,7 @@ def alignment_along_qat(
         One gradient, one loss and one HVP per row.
     """
     theta_fp, qmap, op, lam, V = prepare(
-        objective, theta_fp, quantizer, k=k, values=values, vectors=vectors, operator=operator, seed=seed, map_options=map_options
+        objective, theta_fp, quantizer, basis=basis, seed=seed, map_options=map_options
     )
     trajectory = latent_trajectory.to(device=objective.device, dtype=objective.dtype)
     if trajectory.ndim != 2 or trajectory.shape[1] != objective.dim:
@@ -498,7 +489,7 @@ def alignment_along_qat(
             "loss_q": loss_q,
             "metric_q": objective.metric(q),
             "delta_norm": math.sqrt(sq_norm(delta)),
-            "hill_energy_share": safe_ratio(sq_norm(coords), sq_norm(delta)),
+            "hill_fraction": safe_ratio(sq_norm(coords), sq_norm(delta)),
             "curvature_share": safe_ratio(float((lam * coords.double() ** 2).sum()), quad),
             "distance_to_fp": math.sqrt(sq_norm(q - theta_fp)),
             "hill_distance_to_fp": math.sqrt(sq_norm(disp_hill)),

@@ -1,6 +1,6 @@
 """PTQ damage: second-order prediction, its breakdown, and the hill/river decomposition.
 
-THEORY.md 7.3 (hill/river split, basin widths, rho_i) and 7.5 (damage predictions, the
+docs/theory.md §6.2 (hill/river split), §6.5 (basin widths, rho_i) and §6.3-§6.4 (damage predictions, the
 profile ``p(t) = L(w_ref + t delta) - L(w_ref)`` and the breakdown scale ``t_b``). The loss
 is the full-precision ``L(theta)`` evaluated at perturbed points; ``g`` and ``H`` are taken at
 ``w_ref`` (the FP point). Coordinates: see :mod:`riverscape.gradients._common`.
@@ -16,8 +16,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..landscape.curvature import hessian_trace
+from ..linalg import ScaledOperator
 from ..objective import HessianOperator, Objective
 from ._common import (
+    HillBasis,
     Quantizer,
     dot,
     finite_or_none,
@@ -35,7 +37,7 @@ __all__ = ["DamageResult", "damage", "basin_widths", "breakdown_scale"]
 
 
 def breakdown_scale(t: Sequence[float], measured: Sequence[float], quadratic: Sequence[float], *, atol: float = 1e-6) -> float:
-    """First ``t`` where the measured profile leaves the quadratic one (THEORY.md 7.5).
+    """First ``t`` where the measured profile leaves the quadratic one (docs/theory.md §6.4).
 
     ``t_b = min{t : |p(t) - p_2(t)| > 0.5 |p_2(t)| + atol}``, linearly interpolated between
     the last grid point inside and the first one outside; ``inf`` if the profile never breaks.
@@ -65,7 +67,7 @@ def basin_widths(
     rtol: float = 1e-9,
     max_iter: int = 80,
 ) -> tuple[list[float], list[float]]:
-    """Measured basin widths along ``+-v_i`` by a scan and bisection (THEORY.md 7.3).
+    """Measured basin widths along ``+-v_i`` by a scan and bisection (docs/theory.md §6.5).
 
     ``beta_i^+-(tau) = min{t > 0 : L(theta +- t v_i) - L(theta) >= tau}``. The search scans
     ``t = b_i 2^(j/2)``, ``j = -8..20`` around the quadratic guess ``b_i = sqrt(2 tau / lambda_i)``
@@ -125,26 +127,9 @@ def basin_widths(
     return width[:k].tolist(), width[k:].tolist()
 
 
-class _ScaledHessian:
-    """``S H S`` with ``S = diag(s)``, for ``tr(S H S) = sum_j H_jj s_j^2`` by Hutch++."""
-
-    def __init__(self, operator: HessianOperator, scales: Tensor) -> None:
-        self.operator = operator
-        self.scales = scales
-        self.shape = operator.shape
-
-    @property
-    def matvecs(self) -> int:
-        return self.operator.matvecs
-
-    def torch_matmat(self, vectors: Tensor) -> Tensor:
-        s = self.scales[:, None].to(vectors)
-        return s * self.operator.torch_matmat(s * vectors)
-
-
 @dataclass(frozen=True)
 class DamageResult:
-    """Measured vs predicted PTQ damage and its hill/river decomposition (THEORY.md 7.3, 7.5).
+    """Measured vs predicted PTQ damage and its hill/river decomposition (docs/theory.md §6).
 
     ``delta = q - w_ref``; ``g``, ``H`` at ``w_ref``; ``c = V_k^T delta``, ``delta_H = V_k c``,
     ``delta_R = delta - delta_H``. ``to_dict()`` gives the flat JSON-friendly form
@@ -154,18 +139,17 @@ class DamageResult:
     ----------
     measured_loss_increase : float
         ``L(q) - L(w_ref)``.
-    predicted_first_order, predicted_quadratic, predicted_hill_only, predicted_block_diagonal : float
-        ``g^T delta``; ``g^T delta + 1/2 delta^T H delta``; ``1/2 sum_i lambda_i c_i^2``;
-        ``g^T delta + 1/2 sum_l delta_l^T H_ll delta_l`` (quantized tensors as blocks).
-    predicted_loss_increase : float
-        Same as ``predicted_quadratic``.
+    predicted_first_order, predicted_loss_increase, predicted_hill_only, predicted_block_diagonal : float
+        ``g^T delta``; the second-order prediction ``g^T delta + 1/2 delta^T H delta``;
+        ``1/2 sum_i lambda_i c_i^2``; ``g^T delta + 1/2 sum_l delta_l^T H_ll delta_l`` (quantized
+        tensors as blocks).
     ratio : float or None
-        ``r = measured / predicted_quadratic``.
+        ``r = measured / predicted_loss_increase``.
     breakdown_scale : float
         ``t_b`` (``inf`` if the profile never leaves the quadratic within ``profile_max``).
     inside_basin : bool
         ``t_b > 1``.
-    hill_energy_share (= hill_fraction), hill_energy_baseline : float
+    hill_fraction, hill_energy_baseline : float
         ``E_H = |delta_H|^2 / |delta|^2`` and the random baseline ``k / dim``.
     curvature_share : float or None
         ``C_H = sum_i lambda_i c_i^2 / delta^T H delta``.
@@ -204,14 +188,12 @@ class DamageResult:
     delta_norm: float
     measured_loss_increase: float
     predicted_first_order: float
-    predicted_quadratic: float
     predicted_loss_increase: float
     predicted_hill_only: float
     predicted_block_diagonal: float
     ratio: float | None
     breakdown_scale: float
     inside_basin: bool
-    hill_energy_share: float | None
     hill_fraction: float | None
     hill_energy_baseline: float
     curvature_share: float | None
@@ -280,9 +262,7 @@ def damage(
     quantizer: Quantizer,
     *,
     theta_q: Tensor | None = None,
-    k: int = 10,
-    values: Tensor | None = None,
-    vectors: Tensor | None = None,
+    basis: HillBasis | None = None,
     tau: float = 0.05,
     profile_points: int = 16,
     profile_max: float = 1.5,
@@ -292,27 +272,25 @@ def damage(
     floor_steps: int = 100,
     random_control: bool = True,
     rtn_matvecs: int = 60,
-    operator: HessianOperator | None = None,
     seed: int = 0,
     progress: bool = True,
     **map_options,
 ) -> DamageResult:
-    """Second-order analysis of the PTQ perturbation ``delta = q - w_ref`` (THEORY.md 7.3, 7.5).
+    """Second-order analysis of the PTQ perturbation ``delta = q - w_ref`` (docs/theory.md §6).
 
     Parameters
     ----------
     objective : Objective
-        Build it with ``params`` selecting the quantized tensors for THEORY's ``d = dim theta_Q``.
+        Build it with ``params`` selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2).
     theta_fp : Tensor, shape (D,), or None
         Reference FP point ``w_ref`` (default ``objective.theta0``).
     quantizer : UniformQuantizer or QuantMap
         A quantizer (wrapped in a ``QuantMap`` with ``map_options``) or a ready map.
     theta_q : Tensor, shape (D,), optional
         The quantized point (default ``Q(theta_fp)``); any perturbed point works.
-    k : int
-        Hill subspace size.
-    values, vectors : Tensor, shapes (k,) and (D, k), optional
-        Precomputed top-k eigenpairs at ``theta_fp``.
+    basis : HillBasis, optional
+        The hill subspace at ``theta_fp`` (top-k eigenpairs and the Hessian operator there,
+        :class:`~riverscape.gradients.HillBasis`); computed with k = 10 when ``None``.
     tau : float
         Loss tolerance of the basin widths (nats for cross-entropy).
     profile_points, profile_max : int, float
@@ -331,10 +309,8 @@ def damage(
         perturbation with ``|delta|`` on the quantized coordinates (4 draws, generator ``seed + 1``).
     rtn_matvecs : int
         Hutch++ budget for ``expected_rtn_damage`` (0 skips it; skipped at 1 bit).
-    operator : HessianOperator, optional
-        ``objective.hessian(theta_fp)`` to reuse.
     seed : int
-        Seeds Lanczos and the random controls.
+        Seeds Lanczos (when the basis is computed) and the random controls.
     progress : bool
         Progress bar over the stages.
 
@@ -348,7 +324,7 @@ def damage(
         raise ValueError(f"tau must be positive, got {tau}")
     bar = tqdm(total=5, desc="damage", leave=False, disable=not progress)
     theta_fp, qmap, op, lam, V = prepare(
-        objective, theta_fp, quantizer, k=k, values=values, vectors=vectors, operator=operator, seed=seed, map_options=map_options
+        objective, theta_fp, quantizer, basis=basis, seed=seed, map_options=map_options
     )
     q = quantized_point(objective, qmap, theta_fp, theta_q)
     k, dim = V.shape[1], objective.dim
@@ -408,7 +384,7 @@ def damage(
     rho_expected = [float(s) / b for s, b in zip(noise_sd, quad_widths)]
     expected_rtn = None
     if rtn_matvecs > 0 and qmap.quantizer.bits >= 2:
-        trace = hessian_trace(objective, theta_fp, matvecs=rtn_matvecs, operator=_ScaledHessian(op, scales), seed=seed)
+        trace = hessian_trace(objective, theta_fp, matvecs=rtn_matvecs, operator=ScaledOperator(op, scales), seed=seed)
         expected_rtn = trace.value / 24.0
     bar.update()
 
@@ -436,14 +412,12 @@ def damage(
         delta_norm=math.sqrt(sq_norm(delta)),
         measured_loss_increase=measured,
         predicted_first_order=linear,
-        predicted_quadratic=quadratic,
         predicted_loss_increase=quadratic,
         predicted_hill_only=hill_only,
         predicted_block_diagonal=block_diagonal,
         ratio=safe_ratio(measured, quadratic),
         breakdown_scale=t_b,
         inside_basin=t_b > 1.0,
-        hill_energy_share=hill_share,
         hill_fraction=hill_share,
         hill_energy_baseline=k / dim,
         curvature_share=safe_ratio(2.0 * hill_only, curvature),

@@ -1,4 +1,4 @@
-"""R3, the local valley floor: minimise the loss inside the hill subspace (THEORY.md 7.3).
+"""R3, the local valley floor: minimise the loss inside the hill subspace (docs/theory.md §5.9).
 
     Pi_floor(u) = u + V_k c*,   c* = argmin_{c in R^k} L(u + V_k c)
 

@@ -144,7 +144,7 @@ def eigenvector_directions(
 
 
 def quantization_direction(theta: Tensor, theta_q: Tensor) -> Tensor:
-    """The rounding perturbation ``delta = Q(theta) - theta`` (THEORY.md 7.1), shape (D,).
+    """The rounding perturbation ``delta = Q(theta) - theta`` (docs/theory.md §2.6), shape (D,).
 
     Along it, ``theta + 1 * delta`` is the quantized point.
     """

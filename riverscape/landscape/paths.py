@@ -2,7 +2,7 @@
 
 A path is a curve ``gamma: [0, 1] -> R^D``; calling it on ``t`` of shape ``(n,)`` returns the
 points ``(n, D)``. On top: loss profiles (optionally of the quantized loss ``L(Q(gamma(t)))``),
-the loss barrier of Entezari et al., the trajectory river R1 (THEORY.md 7.3), the projection of
+the loss barrier of Entezari et al., the trajectory river R1 (docs/theory.md §5.7), the projection of
 a point onto a path, and two ways of finding low-loss curves between two points: Garipov et
 al.'s Bezier curves and the nudged elastic band (NEB).
 """
@@ -12,14 +12,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..objective import Objective
-from ..training import TrainResult
+from ..training import TrainResult, build_optimizer
 from .slices import Quantizer, as_quant_map, describe_quantizer, evaluate_points
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
 
 SMOOTHINGS = ("ema", "window", None)
 REFINE_METHODS = ("bezier", "neb")
-OPTIMIZERS = ("adam", "sgd")
 _LENGTH_SAMPLES = 1025  # dense polyline used for the arc length of curved paths
 _PROJECTION_BUDGET = 2e7  # numbers held at once when projecting onto long paths
 
@@ -358,7 +357,7 @@ def river(
     ema: float = 0.5,
     window: int = 3,
 ) -> PolylinePath:
-    """The trajectory river R1 (THEORY.md 7.3): a smoothed polyline through training checkpoints.
+    """The trajectory river R1 (docs/theory.md §5.7): a smoothed polyline through training checkpoints.
 
     Smoothing removes the oscillation across the valley ("hill" directions):
 
@@ -434,7 +433,7 @@ def _closest_on_polyline(point: Tensor, vertices: Tensor) -> tuple[float, int, f
 
 
 def project_onto_path(point: Tensor, path: WeightPath, dense: int = 400) -> PathProjection:
-    """Closest point of ``path`` to ``point`` (THEORY.md 7.3 ``project_polyline``).
+    """Closest point of ``path`` to ``point`` (docs/theory.md §5.7 ``project_polyline``).
 
     Exact for polylines and lines (per segment, ``t`` clipped to the segment); other paths are
     sampled at ``dense + 1`` equally spaced ``t`` and the inscribed polyline is projected onto
@@ -469,11 +468,7 @@ def project_onto_path(point: Tensor, path: WeightPath, dense: int = 400) -> Path
 
 # ---------------------------------------------------------------------------- low-loss curves
 def _optimizer(params: list[Tensor], name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return build_optimizer(name, params, lr, momentum=momentum)
 
 
 def _interior_on_segment(a: Tensor, b: Tensor, count: int) -> Tensor:

@@ -1,4 +1,13 @@
-"""Quantization: uniform quantizers, the layout-aware map theta -> Q(theta), PTQ, and QAT with gradient estimators."""
+"""Quantization: uniform quantizers, the layout-aware map theta -> Q(theta), PTQ, and QAT with gradient estimators.
+
+PTQ methods and QAT estimators are frozen configs looked up in registries
+(:data:`PTQ_METHODS` with :func:`register_ptq_method`; :data:`ESTIMATOR_REGISTRY` with
+:func:`register_estimator`): ``ptq(obj, 2, method="rtn")``, ``qat(obj, 2, estimator=LSQ(init="lsq"))``.
+Every function taking a quantizer accepts a bit-width, a :class:`UniformQuantizer` or a
+:class:`QuantMap` through :func:`resolve_quant_map`.
+"""
+from types import ModuleType as _ModuleType
+
 from .estimators import (
     ESTIMATORS,
     clip_mask,
@@ -14,7 +23,22 @@ from .estimators import (
     pege_rho,
     ste,
 )
-from .qat import LSQ_INITS, SCALE_MODES, QATResult, count_grid_flips, ewgs_deltas, first_hitting_time, qat
+from .estimator_configs import (
+    ESTIMATOR_REGISTRY,
+    EWGS,
+    LSQ,
+    LSQ_INITS,
+    PEGE,
+    STE,
+    ClippedSTE,
+    EstimatorConfig,
+    EstimatorHandler,
+    QATContext,
+    build_estimator,
+    estimator_config,
+    register_estimator,
+)
+from .qat import SCALE_MODES, QATResult, count_grid_flips, ewgs_deltas, first_hitting_time, qat
 from .layers import (
     UnsupportedWeight,
     channel_axis_of,
@@ -23,47 +47,8 @@ from .layers import (
     unsupported_weight_warning,
     unsupported_weights,
 )
-from .qmap import KEPT_REASONS, QUANTIZABLE_MODULES, LayerSelection, QuantMap, QuantTarget, WeightStatus, ptq, resolve_quant_map
+from .qmap import KEPT_REASONS, QUANTIZABLE_MODULES, LayerSelection, QuantizerLike, QuantMap, QuantTarget, WeightStatus, resolve_quant_map
+from .ptq import PTQ_CONFIGS, PTQ_METHODS, RTN, PTQConfig, PTQResult, ptq, ptq_config, ptq_result, register_ptq_method
 from .quantizers import RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
 
-__all__ = [
-    "UniformQuantizer",
-    "QParams",
-    "fake_quantize",
-    "integer_grid",
-    "RANGE_METHODS",
-    "QuantMap",
-    "QuantTarget",
-    "ptq",
-    "QUANTIZABLE_MODULES",
-    "LayerSelection",
-    "WeightStatus",
-    "KEPT_REASONS",
-    "resolve_quant_map",
-    "register_quantizable",
-    "registered_layers",
-    "channel_axis_of",
-    "UnsupportedWeight",
-    "unsupported_weights",
-    "unsupported_weight_warning",
-    "qat",
-    "QATResult",
-    "SCALE_MODES",
-    "LSQ_INITS",
-    "count_grid_flips",
-    "first_hitting_time",
-    "ewgs_deltas",
-    "ESTIMATORS",
-    "get_estimator",
-    "make_estimator",
-    "ste",
-    "clipped_ste",
-    "lsq",
-    "ewgs",
-    "pege",
-    "clip_mask",
-    "lsq_grad_scale",
-    "lsq_initial_scale",
-    "pege_mask",
-    "pege_rho",
-]
+__all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

@@ -1,4 +1,4 @@
-"""Gradient estimators for quantization-aware training (THEORY.md section 3).
+"""Gradient estimators for quantization-aware training (docs/theory.md §3).
 
 Every estimator is a function ``fn(w, qparams, *, binary=False, **options) -> w_hat`` whose
 forward value is exactly the quantizer's grid point ``Q(w)`` (bit-identical to
@@ -33,6 +33,10 @@ ewgs          ``g * (1 + delta * sign(g) * (x_n - x_q)) * 1[inside]``, ``x_n = c
 pege          ``g`` (STE on the replaced part, identity on the rest); forward
               ``m * Q(w) + (1 - m) * w`` -- a placeholder for arXiv 2509.00097 [P]
 ============  =========================================================================
+
+Their options inside :func:`riverscape.quant.qat.qat` (LSQ's initial step, EWGS's ``delta``
+schedule, PEGE's curriculum and penalty) are frozen configs in
+:mod:`riverscape.quant.estimator_configs` (``LSQ(init=...)``, ``EWGS(...)``, ``PEGE(...)``).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ surrogate (:mod:`riverscape.quant.estimators`). Everything runs on flat vectors 
 that the :class:`~riverscape.quant.qmap.QuantMap` does not quantize (biases, norms) are
 trained in full precision alongside.
 
-Trajectory metrics follow THEORY.md 7.4: the full-data quantized loss at evaluated steps,
+Trajectory metrics follow docs/theory.md §3.8: the full-data quantized loss at evaluated steps,
 grid flips at every step (Nagel et al. 2022, arXiv 2203.11086), the discretisation error
 ``||theta - Q(theta)||``, the best iterate and the first hitting time
 ``T_hit(tau) = min{t : L(Q(theta_t)) <= L(w_ref) + tau}``.
@@ -24,16 +24,9 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from ..objective import Objective
-from ..training import OPTIMIZERS, _record_set
-from .estimators import (
-    ESTIMATORS,
-    get_estimator,
-    lsq_grad_scale,
-    lsq_initial_scale,
-    pege_mask,
-    pege_rho,
-)
-from .qmap import QuantMap, resolve_quant_map
+from ..training import OPTIMIZERS, _record_set, build_optimizer
+from .estimator_configs import ESTIMATOR_REGISTRY, LSQ_INITS, EstimatorConfig, QATContext, build_estimator, estimator_config
+from .qmap import QuantizerLike, QuantMap, resolve_quant_map
 from .quantizers import QParams, UniformQuantizer
 
 __all__ = [
@@ -47,7 +40,15 @@ __all__ = [
 ]
 
 SCALE_MODES = ("frozen", "recomputed", "learned")
-LSQ_INITS = ("calibrated", "lsq")
+
+# keywords that qat() took before the estimator configs, and where they live now
+_MOVED_KEYWORDS = {
+    "lsq_init": "estimator=LSQ(init=...)",
+    "ewgs_update_every": "estimator=EWGS(update_every=...)",
+    "ewgs_matvecs": "estimator=EWGS(matvecs=...)",
+    "pege_beta": "estimator=PEGE(beta=...)",
+    "pege_lambda": "estimator=PEGE(penalty=...)",
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class QATResult:
     tau, reference_loss : float
         Tolerance and ``L(w_ref)`` (full precision) defining the hitting threshold.
     estimator, scale_mode, quantizer : str
-        What was run; ``loss_kind`` names the minimised loss.
+        What was run (``estimator`` is the registry name); ``loss_kind`` names the minimised loss.
     scales : dict of str to Tensor
         Final scale of every quantized tensor (broadcastable against it).
     qparams : list of QParams
@@ -92,6 +93,8 @@ class QATResult:
         EWGS only: ``{"step": t, "delta": {layer: delta_weight_units}}`` at each update.
     wall_time : float
         Seconds spent in :func:`qat`.
+    estimator_config : EstimatorConfig or None
+        The estimator's full config (e.g. ``LSQ(init="calibrated")``).
     """
 
     theta: Tensor
@@ -116,6 +119,7 @@ class QATResult:
     ewgs_deltas: list[dict] = field(default_factory=list)
     wall_time: float = 0.0
     loss_kind: str = "L(Q(theta)): full-data loss at the quantized point, minimised over latent theta"
+    estimator_config: EstimatorConfig | None = None
 
     def to_dict(self) -> dict:
         """JSON-friendly scalar parts and the history (no tensors)."""
@@ -177,8 +181,7 @@ def ewgs_deltas(objective: Objective, qmap: QuantMap, theta_q: Tensor, *, matvec
     dict of str to float
         Layer name to ``delta`` (``>= 0``).
     """
-    # imported here: landscape may import quant (quantized slices), keep the import one-way at load time
-    from ..landscape.curvature import hessian_trace
+    from ..linalg import BlockOperator, estimate_trace
 
     theta_q = objective.check_theta(theta_q)
     operator = objective.hessian(theta_q)
@@ -186,9 +189,8 @@ def ewgs_deltas(objective: Objective, qmap: QuantMap, theta_q: Tensor, *, matvec
     deltas = {}
     try:
         for i, target in enumerate(qmap.targets):
-            trace = hessian_trace(
-                objective, theta_q, matvecs=matvecs, method="hutchinson", block=target.name, operator=operator, seed=seed + i
-            )
+            block = BlockOperator(operator, target.spec.slice)
+            trace = estimate_trace(block, matvecs=matvecs, method="hutchinson", seed=seed + i)
             spread = float(gradient[target.spec.slice].std())
             value = trace.value / target.spec.numel / (3.0 * spread) if spread > 0 else 0.0
             deltas[target.name] = max(0.0, value)
@@ -229,21 +231,21 @@ class _MiniBatches:
         return _take(self.x, index), _take(self.y, index)
 
 
-def _resolve_scale_mode(estimator: str, scale: str | None, quantizer: UniformQuantizer) -> str:
+def _resolve_scale_mode(config: EstimatorConfig, scale: str | None, quantizer: UniformQuantizer) -> str:
     if scale is None:
-        scale = "learned" if estimator == "lsq" else "frozen"
+        scale = "learned" if config.learns_scale else "frozen"
     if scale not in SCALE_MODES:
         raise ValueError(f"unknown scale mode {scale!r}; choose one of {SCALE_MODES}")
-    if estimator == "lsq" and scale != "learned":
-        raise ValueError(f"estimator='lsq' learns the step size: use scale='learned' (or None), got {scale!r}")
-    if scale == "learned" and estimator != "lsq":
-        raise ValueError(f"scale='learned' is LSQ's learnable step: use estimator='lsq', got {estimator!r}")
-    if estimator == "lsq" and not quantizer.symmetric:
-        raise ValueError("estimator='lsq' needs a symmetric quantizer (LSQ's grid has no zero point)")
+    if config.learns_scale and scale != "learned":
+        raise ValueError(f"estimator={config.name!r} learns the step size: use scale='learned' (or None), got {scale!r}")
+    if scale == "learned" and not config.learns_scale:
+        learners = [name for name, entry in ESTIMATOR_REGISTRY.items() if entry.config_cls.learns_scale]
+        raise ValueError(f"scale='learned' is a learnable step: use an estimator that learns it ({learners}), got {config.name!r}")
+    config.check_quantizer(quantizer)
     return scale
 
 
-def _validate(steps, lr, optimizer, batch_size, tau, record_every, ewgs_update_every, ewgs_matvecs, pege_beta, pege_lambda, lsq_init):
+def _validate(steps, lr, optimizer, batch_size, tau, record_every):
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not lr > 0:
@@ -256,49 +258,25 @@ def _validate(steps, lr, optimizer, batch_size, tau, record_every, ewgs_update_e
         raise ValueError(f"tau must be >= 0, got {tau}")
     if record_every is not None and record_every < 1:
         raise ValueError(f"record_every must be at least 1, got {record_every}")
-    if ewgs_update_every < 1 or ewgs_matvecs < 3:
-        raise ValueError("ewgs_update_every must be >= 1 and ewgs_matvecs >= 3")
-    if pege_beta <= 1:
-        raise ValueError(f"pege_beta must be > 1, got {pege_beta}")
-    if pege_lambda < 0:
-        raise ValueError(f"pege_lambda must be >= 0, got {pege_lambda}")
-    if lsq_init not in LSQ_INITS:
-        raise ValueError(f"lsq_init must be one of {LSQ_INITS}, got {lsq_init!r}")
-
-
-def _initial_scales(qmap: QuantMap, theta: Tensor, calibrated: list[QParams], lsq_init: str) -> list[Tensor]:
-    scales = []
-    for i, target in enumerate(qmap.targets):
-        if lsq_init == "lsq":
-            s = lsq_initial_scale(qmap.tensor(theta, target), calibrated[i])
-        else:
-            s = calibrated[i].scale
-        scales.append(s.detach().clone().requires_grad_(True))
-    return scales
 
 
 # ---------------------------------------------------------------------- QAT
 def qat(
     objective: Objective,
-    quantizer: Union[UniformQuantizer, QuantMap],
+    quantizer: QuantizerLike,
     *,
-    estimator: str = "ste",
+    estimator: Union[str, EstimatorConfig] = "ste",
     steps: int = 300,
     lr: float = 1e-2,
     optimizer: str = "adam",
     momentum: float = 0.9,
     batch_size: int | None = None,
     scale: str | None = None,
-    lsq_init: str = "calibrated",
     theta0: Tensor | None = None,
     reference: Tensor | None = None,
     tau: float = 0.05,
     record_every: int | None = 10,
     record_steps: Sequence[int] | None = None,
-    ewgs_update_every: int = 50,
-    ewgs_matvecs: int = 32,
-    pege_beta: float = 10.0,
-    pege_lambda: float = 1e-4,
     eval_objective: Objective | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -316,10 +294,14 @@ def qat(
     ----------
     objective : Objective
         Loss and analysis set (e.g. the training split). Never modified.
-    quantizer : UniformQuantizer or QuantMap
-        The quantizer (wrapped in a QuantMap with ``map_options``) or a ready map.
-    estimator : {"ste", "clipped_ste", "lsq", "ewgs", "pege"}
-        Gradient estimator (see :mod:`riverscape.quant.estimators`).
+    quantizer : int, UniformQuantizer or QuantMap
+        A bit-width or quantizer (wrapped in a QuantMap with ``map_options``) or a ready map.
+    estimator : str or EstimatorConfig
+        Gradient estimator: a registered name (``"ste"``, ``"clipped_ste"``, ``"lsq"``,
+        ``"ewgs"``, ``"pege"``; its default config) or a config with its options --
+        :class:`~riverscape.quant.estimator_configs.STE`, ``ClippedSTE``, ``LSQ(init=...)``,
+        ``EWGS(delta=..., update_every=..., matvecs=...)``, ``PEGE(beta=..., penalty=...)``
+        (see :mod:`riverscape.quant.estimator_configs` and :mod:`riverscape.quant.estimators`).
     steps : int
         Number of updates.
     lr, optimizer, momentum
@@ -336,9 +318,6 @@ def qat(
         quantizer's range method from the latent weights at every step (no gradient through
         it); ``learned``: LSQ's learnable step (only with ``estimator="lsq"``, which requires
         it). ``None`` picks ``learned`` for LSQ and ``frozen`` otherwise.
-    lsq_init : {"calibrated", "lsq"}
-        LSQ's initial step: the quantizer's calibrated scale at the start point (default,
-        so LSQ starts from the PTQ point) or ``2 mean|w| / sqrt(Q_P)`` per channel.
     theta0 : Tensor, shape (D,), optional
         Start of the latent weights (default ``objective.theta0``).
     reference : Tensor, shape (D,), optional
@@ -351,15 +330,6 @@ def qat(
         (``record_every=1`` gives them exactly).
     record_steps : sequence of int, optional
         Evaluate exactly at these steps instead.
-    ewgs_update_every : int
-        EWGS: steps between re-estimates of ``delta`` (Hutchinson trace of each layer block
-        at the quantized point; the EWGS paper does it once per epoch).
-    ewgs_matvecs : int
-        Hutchinson probes per layer for ``delta``.
-    pege_beta, pege_lambda : float
-        PEGE placeholder [P]: curriculum ``rho(e) = log(1 + (beta-1) e/E)/log(beta)``
-        (the update producing step ``t`` replaces a fraction ``rho(t / steps)`` of every
-        quantized tensor, nested random masks) and penalty ``lambda ||w - Q(w)||^2``.
     eval_objective : Objective, optional
         Also record ``eval_loss`` / ``eval_metric`` of ``Q(theta_t)`` on it (e.g. the test split).
     seed : int
@@ -386,15 +356,17 @@ def qat(
     (torch.Size([3, 67]), 20)
     """
     started = time.perf_counter()
-    get_estimator(estimator)
-    _validate(steps, lr, optimizer, batch_size, tau, record_every, ewgs_update_every, ewgs_matvecs, pege_beta, pege_lambda, lsq_init)
+    moved = sorted(set(map_options) & set(_MOVED_KEYWORDS))
+    if moved:
+        raise TypeError(f"qat() no longer takes {moved}: pass " + ", ".join(_MOVED_KEYWORDS[k] for k in moved))
+    config = estimator_config(estimator)
+    _validate(steps, lr, optimizer, batch_size, tau, record_every)
     qmap = resolve_quant_map(objective, quantizer, **map_options)
     quant = qmap.quantizer
-    scale_mode = _resolve_scale_mode(estimator, scale, quant)
+    scale_mode = _resolve_scale_mode(config, scale, quant)
     if eval_objective is not None and eval_objective.dim != objective.dim:
         raise ValueError(f"eval_objective has dimension {eval_objective.dim}, expected {objective.dim}")
     binary = quant.bits == 1
-    fn = get_estimator(estimator)
 
     theta = (objective.theta0 if theta0 is None else objective.check_theta(theta0)).detach().clone()
     w_ref = theta.clone() if reference is None else objective.check_theta(reference).detach().clone()
@@ -403,18 +375,16 @@ def qat(
     zero_points = [qp.zero_point for qp in calibrated]
     qmin, qmax = calibrated[0].qmin, calibrated[0].qmax
 
-    latent = theta.requires_grad_(True)
-    scales = _initial_scales(qmap, theta.detach(), calibrated, lsq_init) if scale_mode == "learned" else []
-    params = [latent, *scales]
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-
     generator = torch.Generator().manual_seed(seed)
     sampler = _MiniBatches(objective.batches, batch_size, generator) if batch_size is not None else None
-    grad_scales = [lsq_grad_scale(t.spec.numel // calibrated[i].scale.numel(), qmax) for i, t in enumerate(qmap.targets)]
+    # drawn for every estimator (only PEGE uses them) so the mini-batch stream does not depend on the estimator
     ranks = [torch.randperm(t.spec.numel, generator=generator).reshape(t.spec.shape).to(theta.device) for t in qmap.targets]
+    handler = build_estimator(config, QATContext(objective, qmap, steps, seed, scale_mode, calibrated, ranks))
+    fn = handler.function
+
+    latent = theta.requires_grad_(True)
+    scales = handler.initial_scales(theta.detach()) if scale_mode == "learned" else []
+    opt = build_optimizer(optimizer, [latent, *scales], lr, momentum=momentum)
 
     def current_qparams(point: Tensor) -> list[QParams]:
         if scale_mode == "frozen":
@@ -423,34 +393,25 @@ def qat(
             return qmap.qparams(point)
         return [QParams(s.detach().clone(), z, qmin, qmax) for s, z in zip(scales, zero_points)]
 
-    def options(i: int, state: dict) -> dict:
-        if estimator == "lsq":
-            return {"grad_scale": grad_scales[i]}
-        if estimator == "ewgs":
-            return {"delta": state["delta"][i]}
-        if estimator == "pege":
-            return {"mask": state["mask"][i]}
-        return {}
-
-    def step_loss(point: Tensor, step_scales: tuple, qparams: list[QParams], state: dict, batch) -> Tensor:
+    def step_loss(point: Tensor, step_scales: tuple, qparams: list[QParams], batch) -> Tensor:
         def quantize(target, w, i):
             qp = QParams(step_scales[i], zero_points[i], qmin, qmax) if step_scales else qparams[i]
-            return fn(w, qp, binary=binary, **options(i, state))
+            return fn(w, qp, binary=binary, **handler.options(i))
 
         q = qmap.map_targets(point, quantize)
         value = objective.loss_tensor(q) if batch is None else objective.batch_loss(q, *batch)
-        if estimator == "pege" and pege_lambda > 0:
-            value = value + pege_lambda * ((point - state["hard"]) ** 2).sum()
+        extra = handler.penalty(point)
+        if extra is not None:
+            value = value + extra
         return value
 
     value_and_grads = grad_and_value(step_loss, argnums=(0, 1))
     record = _record_set(steps, record_every, record_steps)
-    latents, quantized, recorded, fractions = [], [], [], []
+    latents, quantized, recorded = [], [], []
+    extras: dict[str, list] = {}
     flips: list[int] = []
-    deltas_log: list[dict] = []
-    state: dict = {"fraction": 0.0}
     previous_codes = None
-    bar = tqdm(total=steps, disable=not progress, desc=f"qat {estimator}", leave=False)
+    bar = tqdm(total=steps, disable=not progress, desc=f"qat {config.name}", leave=False)
     for t in range(steps + 1):
         point = latent.detach()
         qparams = current_qparams(point)
@@ -462,23 +423,13 @@ def qat(
             latents.append(point.clone())
             quantized.append(hard)
             recorded.append(t)
-            fractions.append(state["fraction"])
+            for key, entry in handler.record().items():
+                extras.setdefault(key, []).append(entry)
         if t == steps:
             break
-        state["hard"] = hard
-        if estimator == "ewgs" and t % ewgs_update_every == 0:
-            layer_deltas = ewgs_deltas(objective, qmap, hard, matvecs=ewgs_matvecs, seed=seed + 7919 * t)
-            deltas_log.append({"step": t, "delta": layer_deltas})
-            state["delta"] = [layer_deltas[tg.name] * qp.scale for tg, qp in zip(qmap.targets, qparams)]
-        elif estimator == "ewgs" and scale_mode == "recomputed":
-            last = deltas_log[-1]["delta"]
-            state["delta"] = [last[tg.name] * qp.scale for tg, qp in zip(qmap.targets, qparams)]
-        if estimator == "pege":
-            rho = pege_rho(t + 1, steps, pege_beta)
-            state["mask"] = [pege_mask(r, rho) for r in ranks]
-            state["fraction"] = sum(int(m.sum()) for m in state["mask"]) / qmap.n_quantized
+        handler.before_update(t, hard, qparams)
         batch = sampler.next() if sampler is not None else None
-        (g_latent, g_scales), value = value_and_grads(point, tuple(s.detach() for s in scales), qparams, state, batch)
+        (g_latent, g_scales), value = value_and_grads(point, tuple(s.detach() for s in scales), qparams, batch)
         if not torch.isfinite(value):
             raise FloatingPointError(f"QAT loss became {float(value)} at step {t}; lower the learning rate")
         latent.grad = g_latent
@@ -500,8 +451,7 @@ def qat(
         history["metric"] = [float(v) for v in metrics]
     history["grid_flips"] = [flips[t] for t in recorded]
     history["discretization_error"] = [float(v) for v in (latent_traj - quant_traj).norm(dim=1)]
-    if estimator == "pege":
-        history["replaced_fraction"] = fractions
+    history.update(extras)
     if eval_objective is not None:
         eval_losses, eval_metrics = eval_objective.evaluate(quant_traj)
         history["eval_loss"] = [float(v) for v in eval_losses]
@@ -524,11 +474,12 @@ def qat(
         hit_step=first_hitting_time(recorded, history["loss"], reference_loss + tau),
         tau=tau,
         reference_loss=reference_loss,
-        estimator=estimator,
+        estimator=config.name,
         scale_mode=scale_mode,
         quantizer=quant.describe(),
         scales={tg.name: qp.scale.detach().clone() for tg, qp in zip(qmap.targets, final_qparams)},
         qparams=final_qparams,
-        ewgs_deltas=deltas_log,
+        ewgs_deltas=handler.log,
         wall_time=time.perf_counter() - started,
+        estimator_config=config,
     )

@@ -1,4 +1,4 @@
-"""Weight-layout-aware quantization of a flat parameter vector, and PTQ.
+"""Weight-layout-aware quantization of a flat parameter vector.
 
 A :class:`QuantMap` knows which slices of ``theta`` are weights (registered parameters of
 registered layer types, see :mod:`riverscape.quant.layers`; quantized per output channel
@@ -29,8 +29,8 @@ __all__ = [
     "LayerSelection",
     "WeightStatus",
     "KEPT_REASONS",
-    "ptq",
     "resolve_quant_map",
+    "QuantizerLike",
     "QUANTIZABLE_MODULES",
 ]
 
@@ -43,6 +43,8 @@ QUANTIZABLE_MODULES = (
 )
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[ParamSpec], bool]]
+QuantizerLike = Union[int, UniformQuantizer, "QuantMap"]
+"""What functions taking a quantizer accept: a bit-width, a :class:`UniformQuantizer` or a ready :class:`QuantMap`."""
 
 NOT_A_WEIGHT = "not a weight"
 EXCLUDED = "excluded"
@@ -399,25 +401,35 @@ class QuantMap:
         return [unsupported_weight_warning(row.name, row.shape, row.module_type) for row in self.unsupported()]
 
 
-def resolve_quant_map(
-    objective: Objective, quantizer: Union[UniformQuantizer, QuantMap], **map_options
-) -> QuantMap:
-    """A :class:`QuantMap` for ``objective``: a ready map (checked), or one built from a quantizer.
+def resolve_quant_map(objective: Objective, quantizer: QuantizerLike, **map_options) -> QuantMap:
+    """A :class:`QuantMap` for ``objective`` from a bit-width, a quantizer or a ready map.
+
+    The one coercion used by every function of riverscape that takes a quantizer.
 
     Parameters
     ----------
     objective : Objective
-    quantizer : UniformQuantizer or QuantMap
+    quantizer : int, UniformQuantizer or QuantMap
+        A bit-width ``b >= 1`` (``UniformQuantizer(b)``: symmetric, per channel, min-max),
+        a quantizer, or a map built for ``objective``'s layout (returned as is).
     **map_options
         ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias``;
-        only with a UniformQuantizer.
+        only with a bit-width or a UniformQuantizer.
 
     Raises
     ------
     ValueError
         Options given with a ready map, or a map built for another dimension.
     TypeError
-        Neither a UniformQuantizer nor a QuantMap.
+        Neither an int, a UniformQuantizer nor a QuantMap.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from riverscape import Objective
+    >>> obj = Objective(torch.nn.Linear(4, 3), "cross_entropy", (torch.randn(5, 4), torch.randint(0, 3, (5,))))
+    >>> resolve_quant_map(obj, 4).quantizer.bits
+    4
     """
     if isinstance(quantizer, QuantMap):
         if map_options:
@@ -425,36 +437,8 @@ def resolve_quant_map(
         if quantizer.dim != objective.dim:
             raise ValueError(f"the QuantMap was built for dim {quantizer.dim}, the objective has dim {objective.dim}")
         return quantizer
+    if isinstance(quantizer, int) and not isinstance(quantizer, bool):
+        quantizer = UniformQuantizer(quantizer)
     if isinstance(quantizer, UniformQuantizer):
         return QuantMap(objective, quantizer, **map_options)
-    raise TypeError(f"quantizer must be a UniformQuantizer or a QuantMap, got {type(quantizer).__name__}")
-
-
-def ptq(
-    objective: Objective,
-    quantizer: Union[UniformQuantizer, QuantMap],
-    theta: Tensor | None = None,
-    **map_options,
-) -> Tensor:
-    """Post-training quantization by round-to-nearest: ``theta_q = Q(theta)``.
-
-    Parameters
-    ----------
-    objective : Objective
-    quantizer : UniformQuantizer or QuantMap
-        A quantizer (wrapped in a :class:`QuantMap` with ``map_options``) or a ready map.
-    theta : Tensor, optional
-        Full-precision point; default ``objective.theta0``.
-    **map_options
-        ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for
-        :class:`QuantMap`.
-
-    Returns
-    -------
-    Tensor, shape (D,)
-        The quantized point (weights of registered layer types on their grids,
-        biases and normalisation parameters unchanged unless configured).
-    """
-    qmap = resolve_quant_map(objective, quantizer, **map_options)
-    theta = objective.theta0 if theta is None else objective.check_theta(theta)
-    return qmap(theta)
+    raise TypeError(f"quantizer must be a bit-width (int), a UniformQuantizer or a QuantMap, got {type(quantizer).__name__}")

@@ -1,6 +1,6 @@
 """Uniform fake quantizers: grid, range calibration, and the rounding map.
 
-Conventions (THEORY.md 7.1)::
+Conventions (docs/theory.md §2.1-§2.5)::
 
     q_int(w) = clamp(round(w / s) + z, q_min, q_max)      # round half to even (torch.round)
     Q(w)     = s * (q_int(w) - z)
@@ -44,7 +44,7 @@ class QParams(NamedTuple):
 
 
 def integer_grid(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range ``(q_min, q_max)`` of a ``bits``-bit grid (THEORY.md 7.1 table).
+    """Integer range ``(q_min, q_max)`` of a ``bits``-bit grid (docs/theory.md §2.2 table).
 
     >>> integer_grid(2, True), integer_grid(2, False), integer_grid(8, True)
     ((-1, 1), (0, 3), (-127, 127))

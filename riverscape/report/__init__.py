@@ -14,23 +14,10 @@ from .figures import (
     path_figure,
     side_by_side_slices,
     slice_figure,
-    spectrum_figure,
     qat_curve_figure,
+    spectrum_figure,
 )
 from .html import ReportPage, save_figure
-from .inputs import slice_arrays
+from .inputs import FIGURE_NAMES, slice_arrays
 
-__all__ = [
-    "slice_figure",
-    "side_by_side_slices",
-    "path_figure",
-    "spectrum_figure",
-    "density_figure",
-    "alignment_figure",
-    "accuracy_vs_bits_figure",
-    "qat_curve_figure",
-    "ReportPage",
-    "save_figure",
-    "slice_arrays",
-    "static",
-]
+__all__ = [*FIGURE_NAMES, "ReportPage", "save_figure", "slice_arrays", "static"]

@@ -69,7 +69,7 @@ def _summary_rows(result: Any) -> list[dict]:
                 "FP loss": result.fp["loss"],
                 "PTQ loss": b.ptq["loss"],
                 "QAT loss": None if b.qat is None else b.qat["loss"],
-                "ΔL predicted (2nd order)": None if dmg is None else dmg.predicted_quadratic,
+                "ΔL predicted (2nd order)": None if dmg is None else dmg.predicted_loss_increase,
                 "ΔL measured": None if dmg is None else dmg.measured_loss_increase,
                 "ratio": None if dmg is None else dmg.ratio,
                 "t_b": None if dmg is None else dmg.breakdown_scale,
@@ -220,7 +220,7 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
         page.add_heading("Gradient alignment at Q(θ)")
         page.add_figure(alignment_figure(aligned, dim=result.n_quantized), caption="Cosine of −∇L(Q(θ)) with the basin directions vs both null models.")
         _save_png(static.alignment_figure(aligned, dim=result.n_quantized), out_dir / "alignment.png")
-        page.add_table(_alignment_rows(result), caption="Alignment metrics (THEORY.md 7.4); z compares A(u_back) with the matched random-sign null.")
+        page.add_table(_alignment_rows(result), caption="Alignment metrics (docs/theory.md §7); z compares A(u_back) with the matched random-sign null.")
 
     qat_runs = [b for b in result.by_bits if b.qat_result is not None]
     if qat_runs:
@@ -243,7 +243,7 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
 
     page.add_heading("Per layer")
     for b in result.by_bits:
-        page.add_table(b.per_layer, caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.")
+        page.add_table([row.to_dict() for row in b.per_layer], caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.")
 
     _add_weights_section(page, result)
 

@@ -6,7 +6,7 @@ matplotlib twins with the same names and signatures live in :mod:`.static`.
 
 Conventions: a 2D slice ``loss[i, j]`` is the loss at ``theta + alphas[i] d1 + betas[j] d2``;
 ``L(θ)`` is the full-precision loss and ``L(Q(θ))`` the loss of the quantized weights as a
-function of the latent weights (THEORY.md, "name which loss is differentiated").
+function of the latent weights (docs/theory.md §1.4, "name which loss is differentiated").
 """
 from __future__ import annotations
 
@@ -17,55 +17,33 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .inputs import (
+    ALIGNMENT_NAMES,
+    ALPHA_LABEL,
+    BETA_LABEL,
+    FIGURE_NAMES,
+    FP_NAME,
+    QAT_HISTORY_KEYS,
+    QUANT_NAME,
+    SLICE_KINDS,
+    T_LABEL,
     ColorValues,
-    alignment_entries,
+    alignment_layout,
     bits_series,
-    check_slice,
     choose_log_axis,
-    color_values,
     density_rows,
-    history_columns,
     log_ticks,
     marker_points,
     path_lines,
     profile_rows,
+    qat_history,
+    slice_pair,
+    slice_panel,
     spectrum_rows,
     wants_log,
 )
 from .theme import COLORSCALE, PALETTE, base_layout, color_for, symbol_for
 
-__all__ = [
-    "slice_figure",
-    "side_by_side_slices",
-    "path_figure",
-    "spectrum_figure",
-    "density_figure",
-    "alignment_figure",
-    "accuracy_vs_bits_figure",
-    "qat_curve_figure",
-    "SLICE_KINDS",
-    "QAT_HISTORY_KEYS",
-]
-
-SLICE_KINDS = ("contour", "surface", "both")
-ALPHA_LABEL = "α (coefficient along direction 1)"
-BETA_LABEL = "β (coefficient along direction 2)"
-T_LABEL = "path parameter t (0 = start, 1 = end)"
-FP_NAME, QUANT_NAME = "L(θ)", "L(Q(θ))"
-ALIGNMENT_NAMES = {"back": "A(u_back): toward θ_fp", "hill": "A(u_hill): top-k part", "river": "A(u_river): bulk part"}
-#: accepted names of the columns of a QAT history (first found wins)
-QAT_HISTORY_KEYS: dict[str, tuple[str, ...]] = {
-    "step": ("step", "steps", "t"),
-    "quantized_loss": ("quantized_loss", "loss_q", "L_q"),
-    "latent_loss": ("latent_loss", "loss"),
-    "accuracy": ("quantized_accuracy", "accuracy", "metric", "acc"),
-    "flips": ("flips", "grid_flips", "n_flips"),
-}
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in SLICE_KINDS:
-        raise ValueError(f"kind must be one of {SLICE_KINDS}, got {kind!r}")
+__all__ = [*FIGURE_NAMES, "SLICE_KINDS", "QAT_HISTORY_KEYS"]
 
 
 def _hover_text(loss: np.ndarray) -> np.ndarray:
@@ -209,12 +187,8 @@ def slice_figure(
     plotly.graph_objects.Figure with one contour/surface trace per panel on the colour axis
     ``coloraxis``, then one trace per path and per marker (named by its label).
     """
-    _check_kind(kind)
-    alphas, betas, loss = check_slice(alphas, betas, loss)
-    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
-    values = colors.grids[0]
-    points = marker_points(markers, alphas, betas, values)
-    lines = path_lines(paths, alphas, betas, values)
+    panel = slice_panel(alphas, betas, loss, markers=markers, paths=paths, log=log, subtract_min=subtract_min, label=label, kind=kind)
+    alphas, betas, loss, colors, values = panel.alphas, panel.betas, panel.loss, panel.colors, panel.values
     if kind == "both":
         fig = make_subplots(rows=1, cols=2, specs=[[{"type": "xy"}, {"type": "scene"}]], horizontal_spacing=0.1)
         panels = [(1, False), (2, True)]
@@ -223,7 +197,7 @@ def slice_figure(
         panels = [(None, kind == "surface")]
     for col, three_d in panels:
         base = _surface(alphas, betas, values, loss, label) if three_d else _contour(alphas, betas, values, loss, colors, ncontours, label)
-        overlays = _overlay_traces(points, lines, three_d=three_d, first_panel=col in (None, 1))
+        overlays = _overlay_traces(panel.points, panel.lines, three_d=three_d, first_panel=col in (None, 1))
         for trace in [base, *overlays]:
             fig.add_trace(trace, row=1 if col else None, col=col)
     fig.update_layout(**base_layout(_title(title, colors.note), height=560 if kind == "both" else 500), coloraxis=_coloraxis(colors))
@@ -259,9 +233,7 @@ def side_by_side_slices(
     Arguments as in :func:`slice_figure`; ``fp_loss`` and ``quantized_loss`` are (nx, ny) on the
     same ``alphas`` x ``betas`` grid. With ``subtract_min`` the common minimum of both grids is subtracted.
     """
-    alphas, betas, fp_loss = check_slice(alphas, betas, fp_loss)
-    _, _, quantized_loss = check_slice(alphas, betas, quantized_loss)
-    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
+    alphas, betas, fp_loss, quantized_loss, colors = slice_pair(alphas, betas, fp_loss, quantized_loss, log=log, subtract_min=subtract_min, label=label)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=list(titles), horizontal_spacing=0.05)
     for col, (values, raw) in enumerate(zip(colors.grids, (fp_loss, quantized_loss)), start=1):
         points = marker_points(markers, alphas, betas, values)
@@ -400,7 +372,7 @@ def alignment_figure(
     dim: int | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Gradient alignment cosines at quantized points against both null models (THEORY.md sec. 7.4).
+    """Gradient alignment cosines at quantized points against both null models (docs/theory.md §7.2-§7.4).
 
     For each labelled point, bars show A(u_back), A(u_hill), A(u_river) (cosine between -∇L(q) and the
     basin direction); a grey band shows the isotropic 95 % range ±1.96/√d and a black marker with
@@ -412,9 +384,7 @@ def alignment_figure(
         ``null_mean``, ``null_sd``, and ``dim``/``d`` or ``random_baseline`` (= 1/√d); missing ones are skipped.
     dim : parameter count d, overriding the dicts.
     """
-    entries = alignment_entries(metrics, dim)
-    names = [name for name in ALIGNMENT_NAMES if any(name in e.cosines for e in entries)]
-    width = 0.8 / (len(names) + 1)
+    entries, names, width, nulls = alignment_layout(metrics, dim)
     offsets = {name: (k - len(names) / 2) * width for k, name in enumerate(names)}
     null_offset = len(names) / 2 * width
     fig = go.Figure()
@@ -452,7 +422,6 @@ def alignment_figure(
                 hovertemplate=f"%{{customdata}}<br>{ALIGNMENT_NAMES[name]}=%{{y:.4f}}<extra></extra>",
             )
         )
-    nulls = [(i, e) for i, e in enumerate(entries) if e.null_mean is not None]
     if nulls:
         fig.add_trace(
             go.Scatter(
@@ -540,10 +509,7 @@ def qat_curve_figure(
     log_y : log loss axis; ``None`` chooses it when the loss spans > 30x (a requested log axis
         falls back to a linear one, noted on the figure, if a loss is <= 0).
     """
-    columns = history_columns(history, QAT_HISTORY_KEYS)
-    if "quantized_loss" not in columns:
-        raise ValueError(f"the QAT history needs a quantized loss column, one of {QAT_HISTORY_KEYS['quantized_loss']}")
-    steps = columns.get("step", np.arange(columns["quantized_loss"].size, dtype=np.float64))
+    columns, steps = qat_history(history)
     has_flips = "flips" in columns
     fig = make_subplots(
         rows=2 if has_flips else 1,

@@ -11,20 +11,16 @@ import io
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..io.atomic import write_text_atomic
+from ..io.figure_files import PLOTLY_CONFIG, save_figure
 from .theme import FONT_FAMILY
 
 __all__ = ["ReportPage", "save_figure", "format_cell", "write_text_atomic"]
 
-PLOTLY_CONFIG = {
-    "displaylogo": False,
-    "responsive": True,
-    "toImageButtonOptions": {"format": "png", "scale": 2},  # client-side export, no kaleido
-}
 
 CSS = f"""
 :root {{ --text: #1f2328; --muted: #59636e; --rule: #d8dee4; --zebra: #f6f8fa; --accent: #0072B2; }}
@@ -60,28 +56,6 @@ tbody tr:nth-child(even) {{ background: var(--zebra); }}
 td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
 footer {{ color: var(--muted); font-size: 0.85rem; margin-top: 4em; border-top: 1px solid var(--rule); padding-top: 8px; }}
 """
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: no partial file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _is_number(value: Any) -> bool:
@@ -251,30 +225,3 @@ class ReportPage:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the page to ``path`` atomically; returns the path."""
         return write_text_atomic(path, self.to_html())
-
-
-def save_figure(fig: Any, path_without_suffix: str | os.PathLike, static: Any | None = None) -> dict[str, Path]:
-    """Write ``<name>.html`` (self-contained interactive Plotly page) and, with a matplotlib twin, ``<name>.png``.
-
-    Parameters
-    ----------
-    fig : plotly Figure.
-    path_without_suffix : e.g. ``"out/slice_2bit"``.
-    static : matplotlib Figure drawn by :mod:`riverscape.report.static` (Plotly PNG export would need kaleido).
-
-    Returns
-    -------
-    ``{"html": path, "png": path}`` (``"png"`` only with ``static``).
-    """
-    base = Path(path_without_suffix)
-    written = {"html": write_text_atomic(base.with_name(base.name + ".html"), fig.to_html(full_html=True, include_plotlyjs=True, config=PLOTLY_CONFIG))}
-    if static is not None:
-        png = base.with_name(base.name + ".png")
-        temporary = png.with_name(f".{png.name}.tmp.png")
-        try:
-            static.savefig(temporary, format="png")
-            os.replace(temporary, png)
-        finally:
-            temporary.unlink(missing_ok=True)
-        written["png"] = png
-    return written

@@ -14,6 +14,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "FIGURE_NAMES",
+    "SLICE_KINDS",
+    "QAT_HISTORY_KEYS",
+    "check_kind",
+    "SlicePanel",
+    "slice_panel",
+    "slice_pair",
+    "qat_history",
+    "alignment_layout",
     "slice_arrays",
     "check_slice",
     "ColorValues",
@@ -32,6 +41,33 @@ __all__ = [
     "log_fallback",
     "choose_log_axis",
 ]
+
+
+#: the figure functions: same names and arguments in :mod:`.figures` (Plotly) and :mod:`.static` (matplotlib)
+FIGURE_NAMES = (
+    "slice_figure",
+    "side_by_side_slices",
+    "path_figure",
+    "spectrum_figure",
+    "density_figure",
+    "alignment_figure",
+    "accuracy_vs_bits_figure",
+    "qat_curve_figure",
+)
+SLICE_KINDS = ("contour", "surface", "both")
+ALPHA_LABEL = "α (coefficient along direction 1)"
+BETA_LABEL = "β (coefficient along direction 2)"
+T_LABEL = "path parameter t (0 = start, 1 = end)"
+FP_NAME, QUANT_NAME = "L(θ)", "L(Q(θ))"
+ALIGNMENT_NAMES = {"back": "A(u_back): toward θ_fp", "hill": "A(u_hill): top-k part", "river": "A(u_river): bulk part"}
+#: accepted names of the columns of a QAT history (first found wins)
+QAT_HISTORY_KEYS: dict[str, tuple[str, ...]] = {
+    "step": ("step", "steps", "t"),
+    "quantized_loss": ("quantized_loss", "loss_q", "L_q"),
+    "latent_loss": ("latent_loss", "loss"),
+    "accuracy": ("quantized_accuracy", "accuracy", "metric", "acc"),
+    "flips": ("flips", "grid_flips", "n_flips"),
+}
 
 
 def _array(values: Any, name: str, ndim: int) -> np.ndarray:
@@ -284,7 +320,7 @@ _ALIASES = {
 
 @dataclass(frozen=True)
 class AlignmentEntry:
-    """Alignment cosines of one quantized point with its two null models (THEORY.md sec. 7.4)."""
+    """Alignment cosines of one quantized point with its two null models (docs/theory.md §7.2-§7.4)."""
 
     label: str
     cosines: dict[str, float]  # "back"/"hill"/"river" -> A(u), only those present
@@ -372,3 +408,78 @@ def bits_series(rows: Sequence[Mapping[str, Any]], y: str) -> dict[str, tuple[np
         points.sort(key=lambda p: -p[0])
         out[method] = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
     return out
+
+
+# ------------------------------------------------------------------ what both backends draw from
+def check_kind(kind: str) -> None:
+    """Refuse a slice ``kind`` other than :data:`SLICE_KINDS`."""
+    if kind not in SLICE_KINDS:
+        raise ValueError(f"kind must be one of {SLICE_KINDS}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class SlicePanel:
+    """One checked 2D slice with its colour values, markers and paths (see :func:`slice_panel`).
+
+    Attributes
+    ----------
+    alphas, betas, loss : the checked arrays (:func:`check_slice`).
+    colors : the :class:`ColorValues` of ``loss``; ``values`` is its single grid.
+    points, lines : :func:`marker_points` and :func:`path_lines` on ``values``.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    loss: np.ndarray
+    colors: ColorValues
+    values: np.ndarray
+    points: list
+    lines: list
+
+
+def slice_panel(
+    alphas: Any,
+    betas: Any,
+    loss: Any,
+    *,
+    markers: Mapping[str, Sequence[float]] | None,
+    paths: Mapping[str, Sequence[Any]] | None,
+    log: bool,
+    subtract_min: bool,
+    label: str,
+    kind: str = "contour",
+) -> SlicePanel:
+    """Everything ``slice_figure`` draws, checked once for both backends (arguments as there)."""
+    check_kind(kind)
+    alphas, betas, loss = check_slice(alphas, betas, loss)
+    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
+    values = colors.grids[0]
+    return SlicePanel(alphas, betas, loss, colors, values, marker_points(markers, alphas, betas, values), path_lines(paths, alphas, betas, values))
+
+
+def slice_pair(
+    alphas: Any, betas: Any, fp_loss: Any, quantized_loss: Any, *, log: bool, subtract_min: bool, label: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, ColorValues]:
+    """``(alphas, betas, fp_loss, quantized_loss, colors)`` of ``side_by_side_slices``: one colour scale for both."""
+    alphas, betas, fp_loss = check_slice(alphas, betas, fp_loss)
+    _, _, quantized_loss = check_slice(alphas, betas, quantized_loss)
+    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
+    return alphas, betas, fp_loss, quantized_loss, colors
+
+
+def qat_history(history: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``(columns, steps)`` of a QAT history (:data:`QAT_HISTORY_KEYS`); the quantized loss is required."""
+    columns = history_columns(history, QAT_HISTORY_KEYS)
+    if "quantized_loss" not in columns:
+        raise ValueError(f"the QAT history needs a quantized loss column, one of {QAT_HISTORY_KEYS['quantized_loss']}")
+    return columns, columns.get("step", np.arange(columns["quantized_loss"].size, dtype=np.float64))
+
+
+def alignment_layout(
+    metrics: Mapping[str, Any], dim: int | None = None
+) -> tuple[list[AlignmentEntry], list[str], float, list[tuple[int, AlignmentEntry]]]:
+    """``(entries, cosine names shown, bar width, (index, entry) with a matched null)`` of ``alignment_figure``."""
+    entries = alignment_entries(metrics, dim)
+    names = [name for name in ALIGNMENT_NAMES if any(name in e.cosines for e in entries)]
+    nulls = [(i, e) for i, e in enumerate(entries) if e.null_mean is not None]
+    return entries, names, 0.8 / (len(names) + 1), nulls

@@ -41,21 +41,21 @@ def _bits_paragraphs(result: Any, bits: Any) -> list[str]:
         tb = dmg.breakdown_scale
         if dmg.inside_basin:
             out.append(
-                f"The second-order model predicts the training-loss increase well (predicted {_num(dmg.predicted_quadratic)}, "
+                f"The second-order model predicts the training-loss increase well (predicted {_num(dmg.predicted_loss_increase)}, "
                 f"measured {_num(dmg.measured_loss_increase)}, ratio {_times(ratio)}): the rounding perturbation stays inside "
                 + (f"the basin (breakdown scale t_b = {_num(tb, 2)} > 1)." if tb is not None and math.isfinite(tb) else
                    "the basin (the loss never leaves the quadratic model along the probed range: t_b = ∞).")
             )
         else:
             out.append(
-                f"The second-order model predicts a training-loss increase of {_num(dmg.predicted_quadratic)} but "
+                f"The second-order model predicts a training-loss increase of {_num(dmg.predicted_loss_increase)} but "
                 f"{_num(dmg.measured_loss_increase)} is measured ({_times(ratio)}× the prediction): along the rounding "
                 f"perturbation the loss stops being quadratic at t_b = {_num(tb, 2)} of its length, so Q(θ) lies outside "
                 f"the basin where a local (Hessian-based) PTQ objective is reliable."
             )
-        if dmg.hill_energy_share is not None and dmg.curvature_share is not None:
+        if dmg.hill_fraction is not None and dmg.curvature_share is not None:
             out.append(
-                f"Only {_pct(dmg.hill_energy_share)} of the perturbation's energy lies in the top-{dmg.k} Hessian "
+                f"Only {_pct(dmg.hill_fraction)} of the perturbation's energy lies in the top-{dmg.k} Hessian "
                 f"directions (a random vector: {_pct(dmg.hill_energy_baseline)}), yet they carry {_pct(dmg.curvature_share)} "
                 f"of its quadratic damage; moving the quantized point to the valley floor in those directions leaves a loss "
                 f"increase of {_num(dmg.floor_recovery)} (a random {dmg.k}-dim subspace: {_num(dmg.random_subspace_recovery)})."

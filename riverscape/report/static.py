@@ -17,35 +17,32 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .figures import ALIGNMENT_NAMES, ALPHA_LABEL, BETA_LABEL, FP_NAME, QAT_HISTORY_KEYS, QUANT_NAME, T_LABEL, _check_kind
 from .inputs import (
+    ALIGNMENT_NAMES,
+    ALPHA_LABEL,
+    BETA_LABEL,
+    FIGURE_NAMES,
+    FP_NAME,
+    QUANT_NAME,
+    T_LABEL,
     ColorValues,
-    alignment_entries,
+    alignment_layout,
     bits_series,
-    check_slice,
     choose_log_axis,
-    color_values,
     density_rows,
-    history_columns,
     log_ticks,
     marker_points,
     path_lines,
     profile_rows,
+    qat_history,
+    slice_pair,
+    slice_panel,
     spectrum_rows,
     wants_log,
 )
 from .theme import MPL_COLORMAP, PALETTE, color_for, mpl_style, symbol_for
 
-__all__ = [
-    "slice_figure",
-    "side_by_side_slices",
-    "path_figure",
-    "spectrum_figure",
-    "density_figure",
-    "alignment_figure",
-    "accuracy_vs_bits_figure",
-    "qat_curve_figure",
-]
+__all__ = list(FIGURE_NAMES)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -140,12 +137,8 @@ def slice_figure(
     ncontours: int = 24,
 ) -> Figure:
     """Static twin of :func:`riverscape.report.figures.slice_figure` (colour mesh + contour lines)."""
-    _check_kind(kind)
-    alphas, betas, loss = check_slice(alphas, betas, loss)
-    colors = color_values([loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
-    values = colors.grids[0]
-    points = marker_points(markers, alphas, betas, values)
-    lines = path_lines(paths, alphas, betas, values)
+    panel = slice_panel(alphas, betas, loss, markers=markers, paths=paths, log=log, subtract_min=subtract_min, label=label, kind=kind)
+    alphas, betas, colors, values, points, lines = panel.alphas, panel.betas, panel.colors, panel.values, panel.points, panel.lines
     fig = _figure(11.0 if kind == "both" else 6.4, 5.4)
     axes = []
     if kind in ("contour", "both"):
@@ -194,9 +187,7 @@ def side_by_side_slices(
     ncontours: int = 24,
 ) -> Figure:
     """Static twin of :func:`riverscape.report.figures.side_by_side_slices`: one shared colour bar."""
-    alphas, betas, fp_loss = check_slice(alphas, betas, fp_loss)
-    _, _, quantized_loss = check_slice(alphas, betas, quantized_loss)
-    colors = color_values([fp_loss, quantized_loss], log=log, subtract_min=subtract_min, label=label, fallback=True)
+    alphas, betas, _, _, colors = slice_pair(alphas, betas, fp_loss, quantized_loss, log=log, subtract_min=subtract_min, label=label)
     fig = _figure(11.5, 5.2)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, values, panel_title in zip(axes, colors.grids, titles):
@@ -299,9 +290,7 @@ def alignment_figure(
     title: str | None = None,
 ) -> Figure:
     """Static twin of :func:`riverscape.report.figures.alignment_figure`."""
-    entries = alignment_entries(metrics, dim)
-    names = [name for name in ALIGNMENT_NAMES if any(name in e.cosines for e in entries)]
-    width = 0.8 / (len(names) + 1)
+    entries, names, width, nulls = alignment_layout(metrics, dim)
     fig = _figure(max(5.5, 1.6 * len(entries) + 2.5), 4.6)
     ax = fig.add_subplot()
     band_label = "isotropic null, 95 % band ±1.96/√d"
@@ -311,7 +300,6 @@ def alignment_figure(
     for k, name in enumerate(names):
         xs = [i + (k - len(names) / 2) * width for i, e in enumerate(entries) if name in e.cosines]
         ax.bar(xs, [e.cosines[name] for e in entries if name in e.cosines], width=width * 0.95, color=PALETTE[k], label=ALIGNMENT_NAMES[name], align="edge")
-    nulls = [(i, e) for i, e in enumerate(entries) if e.null_mean is not None]
     if nulls:
         ax.errorbar(
             [i + len(names) / 2 * width + width / 2 for i, _ in nulls], [e.null_mean for _, e in nulls], yerr=[e.null_sd or 0.0 for _, e in nulls],
@@ -364,10 +352,7 @@ def qat_curve_figure(
     log_y: bool | None = None,
 ) -> Figure:
     """Static twin of :func:`riverscape.report.figures.qat_curve_figure`."""
-    columns = history_columns(history, QAT_HISTORY_KEYS)
-    if "quantized_loss" not in columns:
-        raise ValueError(f"the QAT history needs a quantized loss column, one of {QAT_HISTORY_KEYS['quantized_loss']}")
-    steps = columns.get("step", np.arange(columns["quantized_loss"].size, dtype=np.float64))
+    columns, steps = qat_history(history)
     has_flips = "flips" in columns
     fig = _figure(7.0, 5.6 if has_flips else 4.4)
     if has_flips:

@@ -1,9 +1,9 @@
-"""Teacher-student models of STE training: simulations and their large-d theory (THEORY.md 6).
+"""Teacher-student models of STE training: simulations and their large-d theory (docs/theory.md §8).
 
 Two settings from the seed papers, implemented from their abstracts (their equations were not
 available; everything below labelled "derivation" is riverscape's own):
 
-**Linear STE model** (THEORY 6.2, arXiv 2510.10693). Teacher ``y = w*.x / sqrt(d) + sigma xi``,
+**Linear STE model** (docs/theory.md §8.1, arXiv 2510.10693). Teacher ``y = w*.x / sqrt(d) + sigma xi``,
 ``x ~ N(0, I_d)``, ``w*`` with i.i.d. entries (+-1 or N(0, 1)). Student latent weights ``w``,
 deployed weights ``Q(w)`` (b-bit uniform grid of range R). Online SGD with a fresh sample per step
 and the straight-through estimator (gradient evaluated at ``Q(w)``, applied to ``w``)::
@@ -32,7 +32,7 @@ per-coordinate density ``mu_tau(w | w*)``, time ``tau = t/d``) but it is NOT the
 which we do not have. :func:`ste_mean_field` integrates it by finite volumes (method of lines,
 scipy ``solve_ivp``, implicit BDF).
 
-**Consequences (derivation, THEORY 6.3).** Plateau: from a small initialisation all coordinates sit
+**Consequences (derivation, docs/theory.md §8.3-§8.4).** Plateau: from a small initialisation all coordinates sit
 in the zero bin (``Q = 0``) where ``eps`` is constant and each coordinate is a Brownian motion with
 drift ``eta w*``; nothing changes until coordinates reach the first threshold ``s/2``: escape time
 ``tau_esc = s / (2 eta |w*|) = R / (2 eta |w*| (2^(b-1) - 1))`` (mid-tread). Because the diffusion
@@ -43,7 +43,8 @@ spreads the coordinates, a fraction ``f`` of them crosses at the earlier time so
 the two levels with time average ``w*``, and the per-coordinate error is
 ``(w* - l_k)(l_{k+1} - w*)`` instead of the rounding error (:func:`dithering_error`).
 
-**Binary perceptron** (THEORY 6.4, arXiv 2505.18113): :func:`train_binary_ste`.
+**Binary perceptron** (docs/theory.md §8.5, arXiv 2505.18113): :mod:`riverscape.theory.binary_perceptron`.
+The grid ``Q``: :class:`riverscape.theory.grid.GridQuantizer`.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from scipy.special import ndtr, ndtri
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .quant.quantizers import fake_quantize
+from .grid import QUANTIZER_KINDS, GridQuantizer
 
 __all__ = [
     "GridQuantizer",
@@ -74,17 +75,13 @@ __all__ = [
     "plateau_prediction",
     "dithering_error",
     "rounding_error",
-    "BinarySTEConfig",
-    "BinarySTEResult",
-    "train_binary_ste",
-    "sign_generalization_error",
     "QUANTIZER_KINDS",
-    "ESTIMATORS",
+    "STE_ESTIMATORS",
     "TEACHERS",
 ]
 
-QUANTIZER_KINDS = ("mid_tread", "mid_rise")
-ESTIMATORS = ("identity", "clipped")
+#: straight-through estimators of the linear model (not :data:`riverscape.quant.ESTIMATORS`)
+STE_ESTIMATORS = ("identity", "clipped")
 TEACHERS = ("binary", "gaussian")
 
 
@@ -95,85 +92,10 @@ class _Record:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------- quantizer
-@dataclass(frozen=True)
-class GridQuantizer:
-    """Scalar b-bit uniform quantizer of range R (THEORY 6.2), per coordinate.
-
-    * ``mid_tread``: levels ``k s``, ``|k| <= 2^(b-1) - 1``, ``s = R / (2^(b-1) - 1)``; 0 is a level,
-      thresholds at ``(k + 1/2) s``; needs ``bits >= 2`` (2 bits = ternary ``{-R, 0, R}``).
-    * ``mid_rise``: ``2^b`` levels ``(k + 1/2) s`` on ``[-R, R]``, ``s = 2R / 2^b``; thresholds at
-      ``k s`` (0 is a threshold); ``bits = 1`` is ``(R/2) sign(w)``.
-
-    Both are ``fake_quantize`` of :mod:`riverscape.quant.quantizers` (mid-rise shifted by ``s/2``).
-
-    >>> GridQuantizer(2, 1.5).levels
-    (-1.5, 0.0, 1.5)
-    >>> GridQuantizer(2, 2.0, "mid_rise").levels
-    (-1.5, -0.5, 0.5, 1.5)
-    """
-
-    bits: int
-    range: float
-    kind: str = "mid_tread"
-
-    def __post_init__(self) -> None:
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose one of {QUANTIZER_KINDS}")
-        min_bits = 2 if self.kind == "mid_tread" else 1
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not min_bits <= self.bits <= 16:
-            raise ValueError(f"bits must be an integer from {min_bits} to 16 for {self.kind}, got {self.bits!r}")
-        if not self.range > 0:
-            raise ValueError(f"range must be positive, got {self.range}")
-
-    @property
-    def _kmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.kind == "mid_tread" else 2 ** (self.bits - 1)
-
-    @property
-    def step(self) -> float:
-        """Grid step ``s``."""
-        return self.range / self._kmax if self.kind == "mid_tread" else 2.0 * self.range / 2**self.bits
-
-    @property
-    def levels(self) -> tuple[float, ...]:
-        """All grid values, ascending."""
-        s, k = self.step, self._kmax
-        if self.kind == "mid_tread":
-            return tuple(float(j * s) for j in range(-k, k + 1))
-        return tuple(float((j + 0.5) * s) for j in range(-k, k))
-
-    @property
-    def thresholds(self) -> tuple[float, ...]:
-        """Decision boundaries between adjacent levels, ascending."""
-        lv = self.levels
-        return tuple(0.5 * (a + b) for a, b in zip(lv[:-1], lv[1:]))
-
-    def __call__(self, w: Tensor) -> Tensor:
-        """``Q(w)`` elementwise (any shape, any float dtype)."""
-        s, k = self.step, self._kmax  # python scalars: no tensor allocation per call (hot loop)
-        if self.kind == "mid_tread":
-            return fake_quantize(w, s, 0.0, -k, k)
-        return fake_quantize(w - 0.5 * s, s, 0.0, -k, k - 1) + 0.5 * s
-
-    def quantize_(self, w: Tensor, out: Tensor) -> Tensor:
-        """``Q(w)`` written into ``out`` with in-place ops (the simulator's hot loop); equals ``self(w)``."""
-        s, k = self.step, self._kmax
-        if self.kind == "mid_tread":
-            torch.mul(w, 1.0 / s, out=out).round_().clamp_(-k, k)
-            return out.mul_(s)
-        torch.mul(w, 1.0 / s, out=out).sub_(0.5).round_().clamp_(-k, k - 1)
-        return out.add_(0.5).mul_(s)
-
-    def numpy(self, w: np.ndarray) -> np.ndarray:
-        """``Q(w)`` for a float64 numpy array."""
-        return self(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))).numpy()
-
-
 # ---------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class STEConfig(_Record):
-    """The linear STE teacher-student model of THEORY 6.2.
+    """The linear STE teacher-student model of docs/theory.md §8.1.
 
     Parameters
     ----------
@@ -206,8 +128,8 @@ class STEConfig(_Record):
     def __post_init__(self) -> None:
         if self.dim < 1:
             raise ValueError(f"dim must be positive, got {self.dim}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
+        if self.estimator not in STE_ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {STE_ESTIMATORS}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {TEACHERS}")
         if not self.lr > 0 or self.noise < 0 or self.init_std < 0:
@@ -603,7 +525,7 @@ def _bracketing_levels(grid: GridQuantizer, a: np.ndarray) -> tuple[np.ndarray, 
 
 
 def dithering_error(config: STEConfig) -> float:
-    """Predicted fixed-point error of identity-STE (riverscape's derivation, THEORY 6.3).
+    """Predicted fixed-point error of identity-STE (riverscape's derivation, docs/theory.md §8.3-§8.4).
 
     Per coordinate ``(w* - l_k)(l_{k+1} - w*)`` when ``l_k <= w* <= l_{k+1}`` (dithering between the
     two levels), ``(w* - l_edge)^2`` when ``w*`` lies outside the grid (Q stuck at the end level);
@@ -679,158 +601,3 @@ def plateau_prediction(config: STEConfig, fraction: float = 0.1) -> float:
     c = z * math.sqrt(2.0 * eps0)  # eta tau + eta c sqrt(tau) - s/2 = 0, quadratic in sqrt(tau)
     root = (-c + math.sqrt(c * c + 2.0 * s / eta)) / 2.0
     return root * root
-
-
-# ---------------------------------------------------------------------- binary perceptron
-BINARY_STUDENTS = ("binary", "full_precision")
-BINARY_LOSSES = ("squared", "hinge")
-
-
-@dataclass(frozen=True)
-class BinarySTEConfig(_Record):
-    """1-bit teacher-student perceptron trained by the full-batch STE-gradient method (THEORY 6.4).
-
-    Teacher ``y = sign(w*.x / sqrt d)``, ``w*`` in {-1, +1}^d, ``x ~ N(0, I_d)``, ``n = round(alpha d)``
-    fixed samples, a fraction ``label_noise`` of training labels flipped. Student latent ``w``;
-    deployed weights ``b = sign(w)`` (``student="binary"``) or ``b = sqrt(d) w / |w|`` (full-precision
-    student on the same sphere, ``student="full_precision"``); pre-activation ``h = b.x / sqrt d``.
-
-    Losses (the output ``sign`` gets the clipped-identity surrogate ``hardtanh'(h) = 1[|h| <= 1]``,
-    as in Yin et al., arXiv 1903.05662):
-
-    * ``"squared"``: ``1/2 (sign(h) - y)^2``, STE gradient in h: ``(sign(h) - y) 1[|h| <= 1]``;
-    * ``"hinge"``: ``max(0, 1 - y h)``, gradient ``-y 1[y h < 1]`` (no activation surrogate needed).
-
-    The gradient with respect to ``b`` is passed straight through to the latent ``w`` (identity STE
-    for sign and for the normalisation): ``w <- w - lr sqrt(d) X^T dl/dh / (n sqrt d)``, i.e. a step
-    of order ``lr`` per coordinate. ``init_std`` is the std of the initial latent weights.
-    """
-
-    dim: int = 100
-    alpha: float = 2.0
-    student: str = "binary"
-    loss: str = "squared"
-    steps: int = 300
-    lr: float = 0.5
-    label_noise: float = 0.0
-    init_std: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.student not in BINARY_STUDENTS:
-            raise ValueError(f"unknown student {self.student!r}; choose one of {BINARY_STUDENTS}")
-        if self.loss not in BINARY_LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {BINARY_LOSSES}")
-        if self.dim < 1 or self.alpha <= 0 or self.steps < 0 or not self.lr > 0:
-            raise ValueError("dim, alpha and lr must be positive, steps non-negative")
-        if not 0.0 <= self.label_noise < 0.5:
-            raise ValueError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
-
-    @property
-    def samples(self) -> int:
-        return max(1, int(round(self.alpha * self.dim)))
-
-
-@dataclass(frozen=True)
-class BinarySTEResult(_Record):
-    """Result of :func:`train_binary_ste`; every list has one entry per replica.
-
-    ``overlap = w*.b / (|w*| |b|)`` of the final deployed weights, ``error = arccos(overlap)/pi``
-    (exact generalisation error), ``best_error`` the lowest error along training, ``exact`` whether
-    ``sign(w_T) = w*`` (binary student), ``train_error`` the final training error,
-    ``hamming`` (replicas, recorded steps) the normalised Hamming distance of ``sign(w_t)`` to ``w*``.
-    """
-
-    config: BinarySTEConfig
-    overlap: list
-    error: list
-    best_error: list
-    exact: list
-    train_error: list
-    record_steps: list
-    hamming: list
-    seed: int
-
-
-
-def sign_generalization_error(overlap: Tensor | np.ndarray | float):
-    """``arccos(rho) / pi``: P(sign(a.x) != sign(b.x)) for x ~ N(0, I) and cosine rho of a, b.
-
-    >>> float(sign_generalization_error(0.0))
-    0.5
-    """
-    if isinstance(overlap, Tensor):
-        return torch.arccos(overlap.clamp(-1.0, 1.0)) / math.pi
-    return np.arccos(np.clip(overlap, -1.0, 1.0)) / math.pi
-
-
-def train_binary_ste(
-    config: BinarySTEConfig,
-    *,
-    replicas: int = 1,
-    seed: int = 0,
-    record_every: int = 10,
-    dtype: torch.dtype = torch.float64,
-) -> BinarySTEResult:
-    """Full-batch STE-gradient training of a 1-bit (or full-precision) perceptron student.
-
-    ``replicas`` independent problems (teacher, data, initialisation) are trained together as a
-    batch. Setting and update rule: :class:`BinarySTEConfig`.
-
-    Returns
-    -------
-    BinarySTEResult
-    """
-    if replicas < 1 or record_every < 1:
-        raise ValueError("replicas and record_every must be positive")
-    d, n = config.dim, config.samples
-    gen = torch.Generator().manual_seed(seed)
-    w_star = torch.randint(0, 2, (replicas, d), generator=gen).to(dtype) * 2 - 1
-    x = torch.randn(replicas, n, d, generator=gen, dtype=dtype)
-    y = torch.sign(torch.bmm(x, w_star[:, :, None])[..., 0])
-    y[y == 0] = 1.0
-    flips = torch.rand(replicas, n, generator=gen, dtype=dtype) < config.label_noise
-    y_train = torch.where(flips, -y, y)
-    w = config.init_std * torch.randn(replicas, d, generator=gen, dtype=dtype)
-    sqrt_d = math.sqrt(d)
-
-    def deployed(latent: Tensor) -> Tensor:
-        if config.student == "binary":
-            return torch.where(latent >= 0, 1.0, -1.0).to(dtype)
-        return sqrt_d * latent / latent.norm(dim=1, keepdim=True)
-
-    def cosine(b: Tensor) -> Tensor:
-        return (b * w_star).sum(1) / (b.norm(dim=1) * sqrt_d)
-
-    best = torch.full((replicas,), 0.5, dtype=dtype)
-    record_steps, hamming = [], []
-    for step in range(config.steps + 1):
-        b = deployed(w)
-        best = torch.minimum(best, sign_generalization_error(cosine(b)))
-        if step % record_every == 0 or step == config.steps:
-            record_steps.append(step)
-            hamming.append(((torch.where(w >= 0, 1.0, -1.0) != w_star).to(dtype).mean(1)).tolist())
-        if step == config.steps:
-            break
-        h = torch.bmm(x, b[:, :, None])[..., 0] / sqrt_d
-        if config.loss == "squared":
-            out = torch.where(h >= 0, 1.0, -1.0).to(dtype)
-            dl_dh = (out - y_train) * (h.abs() <= 1.0)
-        else:
-            dl_dh = -y_train * (y_train * h < 1.0)
-        grad_b = torch.bmm(dl_dh[:, None, :], x)[:, 0] / (n * sqrt_d)
-        w = w - config.lr * sqrt_d * grad_b
-    b = deployed(w)
-    rho = cosine(b)
-    h = torch.bmm(x, b[:, :, None])[..., 0]
-    train_error = (torch.where(h >= 0, 1.0, -1.0) != y_train).to(dtype).mean(1)
-    return BinarySTEResult(
-        config=config,
-        overlap=rho.tolist(),
-        error=sign_generalization_error(rho).tolist(),
-        best_error=best.tolist(),
-        exact=(torch.where(w >= 0, 1.0, -1.0) == w_star).all(1).tolist() if config.student == "binary" else [False] * replicas,
-        train_error=train_error.tolist(),
-        record_steps=record_steps,
-        hamming=[list(r) for r in zip(*hamming)],
-        seed=seed,
-    )

@@ -1,0 +1,20 @@
+"""Curvature algorithms on symmetric operators (in the style of curvlinops).
+
+Every algorithm takes an :class:`Operator` (never a model), so each is testable on a known
+matrix (:class:`DenseOperator`); :class:`HessianOperator` is the exact Hessian of an
+Objective, and :mod:`riverscape.landscape.curvature` is the glue from an Objective to these.
+Every Operator is also a float64 scipy ``LinearOperator`` (:meth:`Operator.to_scipy`).
+"""
+from .diagonal import DiagonalEstimate, estimate_diagonal
+from .eigs import EIG_WHICH, default_ncv, eigenpair_residuals, eigenpairs
+from .lanczos import SpectralDensity, lanczos, spectral_density
+from .operators import HVP_MODES, BlockOperator, DenseOperator, HessianOperator, Operator, ScaledOperator, as_operator
+from .trace import TRACE_METHODS, TraceEstimate, estimate_trace, exact_trace, hutchinson_trace, hutchpp_trace, rademacher
+
+__all__ = [
+    "Operator", "DenseOperator", "BlockOperator", "ScaledOperator", "HessianOperator", "as_operator", "HVP_MODES",
+    "eigenpairs", "eigenpair_residuals", "default_ncv", "EIG_WHICH",
+    "estimate_trace", "hutchinson_trace", "hutchpp_trace", "exact_trace", "TraceEstimate", "TRACE_METHODS", "rademacher",
+    "lanczos", "spectral_density", "SpectralDensity",
+    "estimate_diagonal", "DiagonalEstimate",
+]

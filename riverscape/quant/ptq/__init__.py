@@ -1,0 +1,24 @@
+"""Post-training quantization methods: one frozen config and one handler per method, in a registry.
+
+``ptq(objective, quantizer, method="rtn")`` looks the method up in :data:`PTQ_METHODS`. To add
+a method, write a module next to :mod:`.rtn` with its :class:`PTQConfig` subclass and handler
+and add one :func:`register_ptq_method` line below.
+"""
+from types import ModuleType as _ModuleType
+
+from .base import (
+    PTQ_CONFIGS,
+    PTQ_METHODS,
+    PTQConfig,
+    PTQHandler,
+    PTQResult,
+    ptq,
+    ptq_config,
+    ptq_result,
+    register_ptq_method,
+)
+from .rtn import RTN, round_to_nearest
+
+register_ptq_method("rtn", RTN, round_to_nearest)
+
+__all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

@@ -1,0 +1,210 @@
+"""Post-training quantization: configs, the method registry and the entry points :func:`ptq` / :func:`ptq_result`.
+
+A PTQ method is a frozen :class:`PTQConfig` subclass (its options, validated in
+``__post_init__``) plus a handler ``handler(config, objective, qmap, theta) -> (theta_q, qparams)``
+registered under a name with :func:`register_ptq_method` (the config -> handler pattern of
+torchao's ``quantize_(model, config)``). Adding a method (e.g. GPTQ, Frantar et al. 2023) is
+one new module defining its config and handler plus one :func:`register_ptq_method` line in
+:mod:`riverscape.quant.ptq`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ClassVar, Sequence, Union
+
+from torch import Tensor
+
+from ...objective import Objective
+from ..qmap import QuantizerLike, QuantMap, resolve_quant_map
+from ..quantizers import QParams
+
+__all__ = [
+    "PTQConfig",
+    "PTQHandler",
+    "PTQResult",
+    "PTQ_METHODS",
+    "PTQ_CONFIGS",
+    "register_ptq_method",
+    "ptq_config",
+    "ptq",
+    "ptq_result",
+]
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Base class of the options of one PTQ method (a frozen dataclass).
+
+    Subclasses set the class attribute ``method`` (the registry name) and validate their
+    fields in ``__post_init__``, raising :class:`ValueError` with the allowed values.
+    """
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        """``{"method": name, **fields}`` (JSON-friendly when the fields are)."""
+        return {"method": self.method, **asdict(self)}
+
+
+PTQHandler = Callable[[PTQConfig, Objective, QuantMap, Tensor], "tuple[Tensor, Sequence[QParams]]"]
+"""``handler(config, objective, qmap, theta) -> (theta_q, qparams)``.
+
+``theta`` is the validated full-precision point, ``qmap`` the resolved map; the handler returns
+the quantized point (shape ``(D,)``, unquantized coordinates copied from ``theta``) and the
+quantization parameters of every target of ``qmap`` (in ``qmap.targets`` order).
+"""
+
+PTQ_METHODS: dict[str, PTQHandler] = {}
+"""Registered PTQ handlers by method name (see :func:`register_ptq_method`)."""
+
+PTQ_CONFIGS: dict[str, type[PTQConfig]] = {}
+"""Config class of every registered PTQ method, by the same names as :data:`PTQ_METHODS`."""
+
+
+def register_ptq_method(name: str, config_cls: type[PTQConfig], handler: PTQHandler) -> None:
+    """Register a PTQ method: ``ptq(..., method=name)`` or ``ptq(..., method=config_cls(...))`` then runs ``handler``.
+
+    Parameters
+    ----------
+    name : str
+        Registry name; must equal ``config_cls.method``. Re-registering a name replaces it.
+    config_cls : type
+        A frozen dataclass subclass of :class:`PTQConfig` whose fields all have defaults
+        (``method=name`` as a string builds ``config_cls()``).
+    handler : callable
+        ``handler(config, objective, qmap, theta) -> (theta_q, qparams)``, see :data:`PTQHandler`.
+
+    Raises
+    ------
+    ValueError
+        Empty name, or a name that differs from ``config_cls.method``.
+    TypeError
+        ``config_cls`` not a PTQConfig subclass or ``handler`` not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a PTQ method needs a non-empty name, got {name!r}")
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PTQConfig)):
+        raise TypeError(f"config_cls must be a subclass of PTQConfig, got {config_cls!r}")
+    if config_cls.method != name:
+        raise ValueError(f"config class {config_cls.__name__} declares method {config_cls.method!r}, registered as {name!r}")
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+    PTQ_CONFIGS[name] = config_cls
+    PTQ_METHODS[name] = handler
+
+
+def ptq_config(method: Union[str, PTQConfig]) -> PTQConfig:
+    """The config of ``method``: a registered name (its default config) or a config instance (checked).
+
+    Raises
+    ------
+    ValueError
+        An unregistered name or config class (the message lists the registered names).
+    TypeError
+        Neither a string nor a PTQConfig.
+    """
+    if isinstance(method, PTQConfig):
+        if PTQ_CONFIGS.get(method.method) is not type(method):
+            raise ValueError(f"PTQ config {type(method).__name__} is not registered; registered methods: {sorted(PTQ_METHODS)}")
+        return method
+    if isinstance(method, str):
+        if method not in PTQ_CONFIGS:
+            raise ValueError(f"unknown PTQ method {method!r}; registered methods: {sorted(PTQ_METHODS)}")
+        return PTQ_CONFIGS[method]()
+    raise TypeError(f"method must be a registered name or a PTQConfig, got {type(method).__name__}")
+
+
+@dataclass(frozen=True)
+class PTQResult:
+    """Outcome of :func:`ptq_result`.
+
+    Attributes
+    ----------
+    theta_q : Tensor, shape (D,)
+        The quantized point (what :func:`ptq` returns).
+    qparams : dict of str to QParams
+        Quantization parameters of every quantized tensor, by parameter name (``qmap.targets`` order).
+    config : PTQConfig
+        The method and its options.
+    quantizer : str
+        ``quantizer.describe()`` of the map.
+    """
+
+    theta_q: Tensor
+    qparams: dict[str, QParams]
+    config: PTQConfig
+    quantizer: str
+    method: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", self.config.method)
+
+
+def ptq_result(
+    objective: Objective,
+    quantizer: QuantizerLike,
+    theta: Tensor | None = None,
+    *,
+    method: Union[str, PTQConfig] = "rtn",
+    **map_options,
+) -> PTQResult:
+    """Post-training quantization with the point and its per-layer quantization parameters.
+
+    Same arguments as :func:`ptq`.
+
+    Returns
+    -------
+    PTQResult
+    """
+    config = ptq_config(method)
+    qmap = resolve_quant_map(objective, quantizer, **map_options)
+    theta = objective.theta0 if theta is None else objective.check_theta(theta)
+    theta_q, qparams = PTQ_METHODS[config.method](config, objective, qmap, theta)
+    qparams = list(qparams)
+    if theta_q.shape != theta.shape:
+        raise ValueError(f"PTQ method {config.method!r} returned shape {tuple(theta_q.shape)}, expected {tuple(theta.shape)}")
+    if len(qparams) != len(qmap.targets):
+        raise ValueError(f"PTQ method {config.method!r} returned {len(qparams)} qparams for {len(qmap.targets)} quantized tensors")
+    return PTQResult(theta_q, {t.name: qp for t, qp in zip(qmap.targets, qparams)}, config, qmap.quantizer.describe())
+
+
+def ptq(
+    objective: Objective,
+    quantizer: QuantizerLike,
+    theta: Tensor | None = None,
+    *,
+    method: Union[str, PTQConfig] = "rtn",
+    **map_options,
+) -> Tensor:
+    """Post-training quantization ``theta -> theta_q`` with a registered method (default round-to-nearest).
+
+    Parameters
+    ----------
+    objective : Objective
+        Layout (and, for data-aware methods, calibration data). Never modified.
+    quantizer : int, UniformQuantizer or QuantMap
+        A bit-width or quantizer (wrapped in a :class:`QuantMap` with ``map_options``) or a ready map.
+    theta : Tensor, optional
+        Full-precision point; default ``objective.theta0``.
+    method : str or PTQConfig
+        A name of :data:`PTQ_METHODS` (its default config) or a config such as
+        :class:`~riverscape.quant.ptq.RTN`.
+    **map_options
+        ``selection`` or ``include``, ``exclude``, ``keep_first_last``, ``quantize_bias`` for
+        :class:`QuantMap`.
+
+    Returns
+    -------
+    Tensor, shape (D,)
+        The quantized point (weights of registered layer types on their grids,
+        biases and normalisation parameters unchanged unless configured).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from riverscape import Objective
+    >>> obj = Objective(torch.nn.Linear(4, 3), "cross_entropy", (torch.randn(5, 4), torch.randint(0, 3, (5,))))
+    >>> torch.equal(ptq(obj, 2), ptq(obj, 2, method="rtn"))
+    True
+    """
+    return ptq_result(objective, quantizer, theta, method=method, **map_options).theta_q
