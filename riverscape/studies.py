@@ -48,7 +48,7 @@ from .pipeline import (
     within_box,
 )
 from .pipeline import plane_landscape as _plane_slices
-from .quant import LayerSelection, QuantMap, UniformQuantizer
+from .quant import LayerSelection, QuantMap, UniformQuantizer, ptq
 from .quant.qat import QATResult, qat
 from .training import train
 
@@ -335,7 +335,7 @@ def qat_cell(study: Study, bits: int, estimator: str, *, seed: int, landscape: b
     run = measure_qat(study.reference, study.quant_map(bits, "minmax", study.training), perplexity=study.spec.perplexity, **settings)
     res, point = run.result, run.point
     qmap = study.quant_map(bits)
-    q_ptq = measure_ptq(study.reference, qmap).point
+    q_ptq = ptq(study.analysis, qmap)  # the point only: its metrics are ptq_cell's
     dmg = damage_at(study.reference, qmap, point, floor=False, random_control=False, rtn_matvecs=0)
     out = {
         **_evaluated(run.metrics), **study.curvature(point), **_damage_fields(dmg), **_alignment_at_ptq(study, qmap, q_ptq, point),
