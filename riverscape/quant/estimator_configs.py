@@ -22,6 +22,7 @@ from ..objective import Objective
 from .estimators import clipped_ste, ewgs, lsq, lsq_grad_scale, lsq_initial_scale, pege, pege_mask, pege_rho, ste
 from .qmap import QuantMap
 from .quantizers import QParams, UniformQuantizer
+from .registry import check_registration, resolve_config
 
 __all__ = [
     "EstimatorConfig",
@@ -367,26 +368,15 @@ def register_estimator(name: str, config_cls: type, builder: EstimatorBuilder) -
     builder : callable
         ``builder(config, context) -> EstimatorHandler`` (a handler class works).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an estimator needs a non-empty name, got {name!r}")
-    if not (isinstance(config_cls, type) and issubclass(config_cls, EstimatorConfig)):
-        raise TypeError(f"config_cls must be a subclass of EstimatorConfig, got {config_cls!r}")
-    if config_cls.name != name:
-        raise ValueError(f"config class {config_cls.__name__} declares name {config_cls.name!r}, registered as {name!r}")
-    if not callable(builder):
-        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    check_registration("estimator", EstimatorConfig, "name", name, config_cls, builder)
     ESTIMATOR_REGISTRY[name] = EstimatorEntry(config_cls, builder)
 
 
 def estimator_config(estimator: Union[str, EstimatorConfig]) -> EstimatorConfig:
     """The config of ``estimator``: a registered name (its default config) or a config instance (checked).
 
-    Raises
-    ------
-    ValueError
-        An unregistered name or config class (the message lists the registered names).
-    TypeError
-        Neither a string nor an EstimatorConfig.
+    Errors are those of :func:`riverscape.quant.registry.resolve_config` (``ValueError`` for an
+    unregistered name or config class, ``TypeError`` for anything else).
 
     Examples
     --------
@@ -395,16 +385,8 @@ def estimator_config(estimator: Union[str, EstimatorConfig]) -> EstimatorConfig:
     >>> estimator_config(PEGE(beta=4.0)).beta
     4.0
     """
-    if isinstance(estimator, EstimatorConfig):
-        entry = ESTIMATOR_REGISTRY.get(estimator.name)
-        if entry is None or entry.config_cls is not type(estimator):
-            raise ValueError(f"estimator config {type(estimator).__name__} is not registered; choose one of {tuple(ESTIMATOR_REGISTRY)}")
-        return estimator
-    if isinstance(estimator, str):
-        if estimator not in ESTIMATOR_REGISTRY:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {tuple(ESTIMATOR_REGISTRY)}")
-        return ESTIMATOR_REGISTRY[estimator].config_cls()
-    raise TypeError(f"estimator must be a registered name or an EstimatorConfig, got {type(estimator).__name__}")
+    configs = {name: entry.config_cls for name, entry in ESTIMATOR_REGISTRY.items()}
+    return resolve_config("estimator", EstimatorConfig, "name", configs, estimator)
 
 
 def build_estimator(config: EstimatorConfig, context: QATContext) -> EstimatorHandler:

@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Sequence, Union
 from torch import Tensor
 
 from ...objective import Objective
+from ..registry import check_registration, resolve_config
 from ..qmap import QuantizerLike, QuantMap, resolve_quant_map
 from ..quantizers import QParams
 
@@ -81,14 +82,7 @@ def register_ptq_method(name: str, config_cls: type[PTQConfig], handler: PTQHand
     TypeError
         ``config_cls`` not a PTQConfig subclass or ``handler`` not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a PTQ method needs a non-empty name, got {name!r}")
-    if not (isinstance(config_cls, type) and issubclass(config_cls, PTQConfig)):
-        raise TypeError(f"config_cls must be a subclass of PTQConfig, got {config_cls!r}")
-    if config_cls.method != name:
-        raise ValueError(f"config class {config_cls.__name__} declares method {config_cls.method!r}, registered as {name!r}")
-    if not callable(handler):
-        raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+    check_registration("PTQ method", PTQConfig, "method", name, config_cls, handler)
     PTQ_CONFIGS[name] = config_cls
     PTQ_METHODS[name] = handler
 
@@ -96,22 +90,10 @@ def register_ptq_method(name: str, config_cls: type[PTQConfig], handler: PTQHand
 def ptq_config(method: Union[str, PTQConfig]) -> PTQConfig:
     """The config of ``method``: a registered name (its default config) or a config instance (checked).
 
-    Raises
-    ------
-    ValueError
-        An unregistered name or config class (the message lists the registered names).
-    TypeError
-        Neither a string nor a PTQConfig.
+    Errors are those of :func:`riverscape.quant.registry.resolve_config` (``ValueError`` for an
+    unregistered name or config class, ``TypeError`` for anything else).
     """
-    if isinstance(method, PTQConfig):
-        if PTQ_CONFIGS.get(method.method) is not type(method):
-            raise ValueError(f"PTQ config {type(method).__name__} is not registered; registered methods: {sorted(PTQ_METHODS)}")
-        return method
-    if isinstance(method, str):
-        if method not in PTQ_CONFIGS:
-            raise ValueError(f"unknown PTQ method {method!r}; registered methods: {sorted(PTQ_METHODS)}")
-        return PTQ_CONFIGS[method]()
-    raise TypeError(f"method must be a registered name or a PTQConfig, got {type(method).__name__}")
+    return resolve_config("PTQ method", PTQConfig, "method", PTQ_CONFIGS, method)
 
 
 @dataclass(frozen=True)
