@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .io.jsonable import fields_dict
 from .objective import _as_args, _to_batches
 
 __all__ = [
@@ -92,16 +93,8 @@ class BatchNormLayerCheck:
         return f"layer {self.name}: shift {self.mean_shift:.2g} sd, variance ratio {self.variance_ratio:.2g}"
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "channels": self.channels,
-            "samples": self.samples,
-            "mean_shift": self.mean_shift,
-            "mean_shift_channel": self.mean_shift_channel,
-            "log_variance_ratio": self.log_variance_ratio,
-            "variance_ratio": self.variance_ratio,
-            "flagged": self.flagged,
-        }
+        """The fields and ``variance_ratio``, as JSON values."""
+        return fields_dict(self, variance_ratio=self.variance_ratio)
 
 
 @dataclass(frozen=True)
@@ -149,12 +142,8 @@ class BatchNormCheck:
         return f"BatchNorm running statistics match the data (largest: {first.describe()})"
 
     def to_dict(self) -> dict:
-        return {
-            "mismatched": self.mismatched,
-            "shift_threshold": self.shift_threshold,
-            "variance_ratio_threshold": self.variance_ratio_threshold,
-            "layers": [layer.to_dict() for layer in self.layers],
-        }
+        """The verdict, the thresholds and every layer's check, as JSON values."""
+        return {"mismatched": self.mismatched, **fields_dict(self)}
 
 
 def _batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 from .errors import InputError
+from .io.atomic import atomic_path, make_parents, remove_empty, umask_mode
 
 __all__ = [
     "MARKER_NAME",
@@ -40,13 +41,6 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 MARKER_NAME = ".riverscape-output.json"
 _MARKER_WRITER = "riverscape"
-
-
-def _umask_mode(mode: int) -> int:
-    """``mode`` restricted by the process umask (what a plain ``mkdir``/``open`` would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
 
 
 def _real(path: PathLike) -> Path:
@@ -180,25 +174,6 @@ def check_output_file(path: PathLike, force: bool = False) -> Path:
     return path
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Create ``directory`` and missing ancestors; return the ones created, deepest first."""
-    created: list[Path] = []
-    current = directory
-    while not current.exists():
-        created.append(current)
-        current = current.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    return created
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    for directory in directories:  # deepest first
-        try:
-            directory.rmdir()
-        except OSError:
-            break
-
-
 _DEFERRED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
 
@@ -286,21 +261,21 @@ def atomic_output_dir(path: PathLike, *, force: bool = False, inputs: Iterable[P
     """
     inputs = tuple(inputs)
     final = check_output_dir(path, force, inputs=inputs).absolute()
-    created = _make_parents(final.parent)
+    created = make_parents(final.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     try:
-        tmp.chmod(_umask_mode(0o777))
+        tmp.chmod(umask_mode(0o777))
         yield tmp
         _write_marker(tmp, kind)
         _swap_in(tmp, final, force=force, inputs=inputs)
     except BaseException:
         with signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
-            _remove_empty(created)
+            remove_empty(created)
         raise
 
 
@@ -308,8 +283,9 @@ def atomic_output_dir(path: PathLike, *, force: bool = False, inputs: Iterable[P
 def atomic_output_file(path: PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path that replaces ``path`` only if the block succeeds.
 
-    The temporary file lives beside ``path``; on success it is ``os.replace``-d onto it
-    (atomic on POSIX and Windows), on any exception it is deleted.
+    :func:`riverscape.io.atomic.atomic_path` with the ``--force`` rules: the target is checked
+    before the block and again just before the rename, and the clean-up after a failure runs
+    with SIGINT/SIGTERM deferred.
 
     Raises
     ------
@@ -317,22 +293,10 @@ def atomic_output_file(path: PathLike, *, force: bool = False) -> Iterator[Path]
         ``path`` exists and ``force`` is false (checked before the block runs).
     """
     final = check_output_file(path, force).absolute()
-    created = _make_parents(final.parent)
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-        os.close(handle)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    tmp = Path(name)
-    try:
-        tmp.chmod(_umask_mode(0o666))
+
+    def still_replaceable(target: Path) -> None:
+        if target.exists():
+            check_output_file(target, force)
+
+    with atomic_path(final, suffix=".partial", before_replace=still_replaceable, cleanup_guard=signals_deferred) as tmp:
         yield tmp
-        if final.exists():
-            check_output_file(final, force)
-        os.replace(tmp, final)
-    except BaseException:
-        with signals_deferred():
-            tmp.unlink(missing_ok=True)
-            _remove_empty(created)
-        raise

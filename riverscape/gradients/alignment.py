@@ -266,17 +266,12 @@ def alignment(
 
     Parameters
     ----------
-    objective : Objective
-        Build it with ``params`` selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2).
-    theta_fp : Tensor, shape (D,), or None
-        Reference FP point ``w_ref`` (default ``objective.theta0``).
-    quantizer : UniformQuantizer or QuantMap
-        A quantizer (wrapped in a ``QuantMap`` with ``map_options``) or a ready map.
+    objective, theta_fp, quantizer, basis
+        As in :func:`riverscape.gradients.damage`: the restricted objective, the reference point
+        ``w_ref`` (default ``objective.theta0``), the quantizer or map, and the hill subspace at
+        ``w_ref`` (computed with k = 10 when ``None``).
     theta_q : Tensor, shape (D,), optional
         The quantized point ``q`` (default ``Q(theta_fp)``, round to nearest).
-    basis : HillBasis, optional
-        The hill subspace at ``theta_fp`` (top-k eigenpairs and the Hessian operator there,
-        :class:`~riverscape.gradients.HillBasis`); computed with k = 10 when ``None``.
     theta_qat : Tensor, shape (D,), optional
         A QAT solution (latent or deployed); gives ``cosine_qat = A(theta_qat - q)``.
     n_null : int

@@ -15,6 +15,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
+from ..io.jsonable import fields_dict
 from ..objective import Objective
 
 __all__ = ["FloorResult", "valley_floor", "FLOOR_METHODS"]
@@ -56,17 +57,7 @@ class FloorResult:
 
     def to_dict(self) -> dict:
         """JSON-friendly summary (the point itself is left out)."""
-        return {
-            "coefficients": self.coefficients.tolist(),
-            "loss_start": self.loss_start,
-            "loss_floor": self.loss_floor,
-            "subspace_grad_norm": self.subspace_grad_norm,
-            "start": self.start,
-            "iterations": self.iterations,
-            "evaluations": self.evaluations,
-            "method": self.method,
-            "converged": self.converged,
-        }
+        return fields_dict(self, exclude=("point",))
 
 
 class _SubspaceLoss:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-__all__ = ["to_jsonable"]
+__all__ = ["to_jsonable", "fields_dict"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -58,3 +58,32 @@ def to_jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     raise TypeError(f"cannot store a {type(value).__name__} as JSON: {value!r}")
+
+
+def fields_dict(result: Any, *, exclude: tuple[str, ...] = (), **extra: Any) -> dict:
+    """The ``to_dict()`` of a result dataclass: its fields (minus ``exclude``) plus ``extra``, as JSON values.
+
+    Parameters
+    ----------
+    result : dataclass instance
+    exclude : tuple of str
+        Fields left out (e.g. a full weight vector).
+    **extra
+        Derived values to add (e.g. properties), after the fields.
+
+    Returns
+    -------
+    dict
+        ``{field: to_jsonable(value)}`` in field order, then ``extra``.
+
+    Examples
+    --------
+    >>> @dataclasses.dataclass
+    ... class R:
+    ...     loss: float
+    ...     point: list
+    >>> fields_dict(R(0.5, [1, 2]), exclude=("point",), kind="demo")
+    {'loss': 0.5, 'kind': 'demo'}
+    """
+    values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in exclude}
+    return to_jsonable({**values, **extra})

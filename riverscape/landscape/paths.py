@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..io.jsonable import fields_dict
 from ..objective import Objective
 from ..training import TrainResult, build_optimizer
 from .slices import Quantizer, as_quant_map, describe_quantizer, evaluate_points
@@ -294,14 +295,8 @@ class Barrier:
     profile: PathProfile
 
     def to_dict(self) -> dict:
-        return {
-            "height": self.height,
-            "t": self.t,
-            "loss_a": self.loss_a,
-            "loss_b": self.loss_b,
-            "excess": self.excess.tolist(),
-            "profile": self.profile.to_dict(),
-        }
+        """Every field as JSON values (the profile through its own ``to_dict``)."""
+        return fields_dict(self)
 
 
 def loss_barrier(

@@ -7,7 +7,8 @@ rendered by Agg). Write one with ``fig.savefig("x.png")`` or :func:`.html.save_f
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, Mapping, Sequence
+import inspect
+from typing import Any, Callable
 
 import matplotlib
 
@@ -17,14 +18,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import figures
 from .inputs import (
     ALIGNMENT_NAMES,
-    ALPHA_LABEL,
-    BETA_LABEL,
     FIGURE_NAMES,
     FP_NAME,
     QUANT_NAME,
-    T_LABEL,
     ColorValues,
     alignment_layout,
     bits_series,
@@ -49,15 +48,29 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=150, layout="constrained")
 
 
-def _styled(function: Callable[..., Figure]) -> Callable[..., Figure]:
-    """Run a drawing function inside the riverscape rc style (fonts, grid, colormap)."""
+def _twin_of(interactive: Callable[..., Any]) -> Callable[[Callable[..., Figure]], Callable[..., Figure]]:
+    """Make a drawing function the static twin of the Plotly function ``interactive``.
 
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Figure:
-        with matplotlib.rc_context(mpl_style()):
-            return function(*args, **kwargs)
+    The twin takes exactly ``interactive``'s signature (names, defaults, annotations), so the
+    two backends cannot drift apart: calls are bound against that signature, defaults filled in,
+    and the drawing function runs with every argument inside the riverscape rc style (fonts,
+    grid, colormap).
+    """
+    signature = inspect.signature(interactive)
 
-    return wrapper
+    def decorate(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+        @functools.wraps(draw)
+        def twin(*args: Any, **kwargs: Any) -> Figure:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with matplotlib.rc_context(mpl_style()):
+                return draw(*bound.args, **bound.kwargs)
+
+        twin.__signature__ = signature.replace(return_annotation=Figure)  # type: ignore[attr-defined]
+        twin.__doc__ = draw.__doc__ or f"Static twin of :func:`riverscape.report.figures.{interactive.__name__}`."
+        return twin
+
+    return decorate
 
 
 def _legend_below(fig: Figure, ax_or_axes: Any, ncols: int = 4) -> None:
@@ -119,23 +132,8 @@ def _draw_overlays(ax, points, lines, *, three_d: bool) -> None:
         )
 
 
-@_styled
-def slice_figure(
-    alphas: Any,
-    betas: Any,
-    loss: Any,
-    *,
-    markers: Mapping[str, Sequence[float]] | None = None,
-    paths: Mapping[str, Sequence[Any]] | None = None,
-    title: str | None = None,
-    log: bool = True,
-    subtract_min: bool = False,
-    kind: Literal["contour", "surface", "both"] = "contour",
-    xlabel: str = ALPHA_LABEL,
-    ylabel: str = BETA_LABEL,
-    label: str = "loss",
-    ncontours: int = 24,
-) -> Figure:
+@_twin_of(figures.slice_figure)
+def slice_figure(alphas, betas, loss, *, markers, paths, title, log, subtract_min, kind, xlabel, ylabel, label, ncontours) -> Figure:
     """Static twin of :func:`riverscape.report.figures.slice_figure` (colour mesh + contour lines)."""
     panel = slice_panel(alphas, betas, loss, markers=markers, paths=paths, log=log, subtract_min=subtract_min, label=label, kind=kind)
     alphas, betas, colors, values, points, lines = panel.alphas, panel.betas, panel.colors, panel.values, panel.points, panel.lines
@@ -168,24 +166,8 @@ def slice_figure(
     return fig
 
 
-@_styled
-def side_by_side_slices(
-    alphas: Any,
-    betas: Any,
-    fp_loss: Any,
-    quantized_loss: Any,
-    *,
-    markers: Mapping[str, Sequence[float]] | None = None,
-    paths: Mapping[str, Sequence[Any]] | None = None,
-    titles: tuple[str, str] = ("L(θ): full precision", "L(Q(θ)): quantized"),
-    title: str | None = None,
-    log: bool = True,
-    subtract_min: bool = False,
-    xlabel: str = ALPHA_LABEL,
-    ylabel: str = BETA_LABEL,
-    label: str = "loss",
-    ncontours: int = 24,
-) -> Figure:
+@_twin_of(figures.side_by_side_slices)
+def side_by_side_slices(alphas, betas, fp_loss, quantized_loss, *, markers, paths, titles, title, log, subtract_min, xlabel, ylabel, label, ncontours) -> Figure:
     """Static twin of :func:`riverscape.report.figures.side_by_side_slices`: one shared colour bar."""
     alphas, betas, _, _, colors = slice_pair(alphas, betas, fp_loss, quantized_loss, log=log, subtract_min=subtract_min, label=label)
     fig = _figure(11.5, 5.2)
@@ -202,15 +184,8 @@ def side_by_side_slices(
     return fig
 
 
-@_styled
-def path_figure(
-    profiles: Mapping[str, Any],
-    *,
-    title: str | None = None,
-    log_y: bool | None = None,
-    xlabel: str = T_LABEL,
-    ylabel: str = "loss",
-) -> Figure:
+@_twin_of(figures.path_figure)
+def path_figure(profiles, *, title, log_y, xlabel, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.path_figure`."""
     rows = profile_rows(profiles)
     fig = _figure(7.0, 4.4)
@@ -231,14 +206,8 @@ def path_figure(
     return fig
 
 
-@_styled
-def spectrum_figure(
-    eigs: Mapping[str, Any],
-    *,
-    title: str | None = None,
-    log_y: bool | None = None,
-    ylabel: str = "Hessian eigenvalue λᵢ",
-) -> Figure:
+@_twin_of(figures.spectrum_figure)
+def spectrum_figure(eigs, *, title, log_y, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.spectrum_figure`."""
     rows = spectrum_rows(eigs)
     fig = _figure(6.4, 4.2)
@@ -259,14 +228,8 @@ def spectrum_figure(
     return fig
 
 
-@_styled
-def density_figure(
-    densities: Mapping[str, Any],
-    *,
-    title: str | None = None,
-    floor: float = 1e-8,
-    xlabel: str = "eigenvalue λ",
-) -> Figure:
+@_twin_of(figures.density_figure)
+def density_figure(densities, *, title, floor, xlabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.density_figure`."""
     rows = density_rows(densities)
     peak = max((float(np.nanmax(d)) for _, _, d in rows), default=1.0)
@@ -282,13 +245,8 @@ def density_figure(
     return fig
 
 
-@_styled
-def alignment_figure(
-    metrics: Mapping[str, Mapping[str, Any]],
-    *,
-    dim: int | None = None,
-    title: str | None = None,
-) -> Figure:
+@_twin_of(figures.alignment_figure)
+def alignment_figure(metrics, *, dim, title) -> Figure:
     """Static twin of :func:`riverscape.report.figures.alignment_figure`."""
     entries, names, width, nulls = alignment_layout(metrics, dim)
     fig = _figure(max(5.5, 1.6 * len(entries) + 2.5), 4.6)
@@ -314,17 +272,8 @@ def alignment_figure(
     return fig
 
 
-@_styled
-def accuracy_vs_bits_figure(
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    y: str = "accuracy",
-    reference: float | None = None,
-    reference_label: str = "full precision",
-    chance: float | None = None,
-    title: str | None = None,
-    ylabel: str | None = None,
-) -> Figure:
+@_twin_of(figures.accuracy_vs_bits_figure)
+def accuracy_vs_bits_figure(rows, *, y, reference, reference_label, chance, title, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.accuracy_vs_bits_figure`."""
     series = bits_series(rows, y)
     fig = _figure(6.4, 4.2)
@@ -342,15 +291,8 @@ def accuracy_vs_bits_figure(
     return fig
 
 
-@_styled
-def qat_curve_figure(
-    history: Any,
-    *,
-    fp_loss: float | None = None,
-    fp_accuracy: float | None = None,
-    title: str | None = None,
-    log_y: bool | None = None,
-) -> Figure:
+@_twin_of(figures.qat_curve_figure)
+def qat_curve_figure(history, *, fp_loss, fp_accuracy, title, log_y) -> Figure:
     """Static twin of :func:`riverscape.report.figures.qat_curve_figure`."""
     columns, steps = qat_history(history)
     has_flips = "flips" in columns
