@@ -74,6 +74,7 @@ class BitsResult:
     barrier_qat: Optional[dict]
     per_layer: list
     notes: list = field(default_factory=list)
+    ptq_methods: dict = field(default_factory=dict)  # method name -> metrics of its point (the first is ``ptq``)
 
     def metrics(self) -> dict:
         """The JSON-friendly numbers of this bit-width."""
@@ -101,6 +102,8 @@ class BitsResult:
             "per_layer": [row.to_dict() for row in self.per_layer],
             "notes": list(self.notes),
         }
+        if len(self.ptq_methods) > 1:
+            out["ptq_methods"] = {name: dict(values) for name, values in self.ptq_methods.items()}
         if ali_layers is not None:
             out["alignment_per_layer"] = ali_layers
         if self.qat is not None:
@@ -330,8 +333,12 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         bar.set_postfix_str(f"{bits} bits")
         quantizer = options.quantizer(bits)
         qmap = ref.quant_map(quantizer)
-        measured = measure_ptq(ref, qmap)
+        measured = measure_ptq(ref, qmap, method=options.ptq_methods[0])
         q, ptq_metrics = measured.point, dict(measured.metrics)
+        compared = {options.ptq_methods[0]: ptq_metrics}
+        for method in options.ptq_methods[1:]:
+            compared[method] = dict(measure_ptq(ref, qmap, method=method).metrics)
+        t0 = lap("ptq", t0)
         notes: list[str] = []
         finite = measured.finite
         t0 = time.perf_counter()
@@ -395,7 +402,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         rows = _layer_rows(qmap, q - fp, vectors, curvature_rows, dmg, ali)
         results.append(
             BitsResult(bits, quantizer.describe(), ptq_metrics, hessian_q, density_q, dmg, ali, qat_metrics, qat_result, qat_ali,
-                       land.fp_slice, land.quantized_slice, land.markers, land.paths, profiles, barrier, rows, notes)
+                       land.fp_slice, land.quantized_slice, land.markers, land.paths, profiles, barrier, rows, notes, compared)
         )
     ref.release()
     timings["total"] = time.perf_counter() - started

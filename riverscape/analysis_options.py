@@ -36,6 +36,21 @@ def _names(value: Iterable[str] | str | None, what: str) -> tuple[str, ...]:
     return names
 
 
+def _ptq_methods(value: Iterable[str] | str) -> tuple[str, ...]:
+    """Registered PTQ method names, comma lists split, duplicates dropped (first kept)."""
+    from .quant.ptq import PTQ_CONFIGS
+
+    methods: list[str] = []
+    for name in _names(value, "ptq_methods"):
+        if name not in PTQ_CONFIGS:
+            raise InputError(f"unknown PTQ method {name!r}; choose from {', '.join(PTQ_CONFIGS)}")
+        if name not in methods:
+            methods.append(name)
+    if not methods:
+        raise InputError(f"give at least one PTQ method, e.g. --ptq rtn (registered: {', '.join(PTQ_CONFIGS)})")
+    return tuple(methods)
+
+
 @dataclass(frozen=True)
 class AnalyzeOptions:
     """Everything ``riverscape analyze`` can be told, validated on construction.
@@ -70,6 +85,10 @@ class AnalyzeOptions:
         Steps of quantization-aware training per bit-width (0 = skip QAT).
     qat_estimator : {"ste", "clipped_ste", "lsq", "ewgs", "pege"}
         Gradient estimator of the QAT run.
+    ptq_methods : tuple of str
+        Registered PTQ methods (:data:`riverscape.quant.ptq.PTQ_METHODS`, e.g. ``("rtn", "gptq")``)
+        measured at every bit-width; the first one gives the quantized point that the curvature,
+        damage, alignment and slices are computed at, the others are compared with it in a table.
     seed : int
         Seed of every random choice (directions, probes, subsets), >= 0.
     device : str
@@ -95,6 +114,7 @@ class AnalyzeOptions:
     max_samples: Optional[int] = 1024
     qat_steps: int = 300
     qat_estimator: str = "ste"
+    ptq_methods: tuple[str, ...] = ("rtn",)
     seed: int = 0
     device: str = "cpu"
     bn_recalibrate: bool = False
@@ -112,6 +132,7 @@ class AnalyzeOptions:
             raise InputError(f"unknown range method {self.range_method!r}; choose one of {list(RANGE_METHODS)}")
         if self.qat_estimator not in QAT_ESTIMATORS:
             raise InputError(f"unknown QAT estimator {self.qat_estimator!r}; choose one of {list(QAT_ESTIMATORS)}")
+        object.__setattr__(self, "ptq_methods", _ptq_methods(self.ptq_methods))
         object.__setattr__(self, "include", _names(self.include, "include"))
         object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
         for name, low, high in (("top_k", 1, MAX_TOP_K), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None)):

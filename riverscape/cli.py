@@ -482,6 +482,8 @@ def _add_analyze(sub: Any) -> None:
     q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="affine grid with a zero point")
     q.add_argument("--include", action="append", metavar="PATTERN", help="quantize only these layers (names or globs; repeatable)")
     q.add_argument("--exclude", action="append", metavar="PATTERN", help="keep these layers in full precision (repeatable)")
+    q.add_argument("--ptq", dest="ptq_methods", default="rtn", metavar="M[,M...]",
+                   help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
     q.add_argument("--keep-first-last", action="store_true", help="keep the first and last layers in full precision")
     a = p.add_argument_group("analysis")
     a.add_argument("--top-k", type=int, default=d["top_k"].default, help="Hessian eigenpairs to compute (default %(default)s)")

@@ -19,7 +19,8 @@ from ..gradients.damage import DamageResult
 from ..landscape.directions import Plane, plane_through, random_direction
 from ..landscape.paths import Barrier, loss_barrier
 from ..landscape.slices import slice_2d
-from ..quant import QuantMap, ptq
+from ..quant import QuantMap
+from ..quant.ptq import PTQResult, ptq_result
 from ..quant.qat import QATResult, qat
 from .reference import HILL_K, TAU, Reference
 
@@ -49,11 +50,14 @@ class PTQMeasurement:
     metrics : dict
         ``loss``, ``accuracy`` (evaluation set), ``train_loss`` (analysis set), ``perplexity``
         when asked for, ``delta_norm`` and ``relative_delta_norm`` of ``Q(theta_fp) - theta_fp``.
+    result : PTQResult
+        The method's full outcome (config, per-tensor quantization parameters).
     """
 
     qmap: QuantMap
     point: Tensor
     metrics: dict
+    result: Optional[PTQResult] = None
 
     @property
     def finite(self) -> bool:
@@ -105,8 +109,9 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
     perplexity : bool
         Also report ``exp(loss)``.
     """
-    point = ptq(ref.analysis, qmap, method=method)
-    return PTQMeasurement(qmap, point, _point_metrics(ref, point, perplexity))
+    result = ptq_result(ref.analysis, qmap, method=method)
+    point = result.theta_q
+    return PTQMeasurement(qmap, point, {"method": result.method, **_point_metrics(ref, point, perplexity)}, result)
 
 
 def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, **qat_options: Any) -> QATMeasurement:

@@ -78,6 +78,23 @@ def _summary_rows(result: Any) -> list[dict]:
     return rows
 
 
+def _ptq_method_rows(result: Any) -> list[dict]:
+    """One row per bit-width and PTQ method (empty when only one method was measured)."""
+    return [
+        {
+            "bits": b.bits,
+            "PTQ method": method,
+            "loss": values.get("loss"),
+            "accuracy": values.get("accuracy"),
+            "train loss": values.get("train_loss"),
+            "‖Q(θ) − θ‖": values.get("delta_norm"),
+        }
+        for b in result.by_bits
+        if len(getattr(b, "ptq_methods", {})) > 1
+        for method, values in b.ptq_methods.items()
+    ]
+
+
 def _alignment_rows(result: Any) -> list[dict]:
     rows = []
     for b in result.by_bits:
@@ -172,11 +189,18 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
 
     page.add_heading("Summary")
     page.add_table(_summary_rows(result), caption=f"FP vs PTQ vs QAT on the {result.eval_split} split; ΔL is the training-loss increase of PTQ (analysis set).")
+    methods = _ptq_method_rows(result)
+    if methods:
+        page.add_table(methods, caption=f"PTQ methods compared on the {result.eval_split} split (train loss: analysis set). The landscape below is analysed at the first method's point.")
     has_acc = result.fp.get("accuracy") is not None
     y = "accuracy" if has_acc else "loss"
     rows = []
     for b in result.by_bits:
-        rows.append({"method": "PTQ", "bits": b.bits, y: b.ptq.get(y)})
+        compared = getattr(b, "ptq_methods", None) or {}
+        if len(compared) > 1:
+            rows.extend({"method": f"PTQ ({method})", "bits": b.bits, y: values.get(y)} for method, values in compared.items())
+        else:
+            rows.append({"method": "PTQ", "bits": b.bits, y: b.ptq.get(y)})
         if b.qat is not None:
             rows.append({"method": "QAT", "bits": b.bits, y: b.qat.get(y)})
     reference = result.fp.get(y)
