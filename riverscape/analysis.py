@@ -20,13 +20,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .batchnorm import batchnorm_preflight
+from .budget import BUDGETS, Budget, RunShape, Timing, estimate, time_model
 from .differentiability import ensure_twice_differentiable
 from .errors import InputError
 from .io.jsonable import to_jsonable
@@ -47,6 +48,7 @@ from .pipeline import (
     plane_landscape,
 )
 from .quant import QuantMap, WeightStatus
+from .stage_log import StageLog, format_seconds
 from .threads import threads_for
 
 __all__ = ["AnalysisResult", "BitsResult", "LayerRow", "run_analysis", "analyze"]
@@ -134,6 +136,7 @@ class AnalysisResult:
     weights: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # run-wide notes: BatchNorm check, how HVPs are computed
+    plan: dict = field(default_factory=dict)  # budget knobs, skipped stages, timed gradient/forward, estimated seconds
 
     def metrics(self) -> dict:
         """``metrics.json`` content: the headline (lowest) bit-width at the top level, all under ``all_bits``.
@@ -168,12 +171,15 @@ class AnalysisResult:
                 "bits_analyzed": [b.bits for b in self.by_bits],
                 "all_bits": per_bits,
                 "timings": self.timings,
+                "plan": self.plan,
+                "options": self.options,
                 "notes": [*self.notes, *headline.get("notes", [])],
             }
         )
 
 
-def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int, values: Tensor | None = None) -> tuple[dict, Any]:
+def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int, values: Tensor | None = None, *,
+                       budget: Budget = BUDGETS["standard"], density: bool = True) -> tuple[dict, Any]:
     """Top eigenvalues, Hutch++ trace and the SLQ density at ``theta`` (one shared operator).
 
     The smallest eigenvalue is read off the density's extreme Ritz values: Lanczos resolves the
@@ -182,16 +188,19 @@ def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int,
     """
     if values is None:
         values, _ = hessian_eigs(obj, theta, min(top_k, obj.dim - 1), operator=op, seed=seed)
-    trace = hessian_trace(obj, theta, matvecs=99, operator=op, seed=seed)
-    density = spectral_density(obj, theta, lanczos_steps=min(60, obj.dim), probes=2, operator=op, seed=seed)
+    trace = hessian_trace(obj, theta, matvecs=budget.trace_matvecs, operator=op, seed=seed)
+    spectrum = None
+    if density:
+        spectrum = spectral_density(obj, theta, lanczos_steps=min(budget.density_steps, obj.dim), probes=budget.density_probes,
+                                    operator=op, seed=seed)
     summary = {
         "top_eigenvalues": values[:top_k].tolist(),
-        "min_eigenvalue": float(density.ritz_values.min()),
+        "min_eigenvalue": None if spectrum is None else float(spectrum.ritz_values.min()),
         "trace": trace.value,
         "trace_stderr": trace.stderr,
         "trace_matvecs": trace.matvecs,
     }
-    return summary, density
+    return summary, spectrum
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ def run_analysis(
     trajectory: Optional[Tensor] = None,
     eval_split: str = "test",
     progress: bool = True,
+    emit: Optional[Callable[[str], None]] = None,
 ) -> AnalysisResult:
     """Analyse a trained model at every bit-width of ``options``.
 
@@ -283,26 +293,83 @@ def run_analysis(
         Recorded FP training trajectory (all trainable parameters); draws the river.
     progress : bool
         Progress bars.
+    emit : callable, optional
+        Receives the plan (budget, timed gradient and forward, estimated duration) before the
+        heavy work and one line per finished stage with the estimated time left
+        (:class:`riverscape.stage_log.StageLog`); the command line prints them to stderr.
 
     Returns
     -------
     AnalysisResult
     """
     with threads_for(model):
-        return _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, torch.device(options.device))
+        return _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, torch.device(options.device), emit)
 
 
-def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device) -> AnalysisResult:
+def _largest_layers(qmap: QuantMap, limit: Optional[int]) -> list[str]:
+    """Names of the ``limit`` largest quantized tensors, in map order (all of them when ``limit`` is None)."""
+    names = [t.name for t in qmap.targets]
+    if limit is None or limit >= len(names):
+        return names
+    sizes = {t.name: t.spec.numel for t in qmap.targets}
+    keep = set(sorted(names, key=lambda n: -sizes[n])[:limit])
+    return [n for n in names if n in keep]
+
+
+def _choose_preset(model, loss, train_data, options, device, log: StageLog):
+    """The options resolved against their budget; a budget in minutes is matched to a preset by a timed probe."""
+    if isinstance(options.budget, str):
+        return options.resolve(BUDGETS[options.budget])
+    # time on the smallest preset's sample cap (or on all samples when the user asked for all) and scale linearly
+    probe_n = None if options.max_samples == 0 else (options.max_samples or BUDGETS["quick"].max_samples)
+    probe = Objective(model, loss, cap_samples(train_data, probe_n), device=device)
+    measured = _time(probe)
+    shape = _shape(options, probe, len(options.bits), 10)
+    fits_any, chosen, seconds = False, BUDGETS["quick"], math.inf
+    for budget in BUDGETS.values():
+        cap = probe.n_samples if probe_n is None or options.max_samples else budget.max_samples
+        scale = cap / probe.n_samples if probe.n_samples >= (probe_n or 0) else 1.0
+        timing = Timing(measured.gradient * scale, measured.forward * scale)
+        total = estimate(budget, shape, timing, options.skip)["total"]
+        if total <= 60.0 * options.budget or budget.name == "quick":
+            chosen, seconds, fits_any = budget, total, total <= 60.0 * options.budget
+    verdict = "fits" if fits_any else "is the cheapest preset and does NOT fit; restrict --include/--bits or --skip stages"
+    log.say(f"budget {options.budget:g} min: preset {chosen.name} (estimated {format_seconds(seconds)}) {verdict}")
+    return options.resolve(chosen)
+
+
+def _time(obj: Objective, n_points: int = 8) -> Timing:
+    """One gradient and the per-point cost of a batched evaluation, at ``obj.theta0`` (see :func:`riverscape.budget.time_model`)."""
+    points = obj.theta0.expand(n_points, -1).clone()
+    return time_model(lambda: obj.value_and_grad(obj.theta0), lambda: obj.losses(points), n_points)
+
+
+def _shape(options, obj: Objective, n_bits: int, hill_k: int) -> RunShape:
+    quantized = [s for s in obj.layout if s.quantizable]
+    return RunShape(n_bits=n_bits, n_layers=len(quantized) or len(obj.layout), n_ptq_methods=len(options.ptq_methods), hill_k=hill_k)
+
+
+def _plan_line(options, obj: Objective, timing: Timing, seconds: float) -> str:
+    budget = options.preset
+    layers = "all layers" if budget.max_layers is None else f"the {budget.max_layers} largest layers"
+    skipped = f"; skipping {', '.join(options.skip)}" if options.skip else ""
+    return (f"plan ({budget.name}): {len(options.bits)} bit-width(s) {list(options.bits)}, {obj.dim:,} quantized parameters, "
+            f"{obj.n_samples} samples, top-{options.top_k} eigenpairs, trace {budget.trace_matvecs} HVPs, per-layer curvature on {layers}, "
+            f"{options.grid_steps}x{options.grid_steps} slices, {options.qat_steps} QAT steps{skipped}. One gradient takes "
+            f"{format_seconds(timing.gradient)}, one forward {format_seconds(timing.forward)}: estimated {format_seconds(seconds)} in all")
+
+
+PER_BITS_STAGES = ("ptq", "curvature_quantized", "damage", "qat", "alignment", "slices", "paths")
+
+
+def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device, emit=None) -> AnalysisResult:
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    log = StageLog(emit)
+    options = _choose_preset(model, loss, train_data, options, device, log)
+    budget, skip = options.preset, set(options.skip)
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - since
-        return now
-
-    train_data = cap_samples(train_data, options.max_samples)
-    eval_data = cap_samples(eval_data, options.max_samples)
+    train_data = cap_samples(train_data, options.sample_cap)
+    eval_data = cap_samples(eval_data, options.sample_cap)
     model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
     # the tensors are chosen once, on the full model; every map of the reference uses exactly them
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
@@ -316,15 +383,29 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     if options.top_k >= obj.dim:
         raise InputError(f"--top-k {options.top_k} asks for more eigenpairs than the {obj.dim} quantized parameters allow; use at most {obj.dim - 1}")
     k_hill = max(1, min(max(HILL_K, options.top_k), obj.dim - 1))
+    timing = _time(obj)
+    estimates = estimate(budget, _shape(options, obj, len(options.bits), k_hill), timing, options.skip)
+    log = StageLog(emit, estimates, {stage: len(options.bits) for stage in PER_BITS_STAGES})
+    log.say(_plan_line(options, obj, timing, estimates["total"]))
+    plan = {"budget": budget.to_dict(), "skip": list(options.skip), "timing": timing.to_dict(),
+            "estimated_seconds": {k: round(v, 3) for k, v in estimates.items()}}
+
     t0 = time.perf_counter()
     op_fp = ref.fp_operator()
     values, vectors = ref.hill(k_hill)
-    hessian_fp, density_fp = _curvature_summary(obj, fp, options.top_k, op_fp, options.seed, values)
-    probe_qmap = ref.quant_map(options.quantizer(options.bits[0]))
-    curvature_rows = [c.to_dict() for c in layer_curvature(obj, fp, names=probe_qmap, trace_matvecs=30, operator=op_fp, seed=options.seed, progress=False)]
-    t0 = lap("curvature_fp", t0)
+    hessian_fp, density_fp = _curvature_summary(obj, fp, options.top_k, op_fp, options.seed, values, budget=budget, density="density" not in skip)
+    t0 = log.lap("curvature_fp", t0, "curvature at θ_fp")
+    curvature_rows = []
+    if "layers" not in skip:
+        probe_qmap = ref.quant_map(options.quantizer(options.bits[0]))
+        layer_names = _largest_layers(probe_qmap, budget.max_layers)
+        curvature_rows = [c.to_dict() for c in layer_curvature(obj, fp, names=layer_names, trace_matvecs=budget.layer_matvecs,
+                                                               operator=op_fp, seed=options.seed, progress=progress)]
+        if len(layer_names) < len(probe_qmap.targets):
+            run_notes.append(f"per-layer curvature on the {len(layer_names)} largest of {len(probe_qmap.targets)} quantized tensors (budget {budget.name})")
+    t0 = log.lap("layer_curvature", t0, "per-layer curvature", skipped="layers" in skip)
     ref.widths(k_hill, TAU)
-    t0 = lap("basin_widths", t0)
+    t0 = log.lap("basin_widths", t0, "basin widths")
     river_path = river(ref.trajectory) if ref.trajectory is not None else None
 
     results = []
@@ -338,20 +419,20 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         compared = {options.ptq_methods[0]: ptq_metrics}
         for method in options.ptq_methods[1:]:
             compared[method] = dict(measure_ptq(ref, qmap, method=method).metrics)
-        t0 = lap("ptq", t0)
+        t0 = log.lap("ptq", t0, f"PTQ, {bits} bits")
         notes: list[str] = []
         finite = measured.finite
-        t0 = time.perf_counter()
         op_q = obj.hessian(q)
-        hessian_q, density_q = _curvature_summary(obj, q, options.top_k, op_q, options.seed) if finite else ({}, None)
+        hessian_q, density_q = (_curvature_summary(obj, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
+                                if finite else ({}, None))
         op_q.release()
-        t0 = lap("curvature_quantized", t0)
+        t0 = log.lap("curvature_quantized", t0, f"curvature at Q(θ), {bits} bits")
         dmg = None
-        if finite:
-            dmg = damage_at(ref, qmap, q, k=k_hill)
-        else:
+        if not finite:
             notes.append(f"the loss at Q(theta) is {ptq_metrics['train_loss']}: damage, alignment and curvature at the quantized point were skipped")
-        t0 = lap("damage", t0)
+        elif "damage" not in skip:
+            dmg = damage_at(ref, qmap, q, k=k_hill, floor_steps=budget.floor_steps, rtn_matvecs=budget.rtn_matvecs)
+        t0 = log.lap("damage", t0, f"second-order damage, {bits} bits", skipped=dmg is None)
 
         qat_metrics = qat_result = qat_ali = barrier = None
         qat_point = None
@@ -373,38 +454,48 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
                 "distance_ptq_to_fp": ptq_metrics["delta_norm"],
             }
             barrier = {k: v for k, v in run.barrier.to_dict().items() if not isinstance(v, (list, dict))}
-            if finite:
+            if finite and "alignment" not in skip:
                 qat_ali = alignment_along(ref, qmap, qat_result, k=k_hill)
                 if qat_ali is None:
                     notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
-            t0 = lap("qat", t0)
-        ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point) if finite else None
-        t0 = lap("alignment", t0)
+        t0 = log.lap("qat", t0, f"QAT, {bits} bits", skipped=qat_result is None)
+        ali = None
+        if finite and "alignment" not in skip:
+            ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point, floor_steps=budget.floor_steps)
+        t0 = log.lap("alignment", t0, f"gradient alignment, {bits} bits", skipped=ali is None)
 
-        plane = analysis_plane(ref, qmap, q, qat_point)
-        markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": tuple(plane.coordinates(q))}
-        trajectories = {}
-        if qat_point is not None:
-            markers["QAT Q(θ_T)"] = tuple(plane.coordinates(qat_point))
-            trajectories["QAT iterates Q(θ_t)"] = qat_result.quantized_trajectory
-        reach = max(max(abs(x), abs(y)) for x, y in markers.values()) or 1.0
-        land = plane_landscape(ref, qmap, plane, markers, paths=trajectories, span=options.grid_span * 1.3 * reach,
-                               steps=options.grid_steps, clip=False, progress=progress)
-        t0 = lap("slices", t0)
+        markers: dict = {}
+        land = None
+        if "slices" not in skip:
+            plane = analysis_plane(ref, qmap, q, qat_point)
+            markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": tuple(plane.coordinates(q))}
+            trajectories = {}
+            if qat_point is not None:
+                markers["QAT Q(θ_T)"] = tuple(plane.coordinates(qat_point))
+                trajectories["QAT iterates Q(θ_t)"] = qat_result.quantized_trajectory
+            reach = max(max(abs(x), abs(y)) for x, y in markers.values()) or 1.0
+            land = plane_landscape(ref, qmap, plane, markers, paths=trajectories, span=options.grid_span * 1.3 * reach,
+                                   steps=options.grid_steps, clip=False, progress=progress)
+        t0 = log.lap("slices", t0, f"2D slices, {bits} bits", skipped=land is None)
 
-        profiles = {"θ_fp → Q(θ_fp)": path_losses(obj, LinearPath(fp, q), n=33, quantizer=qmap, progress=False)}
-        if qat_point is not None:
-            profiles["θ_fp → QAT Q(θ_T)"] = path_losses(obj, LinearPath(fp, qat_point), n=33, quantizer=qmap, progress=False)
-        if river_path is not None:
-            profiles["river (FP training)"] = path_losses(obj, river_path, n=41, quantizer=qmap, progress=False)
-        t0 = lap("paths", t0)
+        profiles = {}
+        if "paths" not in skip:
+            profiles["θ_fp → Q(θ_fp)"] = path_losses(obj, LinearPath(fp, q), n=33, quantizer=qmap, progress=False)
+            if qat_point is not None:
+                profiles["θ_fp → QAT Q(θ_T)"] = path_losses(obj, LinearPath(fp, qat_point), n=33, quantizer=qmap, progress=False)
+            if river_path is not None:
+                profiles["river (FP training)"] = path_losses(obj, river_path, n=41, quantizer=qmap, progress=False)
+        t0 = log.lap("paths", t0, f"loss along paths, {bits} bits", skipped=not profiles)
 
         rows = _layer_rows(qmap, q - fp, vectors, curvature_rows, dmg, ali)
         results.append(
             BitsResult(bits, quantizer.describe(), ptq_metrics, hessian_q, density_q, dmg, ali, qat_metrics, qat_result, qat_ali,
-                       land.fp_slice, land.quantized_slice, land.markers, land.paths, profiles, barrier, rows, notes, compared)
+                       None if land is None else land.fp_slice, None if land is None else land.quantized_slice,
+                       land.markers if land is not None else markers, land.paths if land is not None else {}, profiles, barrier, rows,
+                       notes, compared)
         )
     ref.release()
+    timings = dict(log.timings)
     timings["total"] = time.perf_counter() - started
     return AnalysisResult(
         n_params=sum(p.numel() for p in model.parameters()),
@@ -424,10 +515,12 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         weights=chosen.status(),
         warnings=[*run_warnings, *chosen.warnings()],
         notes=run_notes,
+        plan=plan,
     )
 
 
-def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = None) -> AnalysisResult:
+def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = None,
+            emit: Optional[Callable[[str], None]] = None) -> AnalysisResult:
     """Analyse a loaded checkpoint: :func:`run_analysis` on its model, data and trajectory.
 
     Parameters
@@ -437,6 +530,8 @@ def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = 
     options : AnalyzeOptions
     progress : bool, optional
         Progress bars (default: only when stderr is a terminal).
+    emit : callable, optional
+        Plan and stage lines, see :func:`run_analysis`.
 
     Returns
     -------
@@ -456,6 +551,7 @@ def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = 
         trajectory=loaded.trajectory,
         eval_split="test" if data.test is not None else "train",
         progress=progress,
+        emit=emit,
     )
     precision = next((str(p.dtype).removeprefix("torch.") for p in loaded.model.parameters() if p.is_floating_point()), "?")
     stored = getattr(loaded, "checkpoint_dtype", precision)

@@ -6,11 +6,12 @@ The command line only parses strings into an :class:`AnalyzeOptions`;
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable, Optional, Union
 
 import torch
 
+from .budget import BUDGETS, SKIPPABLE_STAGES, Budget, parse_budget
 from .errors import InputError
 from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
 from .quant.quantizers import MAX_BITS, RANGE_METHODS
@@ -71,18 +72,18 @@ class AnalyzeOptions:
         split.
     keep_first_last : bool
         Keep the first and last quantized layers in full precision.
-    top_k : int
+    top_k : int or None
         Number of top Hessian eigenpairs (1 .. :data:`MAX_TOP_K`, and fewer than the
-        number of quantized parameters, checked when the model is known).
-    grid_steps : int
-        Points per axis of the 1-D/2-D landscape slices (3..401).
+        number of quantized parameters, checked when the model is known). ``None``: the budget's.
+    grid_steps : int or None
+        Points per axis of the 1-D/2-D landscape slices (3..401). ``None``: the budget's.
     grid_span : float
         Extent of the slices around their centre, in units of the slice directions' norms
         (> 0).
     max_samples : int or None
-        Evaluate losses/curvature on at most this many samples (None = all).
-    qat_steps : int
-        Steps of quantization-aware training per bit-width (0 = skip QAT).
+        Evaluate losses/curvature on at most this many samples (0 = all; ``None``: the budget's).
+    qat_steps : int or None
+        Steps of quantization-aware training per bit-width (0 = skip QAT; ``None``: the budget's).
     qat_estimator : {"ste", "clipped_ste", "lsq", "ewgs", "pege"}
         Gradient estimator of the QAT run.
     ptq_methods : tuple of str
@@ -97,6 +98,13 @@ class AnalyzeOptions:
         Re-estimate the BatchNorm running statistics on the analysis data before analysing
         (:func:`riverscape.batchnorm.recalibrate_batchnorm`; the checkpoint is not changed).
         Without it the statistics are only checked, and a mismatch is reported in the notes.
+    budget : str or float
+        ``"quick"``, ``"standard"`` (default) or ``"thorough"`` (:data:`riverscape.budget.BUDGETS`),
+        or a number of minutes: the run then times one gradient and one forward and takes the
+        largest preset estimated to fit. Explicit ``top_k``, ``grid_steps``, ``max_samples`` and
+        ``qat_steps`` win over the budget's.
+    skip : tuple of str
+        Stages to leave out (:data:`riverscape.budget.SKIPPABLE_STAGES`).
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -108,16 +116,18 @@ class AnalyzeOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_first_last: bool = False
-    top_k: int = 5
-    grid_steps: int = 25
+    top_k: Optional[int] = None
+    grid_steps: Optional[int] = None
     grid_span: float = 1.0
-    max_samples: Optional[int] = 1024
-    qat_steps: int = 300
+    max_samples: Optional[int] = None
+    qat_steps: Optional[int] = None
     qat_estimator: str = "ste"
     ptq_methods: tuple[str, ...] = ("rtn",)
     seed: int = 0
     device: str = "cpu"
     bn_recalibrate: bool = False
+    budget: Union[str, float] = "standard"
+    skip: tuple[str, ...] = ()
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,13 +145,22 @@ class AnalyzeOptions:
         object.__setattr__(self, "ptq_methods", _ptq_methods(self.ptq_methods))
         object.__setattr__(self, "include", _names(self.include, "include"))
         object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
-        for name, low, high in (("top_k", 1, MAX_TOP_K), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None)):
+        for name, low, high in (("top_k", 1, MAX_TOP_K), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None), ("max_samples", 0, None)):
             value = getattr(self, name)
+            if value is None and name != "seed":
+                continue  # taken from the budget by resolve()
             if not _is_int(value) or value < low or (high is not None and value > high):
                 allowed = f"from {low} to {high}" if high is not None else f">= {low}"
                 raise InputError(f"{name} must be an integer {allowed}, got {value!r}")
-        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
-            raise InputError(f"max_samples must be a positive integer or None (all samples), got {self.max_samples!r}")
+        try:
+            object.__setattr__(self, "budget", parse_budget(self.budget))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        skip = _names(self.skip, "skip")
+        unknown = [stage for stage in skip if stage not in SKIPPABLE_STAGES]
+        if unknown:
+            raise InputError(f"cannot skip {', '.join(map(repr, unknown))}; stages that can be skipped: {', '.join(SKIPPABLE_STAGES)}")
+        object.__setattr__(self, "skip", tuple(dict.fromkeys(skip)))
         span = self.grid_span
         if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
             raise InputError(f"grid_span must be a positive finite number, got {span!r}")
@@ -162,6 +181,29 @@ class AnalyzeOptions:
             raise InputError(f"device {self.device!r} requested but CUDA is not available; use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise InputError(f"device {self.device!r} requested but MPS is not available; use --device cpu")
+
+    def resolve(self, budget: Budget) -> "AnalyzeOptions":
+        """These options with every field left to the budget (``None``) taken from ``budget``.
+
+        ``max_samples=0`` (all samples) and explicitly given values are kept; ``budget`` becomes
+        the preset's name, and ``qat_steps`` is 0 when ``"qat"`` is skipped.
+        """
+        values = {name: getattr(budget, name) for name in ("top_k", "grid_steps", "max_samples", "qat_steps") if getattr(self, name) is None}
+        if "qat" in self.skip:
+            values["qat_steps"] = 0
+        return replace(self, budget=budget.name, **values)
+
+    @property
+    def preset(self) -> Budget:
+        """The :class:`~riverscape.budget.Budget` preset of resolved options (``budget`` must name one)."""
+        if not isinstance(self.budget, str):
+            raise ValueError(f"a budget of {self.budget} minutes is resolved to a preset when the run starts")
+        return BUDGETS[self.budget]
+
+    @property
+    def sample_cap(self) -> Optional[int]:
+        """``max_samples`` as :func:`riverscape.pipeline.cap_samples` takes it (``None`` = all samples)."""
+        return self.max_samples or None
 
     def quantizer(self, bits: int):
         """The :class:`~riverscape.quant.UniformQuantizer` these options describe at ``bits``."""

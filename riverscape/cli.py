@@ -127,6 +127,11 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
+def _stage_line(message: str) -> None:
+    """The analysis plan and one line per finished stage, on stderr (also when it is not a terminal)."""
+    print(f"riverscape: {message}", file=sys.stderr, flush=True)
+
+
 def _note(message: str) -> None:
     print(f"riverscape: note: {message}", file=sys.stderr)
 
@@ -256,7 +261,7 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     from .analysis import analyze
     from .report.analysis_page import write_report
 
-    result = analyze(loaded, data, options, progress=_progress())
+    result = analyze(loaded, data, options, progress=_progress(), emit=_stage_line)
     name = Path(str(loaded.path)).name if loaded.path else "model"
     write_report(result, out_dir, title=f"riverscape report: {name}")
     return result.metrics()
@@ -293,7 +298,7 @@ def _analyze_options(args: argparse.Namespace) -> Any:
         bits=tuple(_int_list(args.bits, "--bits")),
         include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()),
-        max_samples=args.max_samples or None,
+        skip=tuple(args.skip or ()),
     )
     return AnalyzeOptions(**values)
 
@@ -337,7 +342,8 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
     from .outdir import MARKER_NAME, atomic_output_dir
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        metrics = run_analysis(loaded, data, options, tmp)
+        metrics = dict(run_analysis(loaded, data, options, tmp))
+        resolved = metrics.pop("options", None) or options.to_dict()  # with the budget's values filled in
         payload = to_jsonable(
             {
                 **metrics,
@@ -349,7 +355,7 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
                     "model": loaded.model_spec,
                     "data": data.spec,
                     "loss": loaded.loss,
-                    "options": options.to_dict(),
+                    "options": resolved,
                 },
             }
         )
@@ -459,6 +465,7 @@ def _add_train(sub: Any) -> None:
 
 def _add_analyze(sub: Any) -> None:
     from .analysis_options import QAT_ESTIMATORS, RANGE_METHODS, AnalyzeOptions
+    from .budget import SKIPPABLE_STAGES
 
     d = AnalyzeOptions.__dataclass_fields__
     p = _subcommand(
@@ -486,12 +493,15 @@ def _add_analyze(sub: Any) -> None:
                    help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
     q.add_argument("--keep-first-last", action="store_true", help="keep the first and last layers in full precision")
     a = p.add_argument_group("analysis")
-    a.add_argument("--top-k", type=int, default=d["top_k"].default, help="Hessian eigenpairs to compute (default %(default)s)")
-    a.add_argument("--grid-steps", type=int, default=d["grid_steps"].default, help="points per axis of the landscape slices (default %(default)s)")
+    a.add_argument("--budget", default="standard", metavar="PRESET|MINUTES",
+                   help="quick, standard or thorough, or a time in minutes: scales samples, HVP counts, per-layer stage, grid and "
+                        "QAT steps together; the plan and its estimated duration are printed first (default standard)")
+    a.add_argument("--skip", action="append", metavar="STAGE", help=f"leave out a stage, repeatable or comma-separated: {', '.join(SKIPPABLE_STAGES)}")
+    a.add_argument("--top-k", type=int, help="Hessian eigenpairs to compute (default: the budget's, 5 for standard)")
+    a.add_argument("--grid-steps", type=int, help="points per axis of the landscape slices (default: the budget's, 25 for standard)")
     a.add_argument("--grid-span", type=float, default=d["grid_span"].default, help="extent of the slices in direction norms (default %(default)s)")
-    a.add_argument("--max-samples", type=int, default=d["max_samples"].default, metavar="N",
-                   help="use at most N data samples, 0 = all (default %(default)s)")
-    a.add_argument("--qat-steps", type=int, default=d["qat_steps"].default, help="QAT steps per bit-width, 0 = skip QAT (default %(default)s)")
+    a.add_argument("--max-samples", type=int, metavar="N", help="use at most N data samples, 0 = all (default: the budget's, 1024 for standard)")
+    a.add_argument("--qat-steps", type=int, help="QAT steps per bit-width, 0 = skip QAT (default: the budget's, 300 for standard)")
     a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
     a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
     a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")

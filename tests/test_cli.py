@@ -312,7 +312,7 @@ def test_analyze_calls_the_analysis_and_writes_metrics_atomically(tmp_path, inpu
     assert isinstance(seen["loaded"], LoadedCheckpoint) and seen["loaded"].loss == "cross_entropy"
     assert seen["loaded"].trajectory.shape == (11, 2410)  # 10 steps, one row per step and not seen["loaded"].model.training
     assert isinstance(seen["data"], ResolvedData) and seen["data"].spec == {"name": "digits", "kwargs": {}}
-    assert seen["options"] == AnalyzeOptions(bits=(4, 2), max_samples=None)
+    assert seen["options"] == AnalyzeOptions(bits=(4, 2), max_samples=0)
     assert seen["out_dir"] != out and seen["out_dir"].parent == out.parent and not seen["out_dir"].exists()
     assert listing(out) == ["metrics.json", "report.html"] and (out / MARKER_NAME).is_file()
     written = json.loads((out / "metrics.json").read_text())

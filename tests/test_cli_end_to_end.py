@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import riverscape as rs
+from riverscape.budget import BUDGETS
 from riverscape.outdir import MARKER_NAME
 
 pytestmark = pytest.mark.slow  # ~100 CPU-seconds of subprocesses, two at a time
@@ -167,6 +168,8 @@ ON_TRAINED = {  # need trained.pt
     "seed0": ["analyze", "trained.pt", "--bits", "4", "2", *SMALL, "--json", "--out", "seed0"],
     "seed0_again": ["analyze", "trained.pt", "--bits", "4", "2", *SMALL, "--out", "seed0_again"],
     "seed1": ["analyze", "trained.pt", "--bits", "4", "2", *SMALL, "--seed", "1", "--out", "seed1"],
+    "quick": ["analyze", "trained.pt", "--bits", "2", "--budget", "quick", "--skip", "slices,density", "--skip", "paths", "--out", "quick"],
+    "minutes": ["analyze", "trained.pt", "--bits", "2", "--budget", "0.25", "--top-k", "2", "--qat-steps", "0", "--out", "minutes"],
 }
 
 
@@ -335,10 +338,11 @@ def test_weight_formats_agree(runs):
 
 
 def _comparable(m: dict) -> dict:
-    """metrics.json without wall times, and without what says how it was printed (--json) or where from."""
+    """metrics.json without wall times (also the plan's timed gradient and estimates), and without what says how it was printed (--json) or where from."""
     options = {k: v for k, v in m["run"]["options"].items() if k != "json"}
     run = {**{k: v for k, v in m["run"].items() if k != "checkpoint"}, "options": options}
-    return {**{k: v for k, v in m.items() if k not in ("timings", "run")}, "run": run}
+    plan = {k: v for k, v in m["plan"].items() if k not in ("timing", "estimated_seconds")}
+    return {**{k: v for k, v in m.items() if k not in ("timings", "run", "plan")}, "run": run, "plan": plan}
 
 
 def test_same_seed_same_numbers_other_seed_other_null(runs):
@@ -384,3 +388,37 @@ def test_pickled_module_with_code_is_refused(runs):
     # control: the payload is live, so the check above can fail
     torch.load(runs.files["control.pt"], weights_only=False)
     assert runs.files["control_marker"].exists()
+
+
+STAGE_LINE = re.compile(r"^riverscape: \[(\d+)/(\d+)\] (.+): ([0-9.]+ (ms|s|min|h)( \(estimated [^)]+\))?|skipped); (about .+ left|done)$")
+
+
+def test_budget_quick_scales_the_run_prints_the_plan_and_a_line_per_stage(runs):
+    proc, m = runs.ok("quick"), runs.metrics("quick")
+    quick = BUDGETS["quick"]
+    assert m["plan"]["budget"] == quick.to_dict() and m["plan"]["skip"] == ["slices", "density", "paths"]
+    options = m["run"]["options"]
+    assert (options["budget"], options["top_k"], options["max_samples"], options["qat_steps"]) == ("quick", quick.top_k, quick.max_samples, quick.qat_steps)
+    assert m["analysis_samples"] == quick.max_samples and len(m["hessian"]["fp"]["top_eigenvalues"]) == quick.top_k
+    assert m["hessian"]["fp"]["trace_matvecs"] <= quick.trace_matvecs and m["hessian"]["fp"]["min_eigenvalue"] is None  # no density
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("riverscape: plan (quick): 1 bit-width(s) [2]") and "estimated" in lines[0], lines
+    stages = [STAGE_LINE.match(line) for line in lines[1:]]
+    assert all(stages), lines
+    assert [int(s.group(1)) for s in stages] == list(range(1, len(stages) + 1)) and {int(s.group(2)) for s in stages} == {len(stages)}
+    assert stages[-1].group(7) == "done" and all(s.group(7).startswith("about") for s in stages[:-1])
+    skipped = {s.group(3) for s in stages if s.group(4) == "skipped"}
+    assert skipped == {"2D slices, 2 bits", "loss along paths, 2 bits"}, lines
+    names = sorted(p.name for p in (runs.work / "quick").iterdir())
+    assert not any(n.startswith(("slices_", "paths_", "density")) for n in names), names
+    html = (runs.work / "quick" / "report.html").read_text()
+    assert "Landscapes: L(θ)" not in html and "Loss along paths" not in html and "Spectral density" not in html
+
+
+def test_budget_in_minutes_picks_a_preset_from_a_timed_probe(runs):
+    proc, m = runs.ok("minutes"), runs.metrics("minutes")
+    first = proc.stderr.strip().splitlines()[0]
+    assert re.match(r"^riverscape: budget 0.25 min: preset (quick|standard|thorough) \(estimated [^)]+\) ", first), first
+    chosen = first.split("preset ")[1].split(" ")[0]
+    assert m["plan"]["budget"]["name"] == chosen == m["run"]["options"]["budget"]
+    assert m["run"]["options"]["top_k"] == 2 and m["run"]["options"]["qat_steps"] == 0  # explicit values win over the preset

@@ -1,6 +1,8 @@
 """The ``riverscape analyze`` report: one offline HTML page plus PNG twins of its figures."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ def _qat_history(history: dict) -> dict:
 
 
 MAX_SERIES_ROWS = 11
+MAX_LAYER_ROWS = 30  # per-layer tables longer than this show the most damaging layers and collapse the rest
 
 
 def _evenly_spaced(rows: list, limit: int) -> list:
@@ -142,6 +145,26 @@ def _weight_rows(result: Any) -> list[dict]:
     return rows
 
 
+def _top_layer_rows(rows: list[dict], limit: int = MAX_LAYER_ROWS) -> tuple[list[dict], str]:
+    """At most ``limit`` rows: the layers with the largest measured damage (then predicted damage, then size), the rest collapsed.
+
+    Returns the rows to show and a caption suffix ("" when nothing was left out).
+    """
+    if len(rows) <= limit:
+        return rows, ""
+
+    def severity(row: dict) -> tuple:
+        return tuple(-(row.get(key) if isinstance(row.get(key), (int, float)) and row.get(key) == row.get(key) else -math.inf)
+                     for key in ("measured_damage", "predicted_damage", "numel"))
+
+    shown = sorted(rows, key=severity)[:limit]
+    hidden = len(rows) - len(shown)
+    rest = {key: "" for key in rows[0]}
+    rest[next(iter(rows[0]))] = f"… {hidden} more layers"
+    return [*shown, rest], (f" Sorted by measured damage: the {limit} most damaging of {len(rows)} layers; "
+                            "every layer is in metrics.json (all_bits.<b>.per_layer).")
+
+
 def _add_weights_section(page: ReportPage, result: Any) -> None:
     rows = _weight_rows(result)
     if not rows:
@@ -210,19 +233,22 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
 
     page.add_heading("Hessian spectra")
     eigs = {"θ_fp": result.hessian_fp["top_eigenvalues"]}
-    dens = {"θ_fp": (result.density_fp.grid.numpy(), result.density_fp.density.numpy())}
+    dens = {} if result.density_fp is None else {"θ_fp": (result.density_fp.grid.numpy(), result.density_fp.density.numpy())}
     for b in result.by_bits:
         if b.hessian_q:
             eigs[f"Q(θ_fp), {b.bits} bits"] = b.hessian_q["top_eigenvalues"]
         if b.density_q is not None:
             dens[f"Q(θ_fp), {b.bits} bits"] = (b.density_q.grid.numpy(), b.density_q.density.numpy())
     page.add_figure(spectrum_figure(eigs), caption="Top Hessian eigenvalues (Lanczos, exact HVPs) at the FP and PTQ points.")
-    page.add_figure(density_figure(dens), caption="Spectral density by stochastic Lanczos quadrature (Gaussian broadening).")
     _save_png(static.spectrum_figure(eigs), out_dir / "spectrum.png")
-    _save_png(static.density_figure(dens), out_dir / "density.png")
+    if dens:
+        page.add_figure(density_figure(dens), caption="Spectral density by stochastic Lanczos quadrature (Gaussian broadening).")
+        _save_png(static.density_figure(dens), out_dir / "density.png")
 
-    page.add_heading("Landscapes: L(θ) and L(Q(θ)) side by side")
-    for b in result.by_bits:
+    sliced = [b for b in result.by_bits if b.slice_fp is not None]
+    if sliced:
+        page.add_heading("Landscapes: L(θ) and L(Q(θ)) side by side")
+    for b in sliced:
         s_fp, s_q = b.slice_fp, b.slice_q
         args = (s_fp.alphas.numpy(), s_fp.betas.numpy(), s_fp.loss.numpy(), s_q.loss.numpy())
         labels = dict(xlabel="direction θ_fp → Q(θ_fp)", ylabel="orthogonal direction (toward QAT point)")
@@ -233,8 +259,10 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
         )
         _save_png(static.side_by_side_slices(*args, markers=b.markers, paths=b.paths, **labels), out_dir / f"slices_{b.bits}bit.png")
 
-    page.add_heading("Loss along paths")
-    for b in result.by_bits:
+    with_paths = [b for b in result.by_bits if b.profiles]
+    if with_paths:
+        page.add_heading("Loss along paths")
+    for b in with_paths:
         profiles = {name: _profile_tuple(p) for name, p in b.profiles.items()}
         page.add_figure(path_figure(profiles), caption=f"{b.bits} bits: L(θ) solid, L(Q(θ)) dashed along each path (t from start to end).")
         _save_png(static.path_figure(profiles), out_dir / f"paths_{b.bits}bit.png")
@@ -267,7 +295,8 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
 
     page.add_heading("Per layer")
     for b in result.by_bits:
-        page.add_table([row.to_dict() for row in b.per_layer], caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.")
+        shown, note = _top_layer_rows([row.to_dict() for row in b.per_layer])
+        page.add_table(shown, caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.{note}")
 
     _add_weights_section(page, result)
 

@@ -104,6 +104,13 @@ def _bits_paragraphs(result: Any, bits: Any) -> list[str]:
     return out
 
 
+def _smallest_eigenvalue(value: Any) -> str:
+    if value is None:
+        return "."
+    negative = " (negative curvature: the quantized point is not at a minimum of L)" if value < 0 else ""
+    return f" and the smallest {_num(value)}{negative}."
+
+
 def reading(result: Any) -> list[str]:
     """Paragraphs (markdown-ish) describing what the figures of ``result`` show."""
     fp = result.fp
@@ -113,7 +120,8 @@ def reading(result: Any) -> list[str]:
         f"({len(result.quantized_layers)} layers). At full precision its {result.eval_split} loss is {_num(fp['loss'])}"
         + (f" and accuracy {_pct(fp['accuracy'])}" if fp.get("accuracy") is not None else "")
         + f". The Hessian (on {result.analysis_samples} training samples) has top eigenvalue {_num(h['top_eigenvalues'][0])}, "
-        f"trace {_num(h['trace'])} ± {_num(h['trace_stderr'], 2)} and smallest eigenvalue {_num(h['min_eigenvalue'])}."
+        f"trace {_num(h['trace'])} ± {_num(h['trace_stderr'], 2)}"
+        + (f" and smallest eigenvalue {_num(h['min_eigenvalue'])}." if h.get("min_eigenvalue") is not None else " (the spectral density, which gives the smallest eigenvalue, was skipped).")
     )
     paragraphs = [first]
     for bits in result.by_bits:
@@ -122,7 +130,7 @@ def reading(result: Any) -> list[str]:
         if hq:
             paragraphs.append(
                 f"At Q(θ_fp) ({bits.bits} bits) the top eigenvalue is {_num(hq['top_eigenvalues'][0])} "
-                f"({_times(hq['top_eigenvalues'][0] / h['top_eigenvalues'][0])}× θ_fp's) and the smallest {_num(hq['min_eigenvalue'])}"
-                + (" (negative curvature: the quantized point is not at a minimum of L)." if hq["min_eigenvalue"] < 0 else ".")
+                f"({_times(hq['top_eigenvalues'][0] / h['top_eigenvalues'][0])}× θ_fp's)"
+                + _smallest_eigenvalue(hq.get("min_eigenvalue"))
             )
     return paragraphs
