@@ -116,6 +116,17 @@ def test_bootstrap_is_seeded_leaves_numpy_alone_and_takes_any_statistic():
     assert (constant.low, constant.estimate, constant.high) == (1.5, 1.5, 1.5)
 
 
+def test_bootstrap_blocks_do_not_change_the_result(monkeypatch):
+    # resamples and jackknife samples are built in blocks of ~2^20 values; tiny blocks (2 rows) must
+    # give the same draws, the same jackknife rows and so the same interval
+    x = np.random.default_rng(0).exponential(size=10)
+    whole = bootstrap_ci(x, n_boot=1001, seed=1)
+    monkeypatch.setattr(intervals_module, "_BLOCK_VALUES", 25)
+    jackknife = np.concatenate(list(intervals_module._leave_one_out(x)))
+    assert np.array_equal(jackknife, np.array([np.delete(x, i) for i in range(10)]))
+    assert bootstrap_ci(x, n_boot=1001, seed=1) == whole
+
+
 def test_interval_str_and_dict():
     ci = Interval(0.0421, 0.0133, 0.0712, 0.95, 5)
     assert str(ci) == "0.0421 [0.0133, 0.0712] (n=5)"

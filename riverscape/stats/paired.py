@@ -79,10 +79,10 @@ def paired_comparison(
     _checks.same_length(first, second, ("a_values", "b_values"))
     differences = first - second
     interval = mean_ci(differences, level=level, n_boot=n_boot, seed=seed, method="bca")
-    return PairedComparison(a=str(a), b=str(b), n=int(differences.size), difference=interval, wilcoxon_p=wilcoxon_p(differences))
+    return PairedComparison(a=str(a), b=str(b), n=int(differences.size), difference=interval, wilcoxon_p=signed_rank_p(differences))
 
 
-def wilcoxon_p(differences: np.ndarray) -> float:
+def signed_rank_p(differences: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p of ``differences`` (docs/statistics.md §3.2); nan if all are 0."""
     if not np.any(differences):
         return math.nan

@@ -44,13 +44,13 @@ class LogRankResult:
         return asdict(self)
 
 
-def _events(times, events, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _events(times, events, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``(times, events)``: finite times, events in {0, 1}, equal lengths."""
-    t = _checks.sample(times, f"times_{name}" if name else "times")
-    e = _checks.sample(events, f"events_{name}" if name else "events")
-    _checks.same_length(t, e, (f"times_{name}" if name else "times", f"events_{name}" if name else "events"))
+    t = _checks.sample(times, names[0])
+    e = _checks.sample(events, names[1])
+    _checks.same_length(t, e, names)
     if not np.all((e == 0) | (e == 1)):
-        raise ValueError("events must be 1 (event observed) or 0 (censored)")
+        raise ValueError(f"{names[1]} must be 1 (event observed) or 0 (censored)")
     return t, e.astype(bool)
 
 
@@ -88,7 +88,7 @@ def kaplan_meier(times, events) -> tuple[np.ndarray, np.ndarray]:
     >>> t.tolist(), s.tolist()
     ([1.0, 2.0, 3.0], [0.75, 0.5, 0.0])
     """
-    t, e = _events(times, events, "")
+    t, e = _events(times, events, ("times", "events"))
     unique = np.unique(t[e])
     at_risk, deaths = _risk_table(t, e, unique)
     return unique, np.cumprod(1.0 - deaths / at_risk)
@@ -113,8 +113,8 @@ def logrank(times_a, events_a, times_b, events_b) -> LogRankResult:
     LogRankResult
         ``statistic`` and ``p_value`` are nan when no unit has an event (nothing to compare).
     """
-    ta, ea = _events(times_a, events_a, "a")
-    tb, eb = _events(times_b, events_b, "b")
+    ta, ea = _events(times_a, events_a, ("times_a", "events_a"))
+    tb, eb = _events(times_b, events_b, ("times_b", "events_b"))
     pooled_t, pooled_e = np.concatenate([ta, tb]), np.concatenate([ea, eb])
     unique = np.unique(pooled_t[pooled_e])
     risk, deaths = _risk_table(pooled_t, pooled_e, unique)
