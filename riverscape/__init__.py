@@ -6,7 +6,8 @@ landscape slices and the alignment of gradients at quantized weights.
 
 The public names below are imported on first use (PEP 562), so ``import riverscape``
 and the command line start without loading torch; ``riverscape.Objective``,
-``riverscape.quant``, ``riverscape.landscape`` and ``riverscape.gradients`` work as usual.
+``riverscape.quant``, ``riverscape.landscape``, ``riverscape.gradients`` and ``riverscape.stats``
+work as usual.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "models", "quant", "linalg", "landscape", "gradients", "report")
+_SUBMODULES = ("data", "models", "quant", "linalg", "landscape", "gradients", "report", "stats")
 _NAMES = {
     "Dataset": "data",
     "load_dataset": "data",
@@ -28,7 +29,7 @@ _NAMES = {
     "recalibrate_batchnorm": "batchnorm",
 }
 
-__all__ = ["Objective", "quant", "landscape", "gradients", "models", "data", "train", "TrainResult", "Dataset", "load_dataset", "build_model", "__version__",
+__all__ = ["Objective", "quant", "landscape", "gradients", "models", "data", "stats", "train", "TrainResult", "Dataset", "load_dataset", "build_model", "__version__",
            "ensure_twice_differentiable", "check_batchnorm", "recalibrate_batchnorm"]
 
 

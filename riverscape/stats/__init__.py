@@ -1,0 +1,28 @@
+"""Statistics for multi-seed studies: intervals, paired comparisons, nulls, survival (docs/statistics.md).
+
+A leaf of the package: it imports numpy and scipy and nothing else of riverscape, so any layer may
+use it. ``n`` is always the number of independent units (seeds), docs/statistics.md §1.
+"""
+from __future__ import annotations
+
+from .intervals import CI_METHODS, Interval, bootstrap_ci, mean_ci
+from .nulls import ALTERNATIVES, empirical_p, holm, null_z, stouffer
+from .paired import PairedComparison, paired_comparison
+from .survival import LogRankResult, kaplan_meier, logrank
+
+__all__ = [
+    "Interval",
+    "mean_ci",
+    "bootstrap_ci",
+    "PairedComparison",
+    "paired_comparison",
+    "empirical_p",
+    "null_z",
+    "stouffer",
+    "holm",
+    "LogRankResult",
+    "logrank",
+    "kaplan_meier",
+    "CI_METHODS",
+    "ALTERNATIVES",
+]
