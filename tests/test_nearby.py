@@ -40,12 +40,12 @@ def _assert_on_grid(qmap: QuantMap, theta: torch.Tensor, point: torch.Tensor) ->
     assert torch.equal(point[~qmap.mask], theta[~qmap.mask])
 
 
-@pytest.mark.parametrize("bits", [1, 2])
-def test_greedy_search_stays_on_the_grid_and_goes_downhill(bits):
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(1), UniformQuantizer(2), UniformQuantizer(3, symmetric=False, per_channel=False)])
+def test_greedy_search_stays_on_the_grid_and_goes_downhill(quantizer):
     model, obj = _mlp_objective()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     theta0 = obj.theta0.clone()
-    qmap = QuantMap(obj, UniformQuantizer(bits))
+    qmap = QuantMap(obj, quantizer)
     qparams_before = qmap.qparams(obj.theta0)
     result = greedy_flip_search(obj, qmap, candidates_per_round=6, rounds=8)
     _assert_on_grid(qmap, obj.theta0, result.theta_best)
