@@ -87,6 +87,9 @@ def test_budget_met_exactly_and_bad_input():
     plan = plan_bits(table, sizes, 2.5)
     assert plan.bits == {"a": 4, "b": 2} and plan.average_bits == 2.5  # the budget is used exactly
     assert plan_bits(table, sizes, 4.0).bits == {"a": 4, "b": 4}
+    # 2.3 * 10 = 22.999999999999996 in floats: the budget of 23 bits must still be usable
+    decimal = plan_bits({"a": {2: 1.0, 3: 0.0}, "b": {2: 1.0, 3: 0.0}}, {"a": 3, "b": 7}, 2.3)
+    assert decimal.bits == {"a": 3, "b": 2} and decimal.average_bits == 2.3
     with pytest.raises(ValueError, match="below the smallest achievable"):
         plan_bits(table, sizes, 1.9)
     with pytest.raises(ValueError, match="sizes are required"):

@@ -211,6 +211,21 @@ class BitPlan:
                 "budget_bits": self.budget_bits, "sizes": dict(self.sizes), "kind": self.kind, "method": self.method}
 
 
+def _fits(cost: int, total: int, budget_bits: float) -> bool:
+    """Whether ``cost`` bits over ``total`` weights meet the budget, exactly as ``average_bits <= budget_bits`` is checked."""
+    return cost / total <= budget_bits
+
+
+def _capacity_units(unit: int, total: int, budget_bits: float) -> int:
+    """The largest ``W`` with ``W * unit`` bits within the budget (``budget * total`` is not exact in floats)."""
+    width = int(math.floor(budget_bits * total / unit))
+    while width >= 0 and not _fits(width * unit, total, budget_bits):
+        width -= 1
+    while _fits((width + 1) * unit, total, budget_bits):
+        width += 1
+    return width
+
+
 def _plan(names: list[str], sizes: Mapping[str, int], options: list[list[tuple[int, float]]], budget_bits: float,
           kind: str, max_states: int) -> BitPlan:
     """Multiple-choice knapsack by dynamic programming over the discretised budget."""
@@ -221,7 +236,7 @@ def _plan(names: list[str], sizes: Mapping[str, int], options: list[list[tuple[i
     method = "dp-exact"
     if capacity / unit > max_states:
         unit, method = math.ceil(capacity / max_states), "dp-rounded"
-    width = int(math.floor(capacity / unit + 1e-9))
+    width = _capacity_units(unit, total, budget_bits)
     units = [[-(-c // unit) for c in row] for row in costs]  # ceil: a rounded plan never exceeds the budget
     if sum(min(row) for row in units) > width:
         cheapest = sum(sizes[n] * min(b for b, _ in opts) for n, opts in zip(names, options)) / total
@@ -370,10 +385,10 @@ def _random_allocation(sizes: Mapping[str, int], bits: Sequence[int], budget: fl
     """A random maximal allocation: from all-smallest, random affordable upgrades until none fits."""
     names = list(sizes)
     current = {n: bits[0] for n in names}
-    capacity = budget * sum(sizes.values())
+    total = sum(sizes.values())
     used = sum(sizes[n] * current[n] for n in names)
     while True:
-        moves = [(n, b) for n in names for b in bits if b > current[n] and used + sizes[n] * (b - current[n]) <= capacity + 1e-9]
+        moves = [(n, b) for n in names for b in bits if b > current[n] and _fits(used + sizes[n] * (b - current[n]), total, budget)]
         if not moves:
             return current
         n, b = moves[int(gen.integers(len(moves)))]
