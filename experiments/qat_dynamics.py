@@ -1,4 +1,4 @@
-"""E11 (docs/experiments.md §8; seed paper arXiv 2606.09012): is it the gradient at Q(w) that makes QAT recover?
+"""E11 (docs/qat_dynamics.md §1-§5; seed paper arXiv 2606.09012): is it the gradient at Q(w) that makes QAT recover?
 
 Four QAT arms start at theta_fp with the same optimiser, lr, steps and batch order and all deploy
 Q(w_t); only the gradient point differs: A ste (Q(w_t)), B matched_noise (w_t + |delta_t| * random

@@ -1,4 +1,4 @@
-"""The QAT-dynamics experiment: is it the gradient at ``Q(w)`` that makes QAT recover? (docs/experiments.md §8)
+"""The QAT-dynamics experiment: is it the gradient at ``Q(w)`` that makes QAT recover? (docs/qat_dynamics.md §1-§4)
 
 Four QAT arms start at ``theta_fp`` with the same optimiser, learning rate, steps and batch order
 and all deploy ``Q(w_t)``; they differ only in where the gradient is taken (registered estimators

@@ -147,3 +147,23 @@ def test_floor_alignment_observed_and_null_by_hand(classification_data):
     assert res.fixed.draws == pytest.approx(nulls, rel=1e-10)
     assert res.fixed.p_value == (1 + sum(n >= expected for n in nulls)) / 7
     assert res.fixed.z == pytest.approx((expected - np.mean(nulls)) / np.std(nulls, ddof=1), rel=1e-9)
+
+
+def test_accuracy_tolerance_is_the_loss_increase_at_the_first_one_point_drop(classification_data):
+    """Checked point by point with loss_and_metric (the function evaluates the line in one batched pass)."""
+    from riverscape.pipeline import LINE_POINTS, accuracy_tolerance, build_reference
+    from riverscape.quant import ptq
+
+    x, y = classification_data
+    ref, _ = build_reference(tiny_mlp(), "cross_entropy", (x, y), (x, y), quantizer=UniformQuantizer(2))
+    qmap = ref.quant_map(UniformQuantizer(2))
+    tol = accuracy_tolerance(ref, qmap, drop=0.05)  # 23 samples: one sample is 4.3 points
+    fp, direction = ref.theta_fp, ptq(ref.analysis, qmap) - ref.theta_fp
+    points = [ref.evaluation.loss_and_metric(fp + t * direction) for t in LINE_POINTS]
+    first = next(i for i, (_, acc) in enumerate(points) if acc <= points[0][1] - 0.05)
+    assert tol.t_star == LINE_POINTS[first]
+    # float64 model: batched (vmap) and single evaluations agree to rounding
+    assert tol.tau == pytest.approx(points[first][0] - points[0][0], rel=1e-9, abs=1e-12)
+    assert (tol.ptq_loss, tol.ptq_accuracy) == pytest.approx(points[LINE_POINTS.index(1.0)], rel=1e-9)
+    with pytest.raises(ValueError, match="drop"):
+        accuracy_tolerance(ref, qmap, drop=0.0)

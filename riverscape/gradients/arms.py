@@ -22,7 +22,7 @@ point (:func:`~riverscape.gradients.valley_floor`, minimised inside the hill fra
 each against a matched null: the same statistic at ``p' = w + |delta| * eps`` for ``n_null``
 independent sign patterns (the rounding magnitudes in random orthants). Both targets are built
 at ``Q(w)``, which is the STE's own gradient point: the first step of the floor solve from ``Q(w)``
-is along ``-V V^T grad L(Q(w))``, so the STE arm is favoured by construction (docs/experiments.md §8.3).
+is along ``-V V^T grad L(Q(w))``, so the STE arm is favoured by construction (docs/qat_dynamics.md §3.3).
 """
 from __future__ import annotations
 

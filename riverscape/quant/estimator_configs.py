@@ -16,26 +16,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, ClassVar, NamedTuple, Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..objective import Objective
-import torch
-
-from .estimators import (
-    clipped_ste,
-    ewgs,
-    latent,
-    lsq,
-    lsq_grad_scale,
-    lsq_initial_scale,
-    matched_noise,
-    pege,
-    pege_mask,
-    pege_rho,
-    random_signs,
-    ste,
-    stochastic_rounding,
-)
+from .estimators import clipped_ste, ewgs, latent, lsq, lsq_grad_scale, lsq_initial_scale, matched_noise, pege, pege_mask, pege_rho
+from .estimators import random_signs, ste, stochastic_rounding
 from .qmap import QuantMap
 from .quantizers import QParams, UniformQuantizer
 from .registry import check_registration, resolve_config
