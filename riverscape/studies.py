@@ -133,7 +133,11 @@ class StudyModel:
     train_weight_decay: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict (``train_weight_decay`` only when non-zero, so sweeps stored before it existed still resume)."""
+        out = asdict(self)
+        if not out["train_weight_decay"]:
+            del out["train_weight_decay"]
+        return out
 
 
 STUDY_MODELS: dict[str, StudyModel] = {

@@ -167,3 +167,12 @@ def test_accuracy_tolerance_is_the_loss_increase_at_the_first_one_point_drop(cla
     assert (tol.ptq_loss, tol.ptq_accuracy) == pytest.approx(points[LINE_POINTS.index(1.0)], rel=1e-9)
     with pytest.raises(ValueError, match="drop"):
         accuracy_tolerance(ref, qmap, drop=0.0)
+
+
+def test_module_doctests():
+    import doctest
+    import importlib
+
+    for name in ("riverscape.qat_dynamics", "riverscape.pipeline.dynamics"):
+        result = doctest.testmod(importlib.import_module(name), raise_on_error=True)
+        assert result.attempted >= 1, name
