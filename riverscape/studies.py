@@ -109,6 +109,8 @@ class StudyModel:
         ``"float64"`` or ``"float32"`` for every objective.
     perplexity : bool
         Report ``exp(test loss)`` (language models).
+    train_weight_decay : float
+        Weight decay of the FP training (Adam's L2 term; 0 for the registered models).
     """
 
     key: str
@@ -128,9 +130,14 @@ class StudyModel:
     qat_record_every: int = 10
     dtype: str = "float32"
     perplexity: bool = False
+    train_weight_decay: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict (``train_weight_decay`` only when non-zero, so sweeps stored before it existed still resume)."""
+        out = asdict(self)
+        if not out["train_weight_decay"]:
+            del out["train_weight_decay"]
+        return out
 
 
 STUDY_MODELS: dict[str, StudyModel] = {
@@ -161,6 +168,8 @@ def study_model(key: str, **overrides: Any) -> StudyModel:
 def _train_signature(spec: StudyModel, seed: int, checkpoints: int) -> str:
     settings = {"model": spec.model, "data": spec.data, "steps": spec.train_steps, "lr": spec.train_lr,
                 "batch": spec.train_batch, "seed": seed, "checkpoints": checkpoints}
+    if spec.train_weight_decay:  # only when used, so the cached models of the registered studies keep their names
+        settings["weight_decay"] = spec.train_weight_decay
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec.model}-{spec.data}-seed{seed}-{digest}"
 
@@ -173,10 +182,11 @@ def _reference_checkpoint(spec: StudyModel, dataset: Dataset, seed: int, cache_d
         model = build_model(spec.model, **dataset.model_kwargs(spec.model))
         record = np.unique(np.linspace(0, spec.train_steps, checkpoints).round().astype(int)).tolist()
         result = train(model, dataset, steps=spec.train_steps, lr=spec.train_lr, batch_size=spec.train_batch,
-                       record_steps=record, seed=seed, progress=progress)
+                       weight_decay=spec.train_weight_decay, record_steps=record, seed=seed, progress=progress)
         save_checkpoint(path, result.model, model_spec={"name": spec.model, "kwargs": dataset.model_kwargs(spec.model)},
                         data_spec=spec.data, loss=dataset.loss, train_result=result,
-                        train_config={"steps": spec.train_steps, "lr": spec.train_lr, "batch_size": spec.train_batch, "seed": seed})
+                        train_config={"steps": spec.train_steps, "lr": spec.train_lr, "batch_size": spec.train_batch, "seed": seed,
+                                      "weight_decay": spec.train_weight_decay})
     return load_checkpoint(path)
 
 
@@ -380,17 +390,23 @@ def plane_landscape(
 
 # ---------------------------------------------------------------------- script scaffolding
 def open_sweep(name: str, description: str, settings: Callable[[bool], dict], argv: Optional[Sequence[str]] = None, *,
-               models: Optional[Callable[[dict], Mapping[str, StudyModel]]] = None):
+               models: Optional[Callable[[dict], Mapping[str, StudyModel]]] = None,
+               arguments: Optional[Callable[[Any], None]] = None, overrides: Optional[Callable[[Any], dict]] = None):
     """Parse the common experiment options, pin one intra-op thread and open the resumable sweep.
 
-    Returns ``(opts, cfg, sweep)`` with ``cfg = settings(quick) + quick + seed`` (plus the full
-    ``study_models`` settings when ``models(cfg)`` is given, so changing a budget invalidates stored cells).
+    Returns ``(opts, cfg, sweep)`` with ``cfg = settings(quick) + overrides(opts) + quick + seed`` (plus
+    the full ``study_models`` settings when ``models(cfg)`` is given, so changing a budget invalidates
+    stored cells). ``arguments(parser)`` adds script-specific options; ``overrides(opts)`` maps them to
+    settings (e.g. ``--seeds N`` to ``{"seeds": N}``).
     """
     from .sweep import Sweep, experiment_parser
 
-    opts = experiment_parser(description, name=name).parse_args(argv)
+    parser = experiment_parser(description, name=name)
+    if arguments is not None:
+        arguments(parser)
+    opts = parser.parse_args(argv)
     torch.set_num_threads(1)  # small models: a second intra-op thread costs far more than it saves on a shared CPU
-    cfg = {**settings(opts.quick), "quick": opts.quick, "seed": opts.seed}
+    cfg = {**settings(opts.quick), **(overrides(opts) if overrides is not None else {}), "quick": opts.quick, "seed": opts.seed}
     if models is not None:
         cfg["study_models"] = {k: s.to_dict() for k, s in models(cfg).items()}
     return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress)

@@ -12,7 +12,7 @@ Every script in ``experiments/`` is a thin composition of library calls with the
 ``results.json`` (written atomically after every finished cell, so an interrupted run loses at
 most the cell in progress) holds ``name``, ``config``, ``cells`` (list of ``{"key", "params",
 "result", "seconds"}``), ``runtime_seconds`` (wall time summed over all sessions that worked on
-the sweep), ``cpu_seconds`` (process CPU time, likewise), ``versions`` (riverscape, torch, numpy, python) and ``timestamp`` (UTC, ISO 8601).
+the sweep), ``cpu_seconds`` (process CPU time, likewise), ``summary`` (optional derived results, recomputed by the script), ``versions`` (riverscape, torch, numpy, python) and ``timestamp`` (UTC, ISO 8601).
 A cell is identified by a stable key: the canonical JSON of its parameters (sorted keys), so the
 same parameters always map to the same stored result, whatever the iteration order.
 """
@@ -111,6 +111,7 @@ class Sweep:
         self.progress = progress
         self.path = self.out_dir / RESULTS_FILE
         self._cells: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {}  # derived results (e.g. statistics over cells), saved under "summary"
         self._previous_runtime = 0.0
         self._previous_cpu = 0.0
         self._started = time.perf_counter()
@@ -210,6 +211,7 @@ class Sweep:
             "name": self.name,
             "config": self.config,
             "cells": list(self._cells.values()),
+            **({"summary": to_jsonable(self.summary)} if self.summary else {}),
             "runtime_seconds": self.runtime_seconds,
             "cpu_seconds": self.cpu_seconds,
             "versions": versions(),

@@ -8,6 +8,8 @@
   recovery by a hill-only correction vs a random subspace.
 * :func:`alignment_along_qat` -- the same geometry along a QAT latent trajectory.
 * :func:`valley_floor` -- R3, the loss minimised inside the hill subspace.
+* :func:`floor_alignment` -- does a QAT arm's gradient (at ``Q(w)``, a matched-noise point,
+  ``SR(w)`` or ``w``) point to the valley floor below ``Q(w)``, against a matched null?
 
 Coordinates: all quantities live in the Objective's ``theta``. The docs/theory.md §1.2 convention
 (``d = dim theta_Q``, non-quantized parameters frozen) holds when the Objective selects
@@ -16,6 +18,7 @@ With all parameters selected, biases are extra (unperturbed) directions of the l
 results report ``dim`` and ``n_quantized`` either way, and per-layer numbers.
 """
 from ._common import HillBasis
+from .arms import ARM_POINTS, FloorAlignment, NullComparison, floor_alignment, gradient_point
 from .alignment import AlignmentResult, NullSample, QATAlignment, alignment, alignment_along_qat, matched_null
 from .damage import DamageResult, basin_widths, breakdown_scale, damage
 from .floor import FLOOR_METHODS, FloorResult, valley_floor
@@ -35,4 +38,9 @@ __all__ = [
     "valley_floor",
     "FloorResult",
     "FLOOR_METHODS",
+    "ARM_POINTS",
+    "gradient_point",
+    "floor_alignment",
+    "FloorAlignment",
+    "NullComparison",
 ]

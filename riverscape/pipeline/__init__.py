@@ -12,6 +12,7 @@ The command line's analysis (:func:`riverscape.analysis.run_analysis`), every ex
 """
 from types import ModuleType as _ModuleType
 
+from .dynamics import LINE_POINTS, Hitting, Tolerance, accuracy_tolerance, arm_alignments, hitting
 from .measure import (
     PlaneLandscape,
     PTQMeasurement,

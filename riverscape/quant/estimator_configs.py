@@ -16,10 +16,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, ClassVar, NamedTuple, Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..objective import Objective
-from .estimators import clipped_ste, ewgs, lsq, lsq_grad_scale, lsq_initial_scale, pege, pege_mask, pege_rho, ste
+from .estimators import clipped_ste, ewgs, latent, lsq, lsq_grad_scale, lsq_initial_scale, matched_noise, pege, pege_mask, pege_rho
+from .estimators import random_signs, ste, stochastic_rounding
 from .qmap import QuantMap
 from .quantizers import QParams, UniformQuantizer
 from .registry import check_registration, resolve_config
@@ -31,6 +33,10 @@ __all__ = [
     "LSQ",
     "EWGS",
     "PEGE",
+    "MatchedNoise",
+    "StochasticRounding",
+    "Latent",
+    "ARM_SEED_OFFSET",
     "LSQ_INITS",
     "QATContext",
     "EstimatorHandler",
@@ -42,6 +48,8 @@ __all__ = [
 ]
 
 LSQ_INITS = ("calibrated", "lsq")
+#: the control arms' private generator is seeded with ``seed + ARM_SEED_OFFSET`` (not the mini-batch stream's seed)
+ARM_SEED_OFFSET = 0x5EED_A4A5
 
 
 # ---------------------------------------------------------------------- configs
@@ -178,6 +186,40 @@ class PEGE(EstimatorConfig):
     def __post_init__(self) -> None:
         _number(self.beta, "PEGE beta", "a finite number > 1", lambda v: v > 1)
         _number(self.penalty, "PEGE penalty", "a finite number >= 0", lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class MatchedNoise(EstimatorConfig):
+    """Control arm: gradient at ``w + |Q(w) - w| * eps`` with fresh random signs ``eps`` every step.
+
+    The update goes to the latent weights as with the STE and ``Q(w_t)`` is deployed; only the
+    point where the gradient is taken differs (:func:`riverscape.quant.estimators.matched_noise`).
+    Signs come from a private generator seeded by ``qat(..., seed=)``.
+    """
+
+    name: ClassVar[str] = "matched_noise"
+
+
+@dataclass(frozen=True)
+class StochasticRounding(EstimatorConfig):
+    """Control arm: gradient at ``SR(w)``, stochastic rounding onto the same grid, fresh draws every step.
+
+    Unbiased inside the range (:func:`riverscape.quant.estimators.stochastic_rounding`); the
+    update goes to the latent weights and ``Q(w_t)`` (round to nearest) is deployed.
+    """
+
+    name: ClassVar[str] = "stochastic_rounding"
+
+
+@dataclass(frozen=True)
+class Latent(EstimatorConfig):
+    """Control arm: gradient at the latent ``w`` (plain FP training), ``Q(w_t)`` deployed.
+
+    With the same seed the latent trajectory is exactly that of FP training with the same
+    optimiser and batches (:func:`riverscape.quant.estimators.latent`).
+    """
+
+    name: ClassVar[str] = "latent"
 
 
 # ---------------------------------------------------------------------- handlers
@@ -341,6 +383,47 @@ class _PEGEHandler(EstimatorHandler):
         return {"replaced_fraction": self.fraction}
 
 
+class _RandomPointHandler(EstimatorHandler):
+    """Draws one random tensor per quantized target before every update from a private seeded generator."""
+
+    option: ClassVar[str] = ""
+
+    def __init__(self, config: EstimatorConfig, context: QATContext) -> None:
+        super().__init__(config, context)
+        self.generator = torch.Generator().manual_seed(context.seed + ARM_SEED_OFFSET)
+        self.draws: list[Tensor] = []
+
+    def draw(self, shape: torch.Size, like: Tensor) -> Tensor:
+        """One random tensor of ``shape`` (dtype and device of ``like``)."""
+        raise NotImplementedError
+
+    def before_update(self, step: int, hard: Tensor, qparams: list[QParams]) -> None:
+        self.draws = [self.draw(t.spec.shape, hard) for t in self.context.qmap.targets]
+
+    def options(self, index: int) -> dict:
+        return {self.option: self.draws[index]}
+
+
+class _MatchedNoiseHandler(_RandomPointHandler):
+    function = staticmethod(matched_noise)
+    option = "signs"
+
+    def draw(self, shape: torch.Size, like: Tensor) -> Tensor:
+        return random_signs(shape, self.generator, dtype=like.dtype, device=like.device)
+
+
+class _StochasticRoundingHandler(_RandomPointHandler):
+    function = staticmethod(stochastic_rounding)
+    option = "uniforms"
+
+    def draw(self, shape: torch.Size, like: Tensor) -> Tensor:
+        return torch.rand(tuple(shape), generator=self.generator, dtype=like.dtype).to(like.device)
+
+
+class _LatentHandler(EstimatorHandler):
+    function = staticmethod(latent)
+
+
 # ---------------------------------------------------------------------- registry
 EstimatorBuilder = Callable[[EstimatorConfig, QATContext], EstimatorHandler]
 
@@ -399,3 +482,6 @@ register_estimator("clipped_ste", ClippedSTE, _ClippedSTEHandler)
 register_estimator("lsq", LSQ, _LSQHandler)
 register_estimator("ewgs", EWGS, _EWGSHandler)
 register_estimator("pege", PEGE, _PEGEHandler)
+register_estimator("matched_noise", MatchedNoise, _MatchedNoiseHandler)
+register_estimator("stochastic_rounding", StochasticRounding, _StochasticRoundingHandler)
+register_estimator("latent", Latent, _LatentHandler)

@@ -34,6 +34,19 @@ pege          ``g`` (STE on the replaced part, identity on the rest); forward
               ``m * Q(w) + (1 - m) * w`` -- a placeholder for arXiv 2509.00097 [P]
 ============  =========================================================================
 
+Control arms of the QAT-dynamics experiment (:data:`GRADIENT_POINT_ARMS`). Their forward value
+is *not* ``Q(w)``: they move the point where the gradient is taken while the update still goes
+to the latent ``w`` with the identity backward, and ``qat`` still deploys and records ``Q(w_t)``.
+
+=====================  ================================================================
+name                   forward point (backward: identity to ``w``)
+=====================  ================================================================
+matched_noise          ``w + |Q(w) - w| * eps``, ``eps`` random signs (fresh every step)
+stochastic_rounding    ``SR(w)``: the grid point below or above ``w / s + z``, up with
+                       probability equal to the fractional part (on the same grid)
+latent                 ``w`` itself: plain full-precision training of the latent weights
+=====================  ================================================================
+
 Their options inside :func:`riverscape.quant.qat.qat` (LSQ's initial step, EWGS's ``delta``
 schedule, PEGE's curriculum and penalty) are frozen configs in
 :mod:`riverscape.quant.estimator_configs` (``LSQ(init=...)``, ``EWGS(...)``, ``PEGE(...)``).
@@ -65,9 +78,17 @@ __all__ = [
     "lsq_initial_scale",
     "pege_rho",
     "pege_mask",
+    "GRADIENT_POINT_ARMS",
+    "matched_noise",
+    "stochastic_rounding",
+    "stochastic_codes",
+    "latent",
+    "random_signs",
 ]
 
 ESTIMATORS = ("ste", "clipped_ste", "lsq", "ewgs", "pege")
+#: QAT control arms whose forward point is not ``Q(w)`` (registered as estimators, not in :data:`ESTIMATORS`)
+GRADIENT_POINT_ARMS = ("matched_noise", "stochastic_rounding", "latent")
 
 Estimator = Callable[[Tensor, QParams], Tensor]
 ScalarOrTensor = Union[float, Tensor]
@@ -247,21 +268,109 @@ def pege(w: Tensor, qparams: QParams, *, mask: Tensor | None = None, binary: boo
     return torch.where(mask, quantized, w)
 
 
+# ---------------------------------------------------------------------- control arms (forward point != Q(w))
+def random_signs(shape: torch.Size | tuple, generator: torch.Generator, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Independent fair ``+-1`` entries drawn from ``generator`` (a CPU generator), as ``dtype`` on ``device``."""
+    bits = torch.randint(0, 2, tuple(shape), generator=generator)
+    return (2 * bits - 1).to(dtype=dtype, device=device)
+
+
+def matched_noise(w: Tensor, qparams: QParams, *, signs: Tensor, binary: bool = False) -> Tensor:
+    """Forward ``w + |Q(w) - w| * signs``, backward identity to ``w``.
+
+    The rounding perturbation's magnitudes with random signs: the matched-noise control of the
+    QAT-dynamics experiment (the gradient is taken at a point exactly as far from ``w``, coordinate
+    by coordinate, as ``Q(w)``, but in a random orthant).
+
+    Parameters
+    ----------
+    w : Tensor, any shape
+    qparams : QParams
+    signs : Tensor, shape of ``w``
+        Entries ``+-1`` (draw fresh ones every step, e.g. with :func:`random_signs`).
+    binary : bool
+        1-bit grid ``s * sgn(w)``.
+    """
+    if signs.shape != w.shape:
+        raise ValueError(f"signs must have the shape of w {tuple(w.shape)}, got {tuple(signs.shape)}")
+    base = w.detach()
+    magnitude = (_hard(w, qparams, binary) - base).abs()
+    return _with_gradient(base + magnitude * signs.to(dtype=w.dtype, device=w.device), w)
+
+
+def stochastic_codes(w: Tensor, qparams: QParams, uniforms: Tensor, *, binary: bool = False) -> Tensor:
+    """Integer codes of stochastic rounding onto the grid of ``qparams`` (no gradient).
+
+    ``x = clamp(w / s + z, q_min, q_max)``; the code is ``floor(x) + 1[u < x - floor(x)]``, so
+    ``E[code] = x``: unbiased inside the range, the nearest end code outside it. At 1 bit the
+    codes are ``-1, +1`` and ``P(+1) = (clamp(w / s, -1, 1) + 1) / 2``.
+
+    Parameters
+    ----------
+    w : Tensor, any shape
+    qparams : QParams
+    uniforms : Tensor, shape of ``w``
+        Independent draws from ``U[0, 1)``.
+    binary : bool
+    """
+    if uniforms.shape != w.shape:
+        raise ValueError(f"uniforms must have the shape of w {tuple(w.shape)}, got {tuple(uniforms.shape)}")
+    u = uniforms.to(dtype=w.dtype, device=w.device)
+    x = w.detach() / qparams.scale.detach()
+    if binary:
+        up = u < (torch.clamp(x, -1.0, 1.0) + 1.0) / 2.0
+        return torch.where(up, torch.ones_like(x), -torch.ones_like(x))
+    x = torch.clamp(x + qparams.zero_point, qparams.qmin, qparams.qmax)
+    low = torch.floor(x)
+    return torch.clamp(low + (u < x - low).to(x.dtype), qparams.qmin, qparams.qmax)
+
+
+def stochastic_rounding(w: Tensor, qparams: QParams, *, uniforms: Tensor, binary: bool = False) -> Tensor:
+    """Forward ``SR(w) = s * (code - z)`` (:func:`stochastic_codes`), backward identity to ``w``.
+
+    On the same grid as ``Q(w)``, unbiased inside the range (``E[SR(w)] = w``); the
+    stochastic-rounding control of the QAT-dynamics experiment (Gupta et al. 2015, arXiv 1502.02551).
+
+    Parameters
+    ----------
+    w : Tensor, any shape
+    qparams : QParams
+    uniforms : Tensor, shape of ``w``
+        Independent ``U[0, 1)`` draws (fresh ones every step).
+    binary : bool
+    """
+    scale = qparams.scale.detach()
+    value = scale * (stochastic_codes(w, qparams, uniforms, binary=binary) - qparams.zero_point)
+    return _with_gradient(value, w)
+
+
+def latent(w: Tensor, qparams: QParams, *, binary: bool = False) -> Tensor:
+    """Forward and backward identity: the gradient is taken at the latent ``w`` (FP training, deployed quantized).
+
+    ``qparams`` and ``binary`` are accepted for the common signature and ignored.
+    """
+    return w
+
+
 _FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "ste": ste,
     "clipped_ste": clipped_ste,
     "lsq": lsq,
     "ewgs": ewgs,
     "pege": pege,
+    "matched_noise": matched_noise,
+    "stochastic_rounding": stochastic_rounding,
+    "latent": latent,
 }
 
 
 def get_estimator(name: str) -> Callable[..., Tensor]:
-    """The estimator function called ``name`` (one of :data:`ESTIMATORS`)."""
+    """The estimator function called ``name`` (one of :data:`ESTIMATORS` or :data:`GRADIENT_POINT_ARMS`)."""
     try:
         return _FUNCTIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown estimator {name!r}; choose one of {ESTIMATORS}") from None
+        raise ValueError(f"unknown estimator {name!r}; choose one of {ESTIMATORS + GRADIENT_POINT_ARMS}") from None
 
 
 def make_estimator(name: str, **options) -> Estimator:

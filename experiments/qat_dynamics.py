@@ -1,0 +1,115 @@
+"""E11 (docs/qat_dynamics.md §1-§5; seed paper arXiv 2606.09012): is it the gradient at Q(w) that makes QAT recover?
+
+Four QAT arms start at theta_fp with the same optimiser, lr, steps and batch order and all deploy
+Q(w_t); only the gradient point differs: A ste (Q(w_t)), B matched_noise (w_t + |delta_t| * random
+signs), C stochastic_rounding (SR(w_t), same grid), D latent (w_t). Per (model, bits, range, arm,
+seed): held-out deployed loss and accuracy along training, first hitting time of
+L_eval(theta_fp) + tau (tau = the loss increase costing one accuracy point on the line to the PTQ
+point; censored runs kept), best iterate, and at logged steps cos(-g, F - p) with F the valley floor
+below Q(w_t) against a matched null of random-sign perturbations (empirical p, z). Paired by seed:
+A-B, A-C, A-D differences of the final deployed loss (bootstrap CI, Wilcoxon p, Holm), log-rank p of
+T_hit, Stouffer-pooled alignment z.
+
+    python experiments/qat_dynamics.py --quick --out /tmp/qat_dynamics            # ~6-8 min on 2 idle cores
+    python experiments/qat_dynamics.py --out runs/qat_dynamics --seeds 10         # full: hours
+
+results.json: cells ``params = {"model", "bits", "range", "arm", "seed"}`` (arm = estimator name);
+``result``: the record of ``riverscape.qat_dynamics.dynamics_cell`` (raw series included);
+``summary.comparisons``: ``riverscape.qat_dynamics.paired_comparisons``.
+"""
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+
+from riverscape import qat_dynamics as qd
+from riverscape import studies as st
+from riverscape import sweep as sw
+from riverscape.report.experiment_figures import series_figures
+
+NAME = "qat_dynamics"
+# digits MLP over-trained (4000 Adam steps) with weight decay; QAT in mini-batches so seeds change the batch order
+_DIGITS = {"train_steps": 4000, "train_weight_decay": 1e-4, "qat_batch": 128, "qat_steps": 200, "qat_record_every": 10}
+
+
+def settings(quick: bool) -> dict:
+    """Every size of the experiment (stored as the sweep's config)."""
+    common = {"n_null": 100, "floor_steps": 30, "accuracy_drop": 0.01}
+    if quick:
+        return {**common, "seeds": 6, "alignment_fractions": [0.0, 0.1, 0.5],
+                "models": {"digits_mlp": _DIGITS, "mnist1d_cnn": {"qat_steps": 150, "qat_record_every": 10}},
+                "grid": {"digits_mlp": {"bits": [2, 3], "ranges": ["minmax", "mse"]}, "mnist1d_cnn": {"bits": [2], "ranges": ["minmax"]}}}
+    full_grid = {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}
+    return {**common, "seeds": 10, "alignment_fractions": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
+            "models": {"digits_mlp": _DIGITS, "mnist1d_cnn": {"qat_record_every": 10}, "text_transformer": {"qat_record_every": 10}},
+            "grid": {"digits_mlp": full_grid, "mnist1d_cnn": full_grid, "text_transformer": full_grid}}
+
+
+def specs(cfg: dict) -> dict[str, st.StudyModel]:
+    return {key: st.study_model(key, **overrides) for key, overrides in cfg["models"].items()}
+
+
+def cells(cfg: dict, seed: int) -> list[dict]:
+    """Seeds outside arms, so an interrupted sweep leaves complete pairs."""
+    return [{"model": key, "bits": b, "range": r, "arm": arm, "seed": seed + i}
+            for key in cfg["models"] for b in cfg["grid"][key]["bits"] for r in cfg["grid"][key]["ranges"]
+            for i in range(cfg["seeds"]) for arm in qd.ARMS.values()]
+
+
+def run_cell(cell: dict, cfg: dict, out_dir, progress: bool) -> dict:
+    spec = specs(cfg)[cell["model"]]
+    study = st.load_study(spec, cell["seed"], out_dir / "fp_models", progress=progress)  # seed = FP model, batches and draws
+    return qd.dynamics_cell(study, cell["bits"], cell["range"], cell["arm"], seed=cell["seed"], record_every=spec.qat_record_every,
+                            alignment_fractions=cfg["alignment_fractions"], n_null=cfg["n_null"], floor_steps=cfg["floor_steps"],
+                            accuracy_drop=cfg["accuracy_drop"], progress=progress)
+
+
+def _mean_sd(series: list[list[float]]) -> tuple[np.ndarray, np.ndarray | None]:
+    ys = np.asarray([[np.nan if v is None else v for v in s] for s in series], dtype=float)
+    return np.nanmean(ys, 0), (np.nanstd(ys, 0, ddof=1) if len(series) > 1 else None)
+
+
+def figures(results: list[dict], out_dir) -> None:
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in results:
+        groups.setdefault(qd.group_key(r), {}).setdefault(f"{r['arm']} {r['estimator']}", []).append(r)
+    for (model, bits, range_method), arms in groups.items():
+        panels: dict[str, dict] = {"held-out L(Q(w_t))": {}, "held-out accuracy of Q(w_t)": {}, "alignment z vs matched null": {}}
+        for label, runs in sorted(arms.items()):
+            for panel, key in zip(panels, ("deployed_loss", "deployed_accuracy")):
+                panels[panel][label] = (runs[0]["steps"], *_mean_sd([r[key] for r in runs]))
+            steps = [row["step"] for row in runs[0]["alignment"]]
+            panels["alignment z vs matched null"][label] = (steps, *_mean_sd([[row["z"] for row in r["alignment"]] for r in runs]))
+        fig, mfig = series_figures(panels, f"{model}, {bits} bits, {range_method}: QAT arms (mean ± sd over {len(runs)} seeds)",
+                                   log_y=(True, False, False))
+        sw.write_figure(fig, out_dir / f"arms_{model}_{bits}bit_{range_method}", static=mfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts, cfg, sweep = st.open_sweep(
+        NAME, __doc__.splitlines()[0], settings, argv, models=specs,
+        arguments=lambda p: p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 6 quick, 10 full)"),
+        overrides=lambda o: {} if o.seeds is None else {"seeds": o.seeds},
+    )
+    records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
+    results = [r["result"] for r in records]
+    comparisons = qd.paired_comparisons(results)
+    sweep.summary = {"comparisons": comparisons}
+    columns = {"model": "model", "bits": "bits", "range": "range", "contrast": "contrast", "n": "n", "diff": "Δ final loss",
+               "ci_low": "95% CI low", "ci_high": "high", "wilcoxon_p": "Wilcoxon p", "holm_p": "Holm p", "hits": "hits a/b",
+               "logrank_p": "log-rank p", "z_A": "z_A", "z_ctrl": "z ctrl", "pz_A": "z_A (from p)", "pz_ctrl": "z ctrl (from p)"}
+    md = [sw.print_table(qd.table_rows(comparisons), columns,
+                         title="Paired by seed: final held-out deployed loss, STE (A) minus control; T_hit log-rank; Stouffer-pooled alignment z"),
+          sw.print_table(qd.arm_means(results), ["model", "bits", "range", "arm", "seeds", "final_loss", "final_accuracy", "best_loss",
+                                                 "hit", "fp_accuracy", "ptq_accuracy", "s/run"], title="Per arm: means over seeds")]
+    figures(results, opts.out)
+    st.finish_sweep(sweep, opts.out, md)
+    return {"comparisons": comparisons, "records": records}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,148 @@
+"""Measurements of the QAT-dynamics experiment on a :class:`~riverscape.pipeline.Reference`.
+
+* :func:`accuracy_tolerance` -- the held-out loss increase that costs one accuracy point,
+  read off the line from ``theta_fp`` through the PTQ point (the hitting tolerance ``tau``);
+* :func:`hitting` -- first hitting time of ``L_eval(Q(theta_t)) <= L_eval(theta_fp) + tau``,
+  censored (not dropped) when never reached;
+* :func:`arm_alignments` -- :func:`~riverscape.gradients.floor_alignment` of one arm at the
+  logged latent iterates of a QAT run, with the reference's hill frame.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..gradients import floor_alignment
+from ..quant import QParams, QuantMap, ptq
+from ..quant.qat import first_hitting_time
+from .reference import HILL_K, Reference
+
+__all__ = ["Tolerance", "accuracy_tolerance", "Hitting", "hitting", "arm_alignments", "LINE_POINTS"]
+
+#: positions ``t`` on the line ``theta_fp + t (Q(theta_fp) - theta_fp)`` searched for the one-point drop
+LINE_POINTS = tuple([i / 40 for i in range(41)] + [1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The hitting tolerance ``tau``: the held-out loss increase at a given accuracy drop.
+
+    Attributes
+    ----------
+    tau : float or None
+        ``L_eval(theta_fp + t* u) - L_eval(theta_fp)`` at the first line point ``t*`` whose held-out
+        accuracy is at least ``drop`` below the FP accuracy (``None`` if no point of
+        :data:`LINE_POINTS` loses that much).
+    t_star : float or None
+    drop : float
+    fp_loss, fp_accuracy : float
+        Held-out loss and accuracy at ``theta_fp``.
+    ptq_loss, ptq_accuracy : float
+        The same at the PTQ point ``Q(theta_fp)`` (``t = 1``).
+    """
+
+    tau: float | None
+    t_star: float | None
+    drop: float
+    fp_loss: float
+    fp_accuracy: float
+    ptq_loss: float
+    ptq_accuracy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy_tolerance(ref: Reference, qmap: QuantMap, *, drop: float = 0.01) -> Tolerance:
+    """The loss increase that costs ``drop`` held-out accuracy along ``theta_fp -> Q(theta_fp)`` (round to nearest).
+
+    Parameters
+    ----------
+    ref : Reference
+        Its ``evaluation`` objective must have an accuracy metric.
+    qmap : QuantMap
+        The quantizer whose PTQ point sets the direction.
+    drop : float
+        Accuracy drop (a fraction: 0.01 is one point).
+    """
+    if not 0 < drop < 1:
+        raise ValueError(f"drop must be in (0, 1), got {drop}")
+    fp = ref.theta_fp
+    direction = ptq(ref.analysis, qmap) - fp
+    ts = torch.tensor(LINE_POINTS, dtype=fp.dtype, device=fp.device)
+    losses, accuracy = ref.evaluation.evaluate(fp[None] + ts[:, None] * direction[None])
+    if accuracy is None:
+        raise ValueError("the evaluation objective has no accuracy metric")
+    losses, accuracy = losses.tolist(), accuracy.tolist()
+    one = LINE_POINTS.index(1.0)
+    tau = t_star = None
+    for t, loss, acc in zip(LINE_POINTS, losses, accuracy):
+        if acc <= accuracy[0] - drop:
+            tau, t_star = loss - losses[0], t
+            break
+    return Tolerance(tau, t_star, drop, losses[0], accuracy[0], losses[one], accuracy[one])
+
+
+@dataclass(frozen=True)
+class Hitting:
+    """First hitting time of a threshold, right-censored at the last step when never reached."""
+
+    hit: bool
+    time: int
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hitting(steps: Sequence[int], losses: Sequence[float], threshold: float) -> Hitting:
+    """``T_hit = min{t : loss_t <= threshold}``; ``hit=False`` and ``time = max(steps)`` (censored) if never.
+
+    >>> hitting([0, 10, 20], [1.0, 0.4, 0.3], 0.5).to_dict()
+    {'hit': True, 'time': 10, 'threshold': 0.5}
+    >>> hitting([0, 10, 20], [1.0, 0.9, 0.8], 0.5).time
+    20
+    """
+    step = first_hitting_time(steps, losses, threshold)
+    if step is None:
+        return Hitting(False, int(max(steps)), float(threshold))
+    return Hitting(True, int(step), float(threshold))
+
+
+def arm_alignments(
+    ref: Reference,
+    qmap: QuantMap,
+    latents: Tensor,
+    steps: Sequence[int],
+    qparams: Sequence[QParams],
+    *,
+    arm: str,
+    n_null: int = 100,
+    floor_steps: int = 50,
+    seed: int = 0,
+    k: int = HILL_K,
+) -> list[dict]:
+    """:func:`~riverscape.gradients.floor_alignment` of ``arm`` at each latent iterate (analysis set).
+
+    The hill frame is the reference's top-``k`` eigenvectors at ``theta_fp``; the floor is
+    recomputed below every ``Q(w_t)``. Each step draws from its own generator seeded by
+    ``(seed, step)``, so two arms at the same latent point share their null draws.
+
+    Returns
+    -------
+    list of dict
+        ``{"step": t, **FloorAlignment.to_dict()}`` per row of ``latents``.
+    """
+    if len(steps) != latents.shape[0]:
+        raise ValueError(f"{len(steps)} steps for {latents.shape[0]} latent iterates")
+    vectors = ref.basis(k).vectors
+    rows = []
+    for step, w in zip(steps, latents):
+        generator = torch.Generator().manual_seed(1_000_003 * int(seed) + int(step))
+        result = floor_alignment(ref.analysis, qmap, w, qparams, vectors, arm=arm, reference=ref.theta_fp, n_null=n_null,
+                                 floor_steps=floor_steps, generator=generator)
+        rows.append({"step": int(step), **result.to_dict()})
+    return rows

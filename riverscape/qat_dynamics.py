@@ -1,0 +1,208 @@
+"""The QAT-dynamics experiment: is it the gradient at ``Q(w)`` that makes QAT recover? (docs/qat_dynamics.md §1-§4)
+
+Four QAT arms start at ``theta_fp`` with the same optimiser, learning rate, steps and batch order
+and all deploy ``Q(w_t)``; they differ only in where the gradient is taken (registered estimators
+of :mod:`riverscape.quant.estimator_configs`):
+
+====  =======================  ==========================================
+arm   estimator                gradient point
+====  =======================  ==========================================
+A     ``ste``                  ``Q(w_t)``
+B     ``matched_noise``        ``w_t + |delta_t| * eps`` (fresh random signs)
+C     ``stochastic_rounding``  ``SR(w_t)`` on the same grid
+D     ``latent``               ``w_t`` (FP training, deployed quantized)
+====  =======================  ==========================================
+
+:func:`dynamics_cell` runs one ``(model, bits, range, arm, seed)`` and returns its raw series;
+:func:`paired_comparisons` pairs the arms by seed (A-B, A-C, A-D) with the statistics of
+:mod:`riverscape.stats` (imported lazily).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from .pipeline import accuracy_tolerance, arm_alignments, hitting
+from .studies import Study, run_qat
+
+__all__ = ["ARMS", "ARM_LABELS", "COMPARISONS", "alignment_steps", "dynamics_cell", "paired_comparisons", "group_key", "table_rows", "arm_means"]
+
+#: arm letter -> registered estimator name
+ARMS = {"A": "ste", "B": "matched_noise", "C": "stochastic_rounding", "D": "latent"}
+#: estimator name -> arm letter
+ARM_LABELS = {name: letter for letter, name in ARMS.items()}
+#: the paired contrasts, STE minus each control
+COMPARISONS = (("ste", "matched_noise"), ("ste", "stochastic_rounding"), ("ste", "latent"))
+_TOLERANCES: dict[tuple, Any] = {}
+
+
+def alignment_steps(steps: int, record_every: int, fractions: Sequence[float]) -> list[int]:
+    """Logged steps nearest to ``fractions`` of the run, on the recording grid (multiples of ``record_every``, and ``steps``).
+
+    >>> alignment_steps(200, 10, [0.0, 0.1, 0.5, 1.0])
+    [0, 20, 100, 200]
+    """
+    grid = sorted(set(range(0, steps + 1, record_every)) | {steps})
+    return sorted({min(grid, key=lambda s: abs(s - f * steps)) for f in fractions})
+
+
+def _tolerance(study: Study, bits: int, range_method: str, drop: float):
+    key = (id(study), bits, range_method, drop)
+    if key not in _TOLERANCES:
+        _TOLERANCES[key] = accuracy_tolerance(study.reference, study.quant_map(bits, range_method), drop=drop)
+    return _TOLERANCES[key]
+
+
+def dynamics_cell(
+    study: Study,
+    bits: int,
+    range_method: str,
+    arm: str,
+    *,
+    seed: int,
+    record_every: int,
+    alignment_fractions: Sequence[float],
+    n_null: int = 100,
+    floor_steps: int = 50,
+    accuracy_drop: float = 0.01,
+    progress: bool = False,
+) -> dict:
+    """One QAT run of ``arm`` from ``theta_fp`` and its measurements (a JSON-friendly dict).
+
+    Returns
+    -------
+    dict
+        ``model, bits, range, arm (letter), estimator, seed``; raw series over the recorded steps
+        ``steps, deployed_loss, deployed_accuracy`` (held-out, at ``Q(w_t)``), ``train_loss``
+        (``L(Q(w_t))`` on the QAT set), ``discretization_error``, ``grid_flips``; ``final_loss``,
+        ``final_accuracy``, ``best_loss``, ``best_step``, ``best_accuracy`` (held-out, best iterate
+        by held-out loss); ``tolerance`` (:class:`~riverscape.pipeline.Tolerance`), ``hit`` and
+        ``hit_time`` (censored at the last step when not hit), ``threshold``; ``alignment`` rows
+        (:func:`~riverscape.pipeline.arm_alignments`) and their Stouffer-pooled ``alignment_z`` (fixed
+        floor direction) and ``alignment_point_z`` (from the gradient point);
+        ``qat_seconds``, ``alignment_seconds``.
+    """
+    if arm not in ARM_LABELS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {tuple(ARM_LABELS)}")
+    tol = _tolerance(study, bits, range_method, accuracy_drop)
+    res = run_qat(study, bits, arm, seed=seed, record_every=record_every, progress=progress, range_method=range_method)
+    hist = res.history
+    losses, accs = hist["eval_loss"], hist["eval_metric"]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    tau = tol.tau if tol.tau is not None else float("inf")  # no one-point drop on the line: every run "hits" at once
+    hit = hitting(res.trajectory_steps, losses, tol.fp_loss + tau)
+    chosen = alignment_steps(study.spec.qat_steps, record_every, alignment_fractions)
+    rows_index = [res.trajectory_steps.index(s) for s in chosen]
+    started = time.perf_counter()
+    rows = arm_alignments(study.reference, study.quant_map(bits, range_method), res.latent_trajectory[rows_index], chosen, res.qparams,
+                          arm=arm, n_null=n_null, floor_steps=floor_steps, seed=seed)
+    pooled = {key: _pooled([r[key] for r in rows]) for key in ("z", "point_z")}
+    return {
+        "model": study.spec.key, "bits": bits, "range": range_method, "arm": ARM_LABELS[arm], "estimator": arm, "seed": seed,
+        "steps": list(res.trajectory_steps), "deployed_loss": losses, "deployed_accuracy": accs, "train_loss": hist["loss"],
+        "discretization_error": hist["discretization_error"], "grid_flips": hist["grid_flips"],
+        "final_loss": losses[-1], "final_accuracy": accs[-1], "best_loss": losses[best], "best_step": res.trajectory_steps[best],
+        "best_accuracy": accs[best], "tolerance": tol.to_dict(), "hit": hit.hit, "hit_time": hit.time, "threshold": hit.threshold,
+        "alignment": rows, "alignment_z": pooled["z"][0], "alignment_point_z": pooled["point_z"][0],
+        "qat_seconds": res.wall_time, "alignment_seconds": time.perf_counter() - started,
+    }
+
+
+def _pooled(zs: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    """Stouffer's pooled z and one-sided p of the non-``None`` z-scores (``(None, None)`` when there are none)."""
+    from .stats import stouffer
+
+    clean = [z for z in zs if z is not None]
+    return stouffer(clean) if clean else (None, None)
+
+
+def group_key(result: Mapping) -> tuple:
+    """``(model, bits, range)`` of a cell result."""
+    return result["model"], result["bits"], result["range"]
+
+
+def paired_comparisons(results: Iterable[Mapping], *, metrics: Sequence[str] = ("final_loss", "best_loss", "final_accuracy"),
+                       n_boot: int = 10_000, seed: int = 0) -> list[dict]:
+    """A-B, A-C, A-D per ``(model, bits, range)``, paired by seed.
+
+    For each group and contrast ``(a, b)`` only seeds present for both arms enter. Returns one
+    dict per group and contrast: ``model, bits, range, a, b, seeds`` (the paired seeds),
+    ``{metric: PairedComparison.to_dict()}`` for each metric, ``logrank`` (``T_hit`` of the two
+    arms' runs, censored runs as such), ``alignment`` (Stouffer-pooled z and one-sided p of each
+    arm over all its runs' logged steps: ``z, p`` for the fixed floor direction, ``point_z, point_p`` from
+    the gradient point) and ``holm_final_loss`` (Holm-adjusted Wilcoxon p of
+    ``final_loss`` over every group and contrast of the call).
+    """
+    from .stats import holm, logrank, paired_comparison
+
+    by_group: dict[tuple, dict[str, dict[int, Mapping]]] = {}
+    for r in results:
+        by_group.setdefault(group_key(r), {}).setdefault(r["estimator"], {})[r["seed"]] = r
+    rows = []
+    for (model, bits, range_method), arms in by_group.items():
+        for a, b in COMPARISONS:
+            if a not in arms or b not in arms:
+                continue
+            seeds = sorted(set(arms[a]) & set(arms[b]))
+            if not seeds:
+                continue
+            ra, rb = [arms[a][s] for s in seeds], [arms[b][s] for s in seeds]
+            row: dict[str, Any] = {"model": model, "bits": bits, "range": range_method, "a": a, "b": b, "seeds": seeds}
+            for metric in metrics:
+                row[metric] = paired_comparison([r[metric] for r in ra], [r[metric] for r in rb], a=ARM_LABELS[a], b=ARM_LABELS[b],
+                                                n_boot=n_boot, seed=seed).to_dict()
+            row["logrank"] = logrank([r["hit_time"] for r in ra], [int(r["hit"]) for r in ra],
+                                     [r["hit_time"] for r in rb], [int(r["hit"]) for r in rb]).to_dict()
+            row["hits"] = {ARM_LABELS[a]: sum(bool(r["hit"]) for r in ra), ARM_LABELS[b]: sum(bool(r["hit"]) for r in rb)}
+            row["alignment"] = {}
+            for name, runs in ((a, ra), (b, rb)):
+                entry = {}
+                for key in ("z", "point_z"):
+                    zs = [x[key] for r in runs for x in r["alignment"]]
+                    entry[key], entry[key.replace("z", "p")] = _pooled(zs)
+                    entry[f"n_{key}"] = sum(z is not None for z in zs)
+                row["alignment"][ARM_LABELS[name]] = entry
+            rows.append(row)
+    if rows:
+        ps = [r["final_loss"]["wilcoxon_p"] for r in rows]
+        finite = [i for i, p in enumerate(ps) if p == p]
+        adjusted = holm([ps[i] for i in finite]) if finite else []
+        for r in rows:
+            r["holm_final_loss"] = None
+        for i, p in zip(finite, adjusted):
+            rows[i]["holm_final_loss"] = float(p)
+    return rows
+
+
+def table_rows(comparisons: Sequence[Mapping]) -> list[dict]:
+    """Flat rows of the main table: one per group and contrast."""
+    out = []
+    for c in comparisons:
+        d = c["final_loss"]["difference"]
+        a, b = ARM_LABELS[c["a"]], ARM_LABELS[c["b"]]
+        out.append({
+            "model": c["model"], "bits": c["bits"], "range": c["range"], "contrast": f"{a}-{b}", "n": c["final_loss"]["n"],
+            "diff": d["estimate"], "ci_low": d["low"], "ci_high": d["high"], "wilcoxon_p": c["final_loss"]["wilcoxon_p"],
+            "holm_p": c.get("holm_final_loss"), "hits": f"{c['hits'][a]}/{c['hits'][b]}", "logrank_p": c["logrank"]["p_value"],
+            "z_A": c["alignment"][a]["z"], "z_ctrl": c["alignment"][b]["z"],
+            "pz_A": c["alignment"][a]["point_z"], "pz_ctrl": c["alignment"][b]["point_z"],
+        })
+    return out
+
+
+def arm_means(results: Iterable[Mapping], keys: Sequence[str] = ("final_loss", "final_accuracy", "best_loss")) -> list[dict]:
+    """Per ``(model, bits, range, arm)``: mean of ``keys`` over seeds, runs hitting, seconds."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in results:
+        groups.setdefault((*group_key(r), r["arm"]), []).append(r)
+    rows = []
+    for (model, bits, range_method, arm), runs in sorted(groups.items()):
+        row: dict[str, Optional[float]] = {"model": model, "bits": bits, "range": range_method, "arm": arm, "seeds": len(runs)}
+        for key in keys:
+            row[key] = sum(r[key] for r in runs) / len(runs)
+        row["hit"] = f"{sum(bool(r['hit']) for r in runs)}/{len(runs)}"
+        row["ptq_accuracy"] = runs[0]["tolerance"]["ptq_accuracy"]
+        row["fp_accuracy"] = runs[0]["tolerance"]["fp_accuracy"]
+        row["s/run"] = sum(r["qat_seconds"] + r["alignment_seconds"] for r in runs) / len(runs)
+        rows.append(row)
+    return rows
