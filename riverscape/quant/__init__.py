@@ -49,6 +49,6 @@ from .layers import (
 )
 from .qmap import KEPT_REASONS, QUANTIZABLE_MODULES, LayerSelection, QuantizerLike, QuantMap, QuantTarget, WeightStatus, resolve_quant_map
 from .ptq import PTQ_CONFIGS, PTQ_METHODS, RTN, PTQConfig, PTQResult, ptq, ptq_config, ptq_result, register_ptq_method
-from .quantizers import RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
+from .quantizers import GRIDS, RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
 
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))
