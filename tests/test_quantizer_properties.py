@@ -15,7 +15,7 @@ from helpers import tiny_cnn, tiny_mlp
 
 GRID_BITS = {"symmetric": (1, 8), "full": (2, 8), "unsigned": (2, 8), "asymmetric": (1, 8), "ternary": (2, 2)}
 SHAPES = [(1, 7), (3, 5), (4, 12), (2, 33), (5, 1), (3, 2, 3, 3), (2, 4, 3), (9,)]
-PROPS = settings(max_examples=60, deadline=None, derandomize=True)
+PROPS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 
 
 @st.composite

@@ -403,9 +403,7 @@ class UniformQuantizer:
         flat = self._channels_first(w)
         eps = tensor_eps(flat)
         if not self._grouped(w):
-            qp = self.row_qparams(flat, eps)
-            fields = [None if t is None else self._to_broadcast(t.reshape(-1), w) for t in (qp.scale, qp.zero_point, qp.threshold)]
-            return QParams(fields[0], fields[1], qp.qmin, qp.qmax, fields[2])
+            return self.from_rows(self.row_qparams(flat, eps), w)
         channels, n = flat.shape
         size = self.group_size
         full = n // size * size
@@ -413,6 +411,11 @@ class UniformQuantizer:
         if full < n:
             parts.append(self.row_qparams(flat[:, full:], eps))
         return self.grouped_qparams(parts, w)
+
+    def from_rows(self, rows: QParams, like: Tensor) -> QParams:
+        """Per-channel (one row per channel) or per-tensor (one row) parameters shaped to broadcast against ``like``."""
+        fields = [None if t is None else self._to_broadcast(t.reshape(-1), like) for t in (rows.scale, rows.zero_point, rows.threshold)]
+        return QParams(fields[0], fields[1], rows.qmin, rows.qmax, fields[2])
 
     def grouped_qparams(self, parts: list[QParams], like: Tensor) -> QParams:
         """Assemble per-group row parameters into a :class:`QParams` for ``like``.
