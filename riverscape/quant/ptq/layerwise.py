@@ -24,7 +24,8 @@ __all__ = ["LayerMethod", "quantize_layerwise"]
 LayerMethod = Callable[[Tensor, Tensor, UniformQuantizer, Tensor], "tuple[Tensor, QParams]"]
 """``layer_fn(weight, hessian, quantizer, like) -> (quantized, qparams)``.
 
-``weight`` is the layer's weight as a float64 ``(out, n)`` matrix, ``hessian`` its ``H``,
+``weight`` is the layer's weight as a float64 ``(out, n)`` matrix, ``hessian`` the mean input
+second moment ``H / rows`` (so ``tr(D H D^T)`` is the reconstruction error per input row),
 ``like`` the weight tensor in its own shape; the function returns the quantized matrix and the
 :class:`QParams` shaped for ``like`` (as :meth:`UniformQuantizer.qparams` shapes them).
 """
@@ -78,7 +79,8 @@ def quantize_layerwise(
             qp = quantizer.qparams(w)
             q = quantizer.quantize_with(w, qp)
         else:
-            q_matrix, qp = layer_fn(quantizer.as_matrix(w).to(torch.float64), hessian, quantizer, w)
+            mean_hessian = hessian / calibration.rows[target.name]
+            q_matrix, qp = layer_fn(quantizer.as_matrix(w).to(torch.float64), mean_hessian, quantizer, w)
             qp = _cast(qp, w.dtype)
             # back on the grid in the working dtype (a float64 grid point maps to its own code)
             q = quantizer.quantize_with(quantizer.from_matrix(q_matrix, w).to(w.dtype), qp)
