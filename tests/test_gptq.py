@@ -208,3 +208,20 @@ def test_gptq_config_validates_its_fields():
                                 "calibration_samples": 128, "seed": 0}
     with pytest.raises(ValueError, match="calibration_samples"):
         RTN(calibration_samples=0)
+
+
+def test_measure_ptq_runs_the_data_aware_methods_on_a_reference():
+    from riverscape.pipeline import build_reference, measure_ptq
+    from riverscape.quant.ptq import AdaRound
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(30, 1, 4, 4, generator=g, dtype=F64), torch.randint(0, 3, (30,), generator=g)
+    ref, qmap = build_reference(tiny_cnn(), "cross_entropy", (x, y), (x, y), quantizer=UniformQuantizer(3))
+    ref_qmap = ref.quant_map(UniformQuantizer(3))
+    rtn = measure_ptq(ref, ref_qmap)
+    for method in ("gptq", AdaRound(iterations=20)):
+        measured = measure_ptq(ref, ref_qmap, method=method)
+        assert torch.equal(measured.point, ptq(ref.analysis, ref_qmap, method=method))
+        assert measured.metrics["train_loss"] == pytest.approx(ref.analysis.loss(measured.point), rel=1e-12)
+        assert measured.finite and not torch.equal(measured.point, rtn.point)
+        assert torch.equal(ref_qmap(measured.point, ref_qmap.qparams(ref.theta_fp)), measured.point)  # RTN's grid

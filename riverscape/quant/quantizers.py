@@ -1,6 +1,6 @@
 """Uniform fake quantizers: grids, granularity, range calibration, and the rounding map.
 
-Conventions (docs/theory.md §2.1-§2.5; per-group and ternary grids: docs/ptq_methods.md)::
+Conventions (docs/theory.md §2.1-§2.5; per-group and ternary grids: docs/ptq_methods.md §1-§2)::
 
     q_int(w) = clamp(round(w / s) + z, q_min, q_max)      # round half to even (torch.round)
     Q(w)     = s * (q_int(w) - z)

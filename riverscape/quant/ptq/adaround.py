@@ -62,10 +62,8 @@ class AdaRound(PTQConfig):
         Annealing range of ``beta`` (20 to 2), ``beta_start >= beta_end > 0``.
     warmup : float
         Fraction of iterations without the regulariser before ``beta`` starts to decay, in ``[0, 1)``.
-    calibration_samples : int
-        Number of samples drawn from the objective's data for ``H``.
-    seed : int
-        Seed of that draw.
+    calibration_samples, seed : int
+        Size and seed of the calibration draw from the objective's data (docs/ptq_methods.md §3).
     """
 
     method: ClassVar[str] = "adaround"
