@@ -113,3 +113,15 @@ def test_adaround_config_validates_its_fields():
     ]:
         with pytest.raises(ValueError, match=match):
             AdaRound(**bad)
+
+
+def test_the_loss_factor_reproduces_the_reconstruction_error():
+    from riverscape.quant.ptq.adaround import _gram_factor
+
+    x = _correlated(5, 9, seed=3)  # rank 5 < 9
+    h = x.T @ x
+    factor = _gram_factor(h)
+    assert factor.shape == (9, 5)
+    d = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=F64)
+    # ||D L||^2 = tr(D H D^T) = ||X D^T||^2 up to float64 rounding of the eigendecomposition
+    assert float((d @ factor).pow(2).sum()) == pytest.approx(float(((x @ d.T) ** 2).sum()), rel=1e-10)

@@ -225,3 +225,27 @@ def test_measure_ptq_runs_the_data_aware_methods_on_a_reference():
         assert measured.metrics["train_loss"] == pytest.approx(ref.analysis.loss(measured.point), rel=1e-12)
         assert measured.finite and not torch.equal(measured.point, rtn.point)
         assert torch.equal(ref_qmap(measured.point, ref_qmap.qparams(ref.theta_fp)), measured.point)  # RTN's grid
+
+
+def test_a_handler_returning_something_else_than_diagnostics_is_refused():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from riverscape.quant.ptq import PTQ_CONFIGS, PTQ_METHODS, PTQConfig, register_ptq_method
+
+    @dataclass(frozen=True)
+    class _Bad(PTQConfig):
+        method: ClassVar[str] = "toy_bad_diagnostics"
+
+    def handler(config, objective, qmap, theta):
+        qparams = qmap.qparams(theta)
+        return qmap(theta, qparams), qparams, {"reconstruction_error": {}}
+
+    register_ptq_method("toy_bad_diagnostics", _Bad, handler)
+    try:
+        obj = rs.Objective(tiny_mlp(), "cross_entropy", (torch.randn(4, 5, dtype=F64), torch.randint(0, 3, (4,))))
+        with pytest.raises(TypeError, match="PTQDiagnostics"):
+            ptq(obj, 2, method="toy_bad_diagnostics")
+    finally:
+        PTQ_METHODS.pop("toy_bad_diagnostics")
+        PTQ_CONFIGS.pop("toy_bad_diagnostics")
