@@ -92,16 +92,19 @@ def test_ptq_adaround_end_to_end_leaves_the_models_untouched(make, shape):
         ptq(obj, UniformQuantizer(2, grid="ternary"), method=config)
 
 
-def test_adaround_works_in_float32():
+@pytest.mark.parametrize("method", [AdaRound(iterations=20), "gptq"])
+def test_data_aware_methods_work_in_float32_on_rtn_scales(method):
     model = tiny_mlp().float()
     x = torch.randn(30, 5)
     obj = rs.Objective(model, "cross_entropy", (x, torch.randint(0, 3, (30,))))
-    res = ptq_result(obj, 3, method=AdaRound(iterations=20))
+    res = ptq_result(obj, 3, method=method)
     assert res.theta_q.dtype == torch.float32
     qmap = QuantMap(obj, UniformQuantizer(3))
+    rtn = qmap.qparams(obj.theta0)
     for i, t in enumerate(qmap.targets):
         w = qmap.tensor(res.theta_q, t)
         assert torch.equal(qmap.quantizer_for(i).quantize_with(w, res.qparams[t.name]), w)  # on the float32 grid
+        assert torch.equal(res.qparams[t.name].scale, rtn[i].scale)  # RTN's float32 scales, bit for bit
 
 
 def test_adaround_config_validates_its_fields():

@@ -145,7 +145,7 @@ def adaround_quantize(weight: Tensor, hessian: Tensor, quantizer: UniformQuantiz
     H = hessian.detach().to(torch.float64)
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"hessian must have shape ({W.shape[1]}, {W.shape[1]}), got {tuple(H.shape)}")
-    qparams = quantizer.qparams(quantizer.from_matrix(W, like))
+    qparams = quantizer.qparams(like.detach())  # round-to-nearest's parameters, in like's dtype
 
     def matrix(t: Tensor) -> Tensor:
         return quantizer.as_matrix(t.to(torch.float64).expand(like.shape))

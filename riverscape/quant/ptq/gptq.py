@@ -15,7 +15,7 @@ the first of its columns is reached, from the current (error-updated) weights of
 groups are consecutive input columns of the original layout also under ``act_order`` (the
 reference code's ``static_groups`` layout). Columns with ``diag(H) = 0`` (no input) are set to 0
 before quantization, as in the reference code; per-channel and per-tensor scales are those of
-round-to-nearest at ``theta``.
+round-to-nearest at ``theta`` (bit for bit, in the working dtype).
 """
 from __future__ import annotations
 
@@ -70,6 +70,13 @@ class GPTQ(PTQConfig):
         check_calibration_options(self, allow_none=False)
 
 
+def matrix_rows(qparams: QParams, quantizer: UniformQuantizer, like: Tensor) -> QParams:
+    """Per-channel or per-tensor parameters of ``like`` as float64 rows ``(C, 1)`` of its matrix view."""
+    fields = [None if t is None else quantizer.as_matrix(t.expand(like.shape))[:, :1].to(torch.float64)
+              for t in (qparams.scale, qparams.zero_point, qparams.threshold)]
+    return QParams(fields[0], fields[1], qparams.qmin, qparams.qmax, fields[2])
+
+
 def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
     """``U`` upper triangular with ``U^T U = (H + lambda I)^{-1}``."""
     damp = percdamp * torch.diagonal(hessian).mean()
@@ -120,9 +127,9 @@ def gptq_quantize(
         raise ValueError(f"hessian must have shape ({n}, {n}) for a weight with {n} columns, got {tuple(H.shape)}")
     eps = tensor_eps(W)
     grouped = quantizer.granularity_of(tuple(like.shape)) == "per-group"
-    if not grouped:  # scales of round-to-nearest at the original weights
-        per_row = quantizer.granularity_of(tuple(like.shape)) == "per-channel"
-        fixed = quantizer.row_qparams(W if per_row else W.reshape(1, -1), eps)
+    if not grouped:  # round-to-nearest's parameters at the original weights, in like's dtype
+        rtn = quantizer.qparams(like)
+        fixed = matrix_rows(rtn, quantizer, like)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -158,7 +165,7 @@ def gptq_quantize(
     Q = Q[:, position]
     if grouped:
         return Q, quantizer.grouped_qparams([groups[g] for g in sorted(groups)], like)
-    return Q, quantizer.from_rows(fixed, like)
+    return Q, rtn
 
 
 def gptq(config: GPTQ, objective: Objective, qmap: QuantMap, theta: Tensor) -> tuple:
