@@ -79,12 +79,13 @@ def test_rtn_is_round_to_nearest_unchanged(obj):
     assert list(res.qparams) == [t.name for t in qmap.targets]
     for expected, got in zip(qmap.qparams(theta), res.qparams.values()):
         assert torch.equal(expected.scale, got.scale) and torch.equal(expected.zero_point, got.zero_point)
-    assert res.quantizer == q.describe() and RTN().to_dict() == {"method": "rtn"}
+    assert res.quantizer == q.describe() and RTN().to_dict() == {"method": "rtn", "calibration_samples": None, "seed": 0}
+    assert res.reconstruction_error is None and res.fallback == {} and res.calibration is None  # data-free
 
 
 def test_unknown_ptq_method_lists_the_registered_ones(obj):
-    with pytest.raises(ValueError, match=r"unknown PTQ method 'gptq'.*'rtn'"):
-        ptq(obj, 2, method="gptq")
+    with pytest.raises(ValueError, match=r"unknown PTQ method 'awq'.*'rtn'"):
+        ptq(obj, 2, method="awq")
 
     @dataclass(frozen=True)
     class Unregistered(PTQConfig):

@@ -1,6 +1,6 @@
 """Quantization: uniform quantizers, the layout-aware map theta -> Q(theta), PTQ, and QAT with gradient estimators.
 
-PTQ methods and QAT estimators are frozen configs looked up in registries
+PTQ methods (RTN, GPTQ, AdaRound) and QAT estimators are frozen configs looked up in registries
 (:data:`PTQ_METHODS` with :func:`register_ptq_method`; :data:`ESTIMATOR_REGISTRY` with
 :func:`register_estimator`): ``ptq(obj, 2, method="rtn")``, ``qat(obj, 2, estimator=LSQ(init="lsq"))``.
 Every function taking a quantizer accepts a bit-width, a :class:`UniformQuantizer` or a
@@ -58,7 +58,20 @@ from .layers import (
     unsupported_weights,
 )
 from .qmap import KEPT_REASONS, QUANTIZABLE_MODULES, LayerSelection, QuantizerLike, QuantMap, QuantTarget, WeightStatus, resolve_quant_map
-from .ptq import PTQ_CONFIGS, PTQ_METHODS, RTN, PTQConfig, PTQResult, ptq, ptq_config, ptq_result, register_ptq_method
-from .quantizers import RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
+from .ptq import (
+    GPTQ,
+    PTQ_CONFIGS,
+    PTQ_METHODS,
+    RTN,
+    AdaRound,
+    PTQConfig,
+    PTQDiagnostics,
+    PTQResult,
+    ptq,
+    ptq_config,
+    ptq_result,
+    register_ptq_method,
+)
+from .quantizers import GRIDS, RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
 
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

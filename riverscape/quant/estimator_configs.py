@@ -66,7 +66,14 @@ class EstimatorConfig:
     learns_scale: ClassVar[bool] = False
 
     def check_quantizer(self, quantizer: UniformQuantizer) -> None:
-        """Raise :class:`ValueError` when the estimator cannot run with ``quantizer`` (default: any works)."""
+        """Raise :class:`ValueError` when the estimator cannot run with ``quantizer``.
+
+        Default: any grid but ternary (the estimators round at half a step; TWN's dead zone
+        ``0.7 mean|w|`` is not a rounding threshold), any granularity.
+        """
+        if quantizer.grid == "ternary":
+            raise ValueError(f"estimator={self.name!r} does not support grid='ternary' (TWN's threshold is not a rounding "
+                             "of w / s); use grid='symmetric' with bits=2 for the {-s, 0, s} grid")
 
     def to_dict(self) -> dict:
         """``{"name": name, **fields}``."""
@@ -124,8 +131,12 @@ class LSQ(EstimatorConfig):
             raise ValueError(f"LSQ init must be one of {LSQ_INITS}, got {self.init!r}")
 
     def check_quantizer(self, quantizer: UniformQuantizer) -> None:
+        super().check_quantizer(quantizer)
         if not quantizer.symmetric:
             raise ValueError("estimator='lsq' needs a symmetric quantizer (LSQ's grid has no zero point)")
+        if quantizer.group_size is not None:
+            raise ValueError("estimator='lsq' learns one step per channel or tensor; it does not support "
+                             f"group_size={quantizer.group_size} (use a per-channel quantizer, or STE with per-group scales)")
 
 
 @dataclass(frozen=True)

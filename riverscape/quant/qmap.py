@@ -205,9 +205,9 @@ class WeightStatus:
         Why a kept tensor stays in full precision (one of :data:`KEPT_REASONS`).
     bits : int or None
         Bit-width of a quantized tensor.
-    granularity : {"per-channel", "per-tensor"} or None
+    granularity : {"per-channel", "per-group", "per-tensor"} or None
     channel_axis : int or None
-        Axis of the per-channel scales (``None`` per tensor).
+        Axis of the per-channel (per-group) scales (``None`` per tensor).
     """
 
     name: str
@@ -383,13 +383,13 @@ class QuantMap:
         base = (spec.name, spec.shape, spec.numel, spec.module_type)
         if target is None:
             return WeightStatus(*base, status="kept", reason=self._kept[spec.name])
-        per_channel = self.quantizer.per_channel and len(spec.shape) >= 2
+        granularity = self.quantizer_for(self.targets.index(target)).granularity_of(spec.shape)
         return WeightStatus(
             *base,
             status="quantized",
             bits=self.quantizer.bits,
-            granularity="per-channel" if per_channel else "per-tensor",
-            channel_axis=target.channel_axis if per_channel else None,
+            granularity=granularity,
+            channel_axis=None if granularity == "per-tensor" else target.channel_axis,
         )
 
     def unsupported(self) -> list[WeightStatus]:

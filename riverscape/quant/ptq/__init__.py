@@ -10,6 +10,7 @@ from .base import (
     PTQ_CONFIGS,
     PTQ_METHODS,
     PTQConfig,
+    PTQDiagnostics,
     PTQHandler,
     PTQResult,
     ptq,
@@ -17,8 +18,13 @@ from .base import (
     ptq_result,
     register_ptq_method,
 )
+from .adaround import AdaRound, adaround, adaround_quantize
+from .calibration import Calibration, collect_input_hessians, relative_reconstruction_error
+from .gptq import GPTQ, gptq, gptq_quantize
 from .rtn import RTN, round_to_nearest
 
 register_ptq_method("rtn", RTN, round_to_nearest)
+register_ptq_method("gptq", GPTQ, gptq)
+register_ptq_method("adaround", AdaRound, adaround)
 
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

@@ -2,15 +2,16 @@
 
 A PTQ method is a frozen :class:`PTQConfig` subclass (its options, validated in
 ``__post_init__``) plus a handler ``handler(config, objective, qmap, theta) -> (theta_q, qparams)``
-registered under a name with :func:`register_ptq_method` (the config -> handler pattern of
-torchao's ``quantize_(model, config)``). Adding a method (e.g. GPTQ, Frantar et al. 2023) is
-one new module defining its config and handler plus one :func:`register_ptq_method` line in
-:mod:`riverscape.quant.ptq`.
+(optionally ``(theta_q, qparams, diagnostics)`` with a :class:`PTQDiagnostics`) registered under a
+name with :func:`register_ptq_method` (the config -> handler pattern of torchao's
+``quantize_(model, config)``). Adding a method is one new module defining its config and handler
+plus one :func:`register_ptq_method` line in :mod:`riverscape.quant.ptq` (GPTQ and AdaRound are
+built that way, see docs/ptq_methods.md §4 and §5).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -23,6 +24,7 @@ __all__ = [
     "PTQConfig",
     "PTQHandler",
     "PTQResult",
+    "PTQDiagnostics",
     "PTQ_METHODS",
     "PTQ_CONFIGS",
     "register_ptq_method",
@@ -47,12 +49,34 @@ class PTQConfig:
         return {"method": self.method, **asdict(self)}
 
 
+@dataclass(frozen=True)
+class PTQDiagnostics:
+    """What a data-aware PTQ handler reports besides the point (third element of its return value).
+
+    Attributes
+    ----------
+    reconstruction_error : dict of str to float
+        Relative layer-wise reconstruction error ``||X W^T - X Q^T||_F^2 / ||X W^T||_F^2``
+        (``tr(D H D^T) / tr(W H W^T)``, docs/ptq_methods.md §3) of every tensor that had
+        calibration inputs, by parameter name.
+    fallback : dict of str to str
+        Tensors quantized by round-to-nearest instead of the method, and why.
+    calibration : dict
+        ``n_samples`` and ``seed`` of the calibration set (plus rows per layer).
+    """
+
+    reconstruction_error: dict[str, float] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)
+    calibration: Optional[dict] = None
+
+
 PTQHandler = Callable[[PTQConfig, Objective, QuantMap, Tensor], "tuple[Tensor, Sequence[QParams]]"]
-"""``handler(config, objective, qmap, theta) -> (theta_q, qparams)``.
+"""``handler(config, objective, qmap, theta) -> (theta_q, qparams[, diagnostics])``.
 
 ``theta`` is the validated full-precision point, ``qmap`` the resolved map; the handler returns
 the quantized point (shape ``(D,)``, unquantized coordinates copied from ``theta``) and the
-quantization parameters of every target of ``qmap`` (in ``qmap.targets`` order).
+quantization parameters of every target of ``qmap`` (in ``qmap.targets`` order), optionally
+followed by a :class:`PTQDiagnostics`.
 """
 
 PTQ_METHODS: dict[str, PTQHandler] = {}
@@ -110,12 +134,22 @@ class PTQResult:
         The method and its options.
     quantizer : str
         ``quantizer.describe()`` of the map.
+    reconstruction_error : dict of str to float or None
+        Relative layer-wise reconstruction error per tensor, filled by data-aware methods
+        (GPTQ, AdaRound; RTN with ``calibration_samples``), else ``None``.
+    fallback : dict of str to str
+        Tensors a data-aware method quantized by round-to-nearest, and why.
+    calibration : dict or None
+        ``n_samples`` and ``seed`` of the calibration set of a data-aware method.
     """
 
     theta_q: Tensor
     qparams: dict[str, QParams]
     config: PTQConfig
     quantizer: str
+    reconstruction_error: Optional[dict[str, float]] = None
+    fallback: dict[str, str] = field(default_factory=dict)
+    calibration: Optional[dict] = None
     method: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,13 +175,20 @@ def ptq_result(
     config = ptq_config(method)
     qmap = resolve_quant_map(objective, quantizer, **map_options)
     theta = objective.theta0 if theta is None else objective.check_theta(theta)
-    theta_q, qparams = PTQ_METHODS[config.method](config, objective, qmap, theta)
-    qparams = list(qparams)
+    returned = tuple(PTQ_METHODS[config.method](config, objective, qmap, theta))
+    if len(returned) not in (2, 3) or (len(returned) == 3 and not isinstance(returned[2], PTQDiagnostics)):
+        raise TypeError(f"PTQ method {config.method!r} must return (theta_q, qparams) or (theta_q, qparams, PTQDiagnostics)")
+    theta_q, qparams = returned[0], list(returned[1])
+    diagnostics = returned[2] if len(returned) == 3 else None
     if theta_q.shape != theta.shape:
         raise ValueError(f"PTQ method {config.method!r} returned shape {tuple(theta_q.shape)}, expected {tuple(theta.shape)}")
     if len(qparams) != len(qmap.targets):
         raise ValueError(f"PTQ method {config.method!r} returned {len(qparams)} qparams for {len(qmap.targets)} quantized tensors")
-    return PTQResult(theta_q, {t.name: qp for t, qp in zip(qmap.targets, qparams)}, config, qmap.quantizer.describe())
+    named = {t.name: qp for t, qp in zip(qmap.targets, qparams)}
+    if diagnostics is None:
+        return PTQResult(theta_q, named, config, qmap.quantizer.describe())
+    return PTQResult(theta_q, named, config, qmap.quantizer.describe(), diagnostics.reconstruction_error,
+                     diagnostics.fallback, diagnostics.calibration)
 
 
 def ptq(
