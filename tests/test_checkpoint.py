@@ -393,7 +393,10 @@ def test_options_validate_and_normalise():
         ({"top_k": 0}, "top_k must be an integer from 1 to 500"),
         ({"grid_steps": 2}, "grid_steps must be an integer from 3 to 401"),
         ({"grid_span": float("nan")}, "grid_span must be a positive finite number"),
-        ({"max_samples": 0}, "max_samples must be a positive integer"),
+        ({"max_samples": -1}, "max_samples must be an integer >= 0"),
+        ({"budget": "fast"}, "budget must be one of quick, standard, thorough"),
+        ({"skip": "curvature"}, "cannot skip 'curvature'"),
+        ({"ptq_methods": "awq"}, "unknown PTQ method 'awq'; choose from rtn, gptq, adaround"),
         ({"device": "toaster"}, "unknown device 'toaster'"),
     ]:
         with pytest.raises(InputError, match=phrase.replace("[", r"\[").replace("(", r"\(")):

@@ -169,6 +169,7 @@ ON_TRAINED = {  # need trained.pt
     "seed0_again": ["analyze", "trained.pt", "--bits", "4", "2", *SMALL, "--out", "seed0_again"],
     "seed1": ["analyze", "trained.pt", "--bits", "4", "2", *SMALL, "--seed", "1", "--out", "seed1"],
     "quick": ["analyze", "trained.pt", "--bits", "2", "--budget", "quick", "--skip", "slices,density", "--skip", "paths", "--out", "quick"],
+    "methods": ["analyze", "trained.pt", "--bits", "2", "--ptq", "gptq,rtn,adaround", *SMALL, "--qat-steps", "0", "--out", "methods"],
     "minutes": ["analyze", "trained.pt", "--bits", "2", "--budget", "0.25", "--top-k", "2", "--qat-steps", "0", "--out", "minutes"],
 }
 
@@ -422,3 +423,18 @@ def test_budget_in_minutes_picks_a_preset_from_a_timed_probe(runs):
     chosen = first.split("preset ")[1].split(" ")[0]
     assert m["plan"]["budget"]["name"] == chosen == m["run"]["options"]["budget"]
     assert m["run"]["options"]["top_k"] == 2 and m["run"]["options"]["qat_steps"] == 0  # explicit values win over the preset
+
+
+def test_several_ptq_methods_are_compared_and_the_first_is_analysed(runs):
+    m = runs.metrics("methods")
+    compared = m["all_bits"]["2"]["ptq_methods"]
+    assert list(compared) == ["gptq", "rtn", "adaround"] and m["run"]["options"]["ptq_methods"] == ["gptq", "rtn", "adaround"]
+    assert m["ptq"]["method"] == "gptq" and m["ptq"]["loss"] == compared["gptq"]["loss"]  # the analysed point is the first method's
+    assert len({round(v["delta_norm"], 9) for v in compared.values()}) == 3  # three different points
+    for name in ("gptq", "adaround"):  # data-aware: calibrated, with a relative layer reconstruction error per quantized tensor
+        assert compared[name]["calibration_samples"] > 0
+        errors = compared[name]["reconstruction_error"]
+        assert set(errors) == set(m["quantized_layers"]) and all(0.0 <= e < 1.0 for e in errors.values())
+    assert "reconstruction_error" not in compared["rtn"]
+    html = (runs.work / "methods" / "report.html").read_text()
+    assert "PTQ methods compared" in html and "PTQ (adaround)" in html

@@ -409,15 +409,15 @@ def test_cli_include_and_every_quantmap_of_the_run_select_the_header_set(case, t
         selections.append([t.name for t in self.targets])
 
     ptq_points = []
-    original_ptq = riverscape.pipeline.measure.ptq
+    original_ptq = riverscape.pipeline.measure.ptq_result
 
     def spy_ptq(objective, quantizer, *args, **kwargs):
-        theta_q = original_ptq(objective, quantizer, *args, **kwargs)
-        ptq_points.append((objective, theta_q))
-        return theta_q
+        result = original_ptq(objective, quantizer, *args, **kwargs)
+        ptq_points.append((objective, result.theta_q))
+        return result
 
     monkeypatch.setattr(QuantMap, "__init__", spy_init)
-    monkeypatch.setattr(riverscape.pipeline.measure, "ptq", spy_ptq)
+    monkeypatch.setattr(riverscape.pipeline.measure, "ptq_result", spy_ptq)
     args = ["analyze", "ckpt.pt", "--model", spec, "--data", "digits", "--bits", "2", "--qat-steps", "5", "--grid-steps", "3",
             "--top-k", "2", "--max-samples", "64", *extra, "--out", "out"]
     assert cli.main(args) == 0

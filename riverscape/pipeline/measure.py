@@ -49,7 +49,10 @@ class PTQMeasurement:
     point : Tensor, shape (D,)
     metrics : dict
         ``loss``, ``accuracy`` (evaluation set), ``train_loss`` (analysis set), ``perplexity``
-        when asked for, ``delta_norm`` and ``relative_delta_norm`` of ``Q(theta_fp) - theta_fp``.
+        when asked for, ``delta_norm`` and ``relative_delta_norm`` of ``Q(theta_fp) - theta_fp``;
+        ``method``; for data-aware methods (GPTQ, AdaRound) the per-layer relative reconstruction
+        error ``||XW - XQ||^2 / ||XW||^2`` and its mean, the calibration size, and the layers that
+        fell back to round-to-nearest.
     result : PTQResult
         The method's full outcome (config, per-tensor quantization parameters).
     """
@@ -111,7 +114,16 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
     """
     result = ptq_result(ref.analysis, qmap, method=method)
     point = result.theta_q
-    return PTQMeasurement(qmap, point, {"method": result.method, **_point_metrics(ref, point, perplexity)}, result)
+    metrics = {"method": result.method, **_point_metrics(ref, point, perplexity)}
+    if result.reconstruction_error:
+        errors = list(result.reconstruction_error.values())
+        metrics["reconstruction_error_mean"] = sum(errors) / len(errors)
+        metrics["reconstruction_error"] = dict(result.reconstruction_error)
+    if result.calibration:
+        metrics["calibration_samples"] = result.calibration.get("n_samples")
+    if result.fallback:
+        metrics["rtn_fallback"] = dict(result.fallback)
+    return PTQMeasurement(qmap, point, metrics, result)
 
 
 def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, **qat_options: Any) -> QATMeasurement:

@@ -73,5 +73,10 @@ from .ptq import (
     register_ptq_method,
 )
 from .quantizers import GRIDS, RANGE_METHODS, QParams, UniformQuantizer, fake_quantize, integer_grid
+from .bn_fold import BatchNormFolding, FoldedPair, UnfoldedBatchNorm, fold_batchnorm
+from .bn_reestimate import objective_with_reestimated_bn
+from .grid import CoordinateGrid
+from .nearby import NearbySearchResult, best_of_stochastic_rounding, greedy_flip_search
+from .mixed_precision import BitPlan, LayerSensitivity, PlanVerification, Sensitivities, layer_sensitivities, plan_bits, verify_plan
 
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

@@ -91,6 +91,8 @@ def _ptq_method_rows(result: Any) -> list[dict]:
             "accuracy": values.get("accuracy"),
             "train loss": values.get("train_loss"),
             "‖Q(θ) − θ‖": values.get("delta_norm"),
+            "layer reconstruction error (mean)": values.get("reconstruction_error_mean"),
+            "calibration samples": values.get("calibration_samples"),
         }
         for b in result.by_bits
         if len(getattr(b, "ptq_methods", {})) > 1
