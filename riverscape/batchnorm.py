@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batching import call_model, move

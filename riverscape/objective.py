@@ -15,7 +15,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,19 +30,16 @@ from .batching import (
     call_model,
     causal_lm,
     cross_entropy,
-    first_tensor,
     model_args,
     move,
     mse,
-    numel,
     resolve_loss,
     resolve_objective_loss,
-    sample_count,
     split_batch,
 )
 from .limits import DEFAULT_MEMORY_LIMIT
 from .linalg.operators import HVP_MODES, HessianOperator
-from .streaming import BatchRecord, BatchStream, collect_batches
+from .streaming import BatchRecord, collect_batches
 
 __all__ = [
     "Objective",
@@ -230,7 +227,8 @@ class Objective:
         if stream not in (None, True, False):
             raise ValueError(f"stream must be True, False or None (automatic), got {stream!r}")
         self.loss_spec: ResolvedLoss = resolve_objective_loss(loss_fn, model)
-        self.loss_fn = loss_fn if self.loss_spec.name in ("model", "batch", "causal_lm") else resolve_loss(loss_fn)
+        # the (outputs, targets) callable where there is one; "model" and LossOnBatch as given
+        self.loss_fn = loss_fn if self.loss_spec.name in ("model", "batch") else resolve_loss(loss_fn)
         first = next(iter(model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
@@ -421,7 +419,8 @@ class Objective:
     def metric(self, theta: Tensor) -> float | None:
         """Full-data metric (accuracy in [0, 1], perplexity ``exp(loss)``), ``None`` if there is none."""
         if self.metric_name == "perplexity" and self._metric is None:
-            return math.exp(self.loss(theta))
+            value = self.loss(theta)
+            return math.exp(value) if value < 709.0 else math.inf  # exp overflows float64 past 709.78
         if self._metric is None:
             return None
         theta = self.check_theta(theta)

@@ -1,6 +1,7 @@
 """Hugging Face models built locally from tiny configs (no downloads): their own loss, perplexity, accuracy, curvature."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -116,3 +117,85 @@ def test_bert_sequence_classifier_model_loss_and_accuracy():
     assert obj.loss(obj.theta0) == pytest.approx(float(out.loss), abs=1e-6)  # sample-weighted = one mean over 9 samples
     assert obj.metric(obj.theta0) == pytest.approx(float((out.logits.argmax(-1) == labels).double().mean()), abs=1e-12)
     assert obj.hvp(obj.theta0, obj.grad(obj.theta0)).isfinite().all()
+
+
+# ------------------------------------------------------------------ riverscape analyze on a save_pretrained folder
+def _stdlib_text() -> str:
+    import inspect
+    import json
+    import textwrap
+
+    return "\n".join(inspect.getdoc(module) for module in (json, textwrap, inspect))
+
+
+def _save_gpt2(folder, vocab_size: int) -> None:
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=vocab_size, n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+
+
+def test_text_file_data_tokenises_byte_level_without_a_tokenizer_and_explains_bad_folders(tmp_path):
+    from riverscape.errors import CheckpointError, InputError
+    from riverscape.io.hf import load_hf_analysis, load_hf_folder, load_tokenizer, text_file_data
+
+    folder = tmp_path / "gpt2"
+    _save_gpt2(folder, vocab_size=256)
+    text = "héllo wörld, " * 20  # 20 x 15 = 300 UTF-8 bytes (the accents take two)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    loaded = load_hf_folder(folder)
+    assert loaded.source_format == "huggingface" and loaded.loss == "causal_lm" and load_tokenizer(folder) is None
+    assert loaded.model.config._attn_implementation == "eager"
+    data = text_file_data(corpus, loaded.model, None)
+    ids = torch.tensor(list(text.encode("utf-8")))
+    train, test = data.train[0], data.test[0]
+    assert len(ids) == 300 and train.shape[1] == 16 and len(train) + len(test) == 300 // 16 and len(test) == 2  # round(1.8)
+    assert torch.equal(torch.cat([train, test]).reshape(-1), ids[: 18 * 16])
+    assert data.train[1] is data.train[0] and data.spec["kwargs"]["tokenizer"] == "bytes"
+    with pytest.raises(InputError, match="--data text:"):
+        load_hf_analysis(folder, "digits")
+    small = tmp_path / "small"
+    _save_gpt2(small, vocab_size=50)
+    with pytest.raises(InputError, match="byte-level fallback"):
+        load_hf_analysis(small, f"text:{corpus}")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_hf_folder(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_cli_analyzes_a_save_pretrained_gpt2_with_its_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from riverscape import cli
+
+    text = _stdlib_text()
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=64, special_tokens=["[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    folder = tmp_path / "gpt2"
+    _save_gpt2(folder, vocab_size=fast.vocab_size)
+    fast.save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    out = tmp_path / "report"
+    code = cli.main(["analyze", str(folder), "--bits", "4", "--data", f"text:{corpus}", "--qat-steps", "0", "--grid-steps", "3",
+                     "--top-k", "1", "--max-samples", "64", "--out", str(out), "--json"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the model's own loss on the evaluation split, tokenised and cut the same way (16-token sequences, last tenth)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    ids = torch.tensor(fast(text, add_special_tokens=False)["input_ids"])
+    sequences = ids[: len(ids) // 16 * 16].view(-1, 16)
+    test = sequences[-max(1, round(len(sequences) * 0.1)):]
+    assert len(test) <= 64  # the evaluation split is not capped by --max-samples
+    with torch.no_grad():
+        own = float(model(input_ids=test, labels=test).loss)
+    assert metrics["fp"]["loss"] == pytest.approx(own, abs=1e-5)
+    assert metrics["fp"]["accuracy"] is None and metrics["fp"]["perplexity"] == pytest.approx(math.exp(metrics["fp"]["loss"]), rel=1e-9)
+    assert metrics["ptq"]["perplexity"] == pytest.approx(math.exp(metrics["ptq"]["loss"]), rel=1e-9)
+    assert metrics["run"]["source_format"] == "huggingface" and metrics["run"]["data"]["kwargs"]["tokenizer"] == "folder"
+    assert any(note.startswith("language model: perplexity") for note in metrics["notes"])
+    assert "language model: perplexity" in (out / "report.html").read_text()
