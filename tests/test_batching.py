@@ -197,3 +197,10 @@ def test_bad_batches_and_missing_targets_are_explained(classification_data):
         rs.Objective(TinyLM().double(), "causal_lm", [{"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.full((2, 3), -100)}])
     with pytest.raises(ValueError, match="unknown loss"):
         rs.Objective(tiny_mlp(0), "hinge", (x, y))
+
+
+def test_perplexity_is_inf_where_exp_of_the_loss_overflows():
+    obj = rs.Objective(TinyLM().double(), "causal_lm", _token_batches())
+    far = obj.theta0 * 1e3  # logits of order 1e6: a loss far beyond log(max float64) = 709.78
+    assert obj.loss(far) > 709.78 and obj.metric(far) == float("inf")
+    assert obj.evaluate(far[None])[1][0] == float("inf")
