@@ -22,6 +22,7 @@ _NAMES = {
     "load_dataset": "data",
     "build_model": "models",
     "Objective": "objective",
+    "LossOnBatch": "batching",
     "TrainResult": "training",
     "train": "training",
     "ensure_twice_differentiable": "differentiability",
@@ -29,7 +30,7 @@ _NAMES = {
     "recalibrate_batchnorm": "batchnorm",
 }
 
-__all__ = ["Objective", "quant", "landscape", "gradients", "models", "data", "stats", "train", "TrainResult", "Dataset", "load_dataset", "build_model", "__version__",
+__all__ = ["Objective", "LossOnBatch", "quant", "landscape", "gradients", "models", "data", "stats", "train", "TrainResult", "Dataset", "load_dataset", "build_model", "__version__",
            "ensure_twice_differentiable", "check_batchnorm", "recalibrate_batchnorm"]
 
 

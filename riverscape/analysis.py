@@ -375,9 +375,9 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
                                   selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed)
     obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
-    run_notes += ensure_twice_differentiable(obj)
-    fp_loss, fp_acc = eval_obj.loss_and_metric(fp)
-    fp_train_loss = obj.loss(fp)
+    run_notes += [*obj.notes, *ensure_twice_differentiable(obj)]
+    fp_metrics = ref.evaluate(fp)
+    fp_loss, fp_train_loss = fp_metrics["loss"], fp_metrics["train_loss"]
     if not math.isfinite(fp_loss) or not math.isfinite(fp_train_loss):
         raise InputError(f"the loss at the checkpoint's weights is {fp_train_loss if not math.isfinite(fp_train_loss) else fp_loss}; nothing to analyse (check the data and --loss)")
     if options.top_k >= obj.dim:
@@ -442,6 +442,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
             qat_metrics = {
                 "loss": run.metrics["loss"],
                 "accuracy": run.metrics["accuracy"],
+                **({"perplexity": run.metrics["perplexity"]} if "perplexity" in run.metrics else {}),
                 "train_loss": qat_result.last_loss,
                 "best_train_loss": qat_result.best_loss,
                 "best_step": qat_result.best_step,
@@ -496,6 +497,8 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         )
     ref.release()
     timings = dict(log.timings)
+    if "perplexity" in fp_metrics:
+        run_notes.append(_perplexity_note(fp_metrics, results, eval_split))
     timings["total"] = time.perf_counter() - started
     return AnalysisResult(
         n_params=sum(p.numel() for p in model.parameters()),
@@ -504,7 +507,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         analysis_samples=obj.n_samples,
         eval_samples=eval_obj.n_samples,
         eval_split=eval_split,
-        fp={"loss": fp_loss, "accuracy": fp_acc, "train_loss": fp_train_loss},
+        fp=fp_metrics,
         hessian_fp=hessian_fp,
         density_fp=density_fp,
         layer_curvature=curvature_rows,
@@ -517,6 +520,18 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         notes=run_notes,
         plan=plan,
     )
+
+
+def _perplexity_note(fp: dict, results: list, split: str) -> str:
+    """One line with the perplexities ``exp(loss)`` of a language model (FP, PTQ and QAT per bit-width)."""
+
+    def fmt(value: Optional[float]) -> str:
+        return "overflow" if value is None else f"{value:.4g}"
+
+    parts = [f"FP {fmt(fp['perplexity'])}"]
+    for b in results:
+        parts.append(f"{b.bits}-bit PTQ {fmt(b.ptq.get('perplexity'))}" + ("" if b.qat is None else f", QAT {fmt(b.qat.get('perplexity'))}"))
+    return f"language model: perplexity exp(loss) on the {split} set: " + "; ".join(parts)
 
 
 def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = None,

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batching import call_model, move
 from .io.jsonable import fields_dict
-from .objective import _as_args, _to_batches
+from .objective import _to_batches
 
 __all__ = [
     "SHIFT_THRESHOLD",
@@ -154,15 +155,6 @@ def _batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     ]
 
 
-def _move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if isinstance(value, Tensor):
-        value = value.to(device)
-        return value.to(dtype) if torch.is_floating_point(value) else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_move(v, device, dtype) for v in value)
-    return value
-
-
 def _inputs(data: Any, batch_size: Optional[int]) -> list[Any]:
     """The inputs of every batch of ``data`` (``(inputs, targets)`` or an iterable of batches)."""
     return [x for x, _ in _to_batches(data, batch_size, None)]
@@ -231,7 +223,7 @@ def check_batchnorm(
     try:
         with torch.no_grad():
             for x in _inputs(data, batch_size):
-                private(*_as_args(_move(x, device, dtype)))
+                call_model(private, move(x, device, dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -300,7 +292,7 @@ def recalibrate_batchnorm(model: nn.Module, data: Any, *, batch_size: Optional[i
     device, dtype = _where(out)
     with torch.no_grad():
         for x in _inputs(data, batch_size):
-            out(*_as_args(_move(x, device, dtype)))
+            call_model(out, move(x, device, dtype))
     for name, m in layers:
         m.momentum = momenta[name]
     for name, m in out.named_modules():

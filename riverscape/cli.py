@@ -62,13 +62,16 @@ examples:
   riverscape analyze weights.pt --model mlp --model-kwargs '{"in_dim": 64, "out_dim": 10}' --data digits
   riverscape analyze model.safetensors --model pkg.models:build --data pkg.data:load_test_set
   riverscape analyze old_full_model.pt --trust-checkpoint --data digits
+  riverscape analyze my_gpt2/ --bits 4 --data text:corpus.txt
 
 CHECKPOINT may be a riverscape checkpoint (from 'riverscape train'), a state dict saved
 with torch.save (also nested under 'state_dict', 'model_state_dict' or 'model', with or
 without a DataParallel 'module.' prefix) or a .safetensors file. The last two hold no
 architecture: name it with --model (a built-in name, package.module:factory or
 path/to/file.py:factory). --data takes a built-in name or a factory returning
-(inputs, targets) tensors, a torch Dataset or a DataLoader.
+(inputs, targets) tensors, a torch Dataset or a DataLoader. A Hugging Face causal LM folder
+(save_pretrained: config.json + weights; needs transformers) is analysed on --data text:FILE,
+tokenised with the folder's tokenizer (byte-level without one); the report gives perplexities.
 
 security: a checkpoint that pickles a whole model (torch.save(model, path)) can execute
 arbitrary code when loaded, so it is refused unless you pass --trust-checkpoint; prefer
@@ -307,6 +310,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .checkpoint import check_model_data, read_checkpoint
+    from .io.hf import is_hf_folder, load_hf_analysis
     from .objective import resolve_loss
     from .outdir import check_output_dir
 
@@ -319,14 +323,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         resolve_loss(args.loss)
     model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
     data_kwargs = _json_object(args.data_kwargs, "--data-kwargs")
-    raw = read_checkpoint(args.checkpoint, trust_checkpoint=args.trust_checkpoint, memory_limit=limit)
-    data = _analysis_data(args, raw, data_kwargs, limit)
-    loaded = raw.instantiate(
-        model=args.model,
-        model_kwargs=_default_model_kwargs(args, model_kwargs, data),
-        trust_checkpoint=args.trust_checkpoint,
-        memory_limit=limit,
-    )
+    if is_hf_folder(args.checkpoint):
+        loaded, data = load_hf_analysis(args.checkpoint, args.data, memory_limit=limit)
+    else:
+        raw = read_checkpoint(args.checkpoint, trust_checkpoint=args.trust_checkpoint, memory_limit=limit)
+        data = _analysis_data(args, raw, data_kwargs, limit)
+        loaded = raw.instantiate(
+            model=args.model,
+            model_kwargs=_default_model_kwargs(args, model_kwargs, data),
+            trust_checkpoint=args.trust_checkpoint,
+            memory_limit=limit,
+        )
     loaded = dataclasses.replace(loaded, loss=args.loss or loaded.loss or data.loss or "cross_entropy")
     resolve_loss(loaded.loss)
     for note in loaded.notes:
@@ -430,7 +437,7 @@ def _add_model_data(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "(inputs, targets), a Dataset or a DataLoader" + (" (default: digits)" if defaults else " (default: the checkpoint's)"),
     )
     group.add_argument("--data-kwargs", metavar="JSON", help="keyword arguments of the dataset loader or factory")
-    group.add_argument("--loss", choices=("cross_entropy", "mse"), help="loss (default: the checkpoint's, else the data's)")
+    group.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"), help="loss (default: the checkpoint's, else the data's)")
     group.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
                        help="refuse models, data and checkpoint tensors that would need more memory than this, "
                        "checked before allocating (default %(default)s, 0 = no limit)")
@@ -475,7 +482,8 @@ def _add_analyze(sub: Any) -> None:
         "Analyse how quantizing CHECKPOINT moves it in the loss landscape and write an interactive report.",
         _ANALYZE_EPILOG,
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt, .pth, .safetensors)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt, .pth, .safetensors) or a Hugging Face model folder "
+                   "(save_pretrained; with --data text:FILE)")
     _add_model_data(p, defaults=False)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in CHECKPOINT (only for files from a trusted source)")
     q = p.add_argument_group("quantization")

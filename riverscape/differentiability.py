@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from .batching import take_samples
 from .errors import InputError
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "replace_activations",
     "math_attention",
     "use_eager_attention",
+    "prefer_eager_attention",
     "ensure_twice_differentiable",
 ]
 
@@ -162,6 +164,43 @@ def use_eager_attention(module: nn.Module) -> bool:
     return changed
 
 
+def _attention_implementations(module: nn.Module) -> set[str]:
+    found = set()
+    for sub in module.modules():
+        value = getattr(getattr(sub, "config", None), "_attn_implementation", None)
+        if isinstance(value, str):
+            found.add(value)
+    return found
+
+
+def prefer_eager_attention(module: nn.Module) -> list[str]:
+    """Switch an HF model whose attention is not ``"eager"`` (``"sdpa"``, flash, flex) to eager attention.
+
+    HF models pick ``attn_implementation="sdpa"`` by default, and the fused CPU kernel behind it
+    has no double backward, so every HVP would fail. Eager attention computes the same function
+    with matmul and softmax. Apply it to a private copy only (the Objective does, at construction).
+
+    Returns
+    -------
+    list of str
+        One note naming the switch, or nothing if the module has no non-eager HF attention.
+    """
+    fused = sorted(_attention_implementations(module) - {"eager"})
+    if not fused:
+        return []
+    setter = getattr(module, "set_attn_implementation", None)
+    try:
+        if not callable(setter):
+            raise AttributeError("set_attn_implementation")
+        setter("eager")
+    except (AttributeError, TypeError, ValueError, ImportError):
+        use_eager_attention(module)
+    if _attention_implementations(module) - {"eager"}:
+        return []  # could not switch: ensure_twice_differentiable falls back to the math SDPA backend
+    return [f"attention switched from {'/'.join(repr(f) for f in fused)} to 'eager' in riverscape's copy of the model: "
+            "fused attention kernels have no double backward on CPU (same function, computed with matmul and softmax)"]
+
+
 def _uses_attention(module: nn.Module, err: BaseException) -> bool:
     text = str(err).lower()
     if "scaled_dot_product" in text or "attention" in text:
@@ -170,18 +209,9 @@ def _uses_attention(module: nn.Module, err: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------- the check
-def _head(value, n: int):
-    """The first ``n`` samples of a batch's inputs or targets (tensors, or tuples/lists of them)."""
-    if isinstance(value, Tensor):
-        return value[:n]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_head(v, n) for v in value)
-    return value
-
-
 def _probe_batch(objective, samples: int) -> tuple:
-    x, y = objective.batches[0]
-    return _head(x, samples), _head(y, samples)
+    x, y = objective.first_batch()
+    return take_samples(x, samples), take_samples(y, samples)
 
 
 def _probe_direction(objective) -> Tensor:

@@ -15,58 +15,45 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
+from .batching import (
+    LossFn,
+    LossOnBatch,
+    ResolvedLoss,
+    accuracy,
+    call_model,
+    causal_lm,
+    cross_entropy,
+    model_args,
+    move,
+    mse,
+    resolve_loss,
+    resolve_objective_loss,
+    split_batch,
+)
+from .limits import DEFAULT_MEMORY_LIMIT
 from .linalg.operators import HVP_MODES, HessianOperator
+from .streaming import BatchRecord, collect_batches
 
 __all__ = [
     "Objective",
     "ParamSpec",
+    "LossOnBatch",
+    "causal_lm",
     "cross_entropy",
     "mse",
     "resolve_loss",
     "HVP_MODES",
 ]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, Tensor], bool]]
-
-
-def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over all leading dimensions (works for (N, C) and (N, T, C))."""
-    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
-
-
-def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean squared error with the output squeezed to the target's shape."""
-    return F.mse_loss(outputs.reshape(targets.shape), targets)
-
-
-_NAMED_LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "ce": cross_entropy, "mse": mse}
-
-
-def resolve_loss(loss_fn: Union[str, LossFn]) -> LossFn:
-    """Turn a loss name (``"cross_entropy"``, ``"mse"``) or callable into a callable."""
-    if isinstance(loss_fn, str):
-        try:
-            return _NAMED_LOSSES[loss_fn]
-        except KeyError:
-            raise ValueError(
-                f"unknown loss {loss_fn!r}; choose one of {sorted(_NAMED_LOSSES)} or pass a callable"
-            ) from None
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a callable or a name, got {type(loss_fn).__name__}")
-    return loss_fn
-
-
-def _is_classification_loss(loss_fn: LossFn) -> bool:
-    return loss_fn is cross_entropy or loss_fn is F.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss)
+MetricFn = Callable[[Any, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -136,33 +123,9 @@ def _select_names(named: list[tuple[str, Tensor]], params: ParamSelector) -> lis
 
 
 def _to_batches(data, batch_size: int | None, max_batches: int | None) -> list[tuple]:
-    """Materialise data as a fixed list of ``(inputs, targets)`` batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
-        if batch_size is None or batch_size >= x.shape[0]:
-            batches = [(x, y)]
-        else:
-            batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    else:
-        try:
-            iterator = iter(data)
-        except TypeError:
-            raise TypeError("data must be a tuple (inputs, targets) of tensors or an iterable of such batches") from None
-        batches = []
-        for batch in iterator:
-            if max_batches is not None and len(batches) >= max_batches:
-                break
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise TypeError("each batch must be a tuple (inputs, targets)")
-            batches.append((batch[0], batch[1]))
-    if max_batches is not None:
-        if max_batches < 1:
-            raise ValueError("max_batches must be at least 1")
-        batches = batches[:max_batches]
-    if not batches:
-        raise ValueError("data holds no batch")
+    """Materialise data as a fixed list of ``(inputs, targets)`` batches (unmoved; dict labels removed)."""
+    batches, _, _ = collect_batches(data, split_batch, lambda x, y: 1, lambda y: None, batch_size=batch_size,
+                                    max_batches=max_batches, stream=False, memory_limit=None)
     return batches
 
 
@@ -174,12 +137,26 @@ class Objective:
     model : nn.Module
         The network. It is deep-copied once; the copy is put in eval mode, so the
         caller's module (parameters, buffers, training flag) is never modified.
-    loss_fn : callable or str
-        ``loss_fn(outputs, targets) -> scalar`` (mean over the batch), or ``"cross_entropy"``
-        / ``"mse"``.
+    loss_fn : str, callable or LossOnBatch
+        ``"cross_entropy"``, ``"mse"``, ``"causal_lm"`` (shifted next-token cross-entropy over
+        labels != -100), ``"model"`` (the model's own ``outputs.loss``; dict labels go into the
+        model), a callable ``loss_fn(outputs, targets) -> scalar`` (mean over the batch), or a
+        :class:`~riverscape.batching.LossOnBatch` ``(fn(outputs, batch), count)``. See
+        :mod:`riverscape.batching`.
     data : tuple of Tensor or iterable
-        ``(inputs, targets)`` tensors, or an iterable of such batches (e.g. a DataLoader).
-        Batches are materialised once, so every evaluation uses the same analysis set.
+        ``(inputs, targets)`` tensors, or an iterable of batches (e.g. a DataLoader): tuples
+        ``(inputs, targets)``, tensors of inputs, or dicts (HF style, passed to the model as
+        keyword arguments; ``targets = batch["labels"]``).
+    stream : bool or None
+        ``False``: batches are materialised once (every evaluation uses the same analysis set).
+        ``True``: the loader is re-iterated for every evaluation and the data are never held at
+        once; it must yield the same batches in the same order each pass (checked: a changed
+        batch raises ``ValueError``), and HVPs are forward-over-reverse (no graph is kept per
+        batch, so ``hvp_mode="reuse"`` is unavailable). ``None`` (default): materialise unless the
+        batches would exceed ``memory_limit``, then stream. Tensor data are never streamed.
+    memory_limit : int or None
+        Bytes the materialised batches may occupy when ``stream=None`` (default 8 GiB,
+        :data:`riverscape.limits.DEFAULT_MEMORY_LIMIT`); ``None`` for no limit.
     params : None, str, list of str, or callable, optional
         Which parameters form ``theta``: ``None`` for all trainable parameters, names or
         glob patterns (``"*.weight"``), or a predicate ``(name, tensor) -> bool``.
@@ -192,8 +169,11 @@ class Objective:
         Where and in which floating dtype to evaluate (``torch.float64`` for exact tests).
         Default: the model's own.
     metric : "auto", None or callable
-        ``"auto"`` gives accuracy for classification losses with integer targets;
-        a callable ``metric(outputs, targets) -> Tensor`` (mean over the batch) is used as is.
+        ``"auto"`` gives accuracy for classification losses (cross-entropy, or the model's own
+        loss with one integer label per sample) with integer targets, and perplexity
+        ``exp(loss)`` for token-level losses (``"causal_lm"``, ``"model"`` on a causal LM or
+        token labels); :attr:`metric_name` says which. A callable
+        ``metric(outputs, targets) -> Tensor`` (mean over the batch) is used as is.
     hvp_mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}
         How :meth:`hessian` computes repeated HVPs at one point: ``"reuse"`` keeps the
         gradient graph and runs only the second backward (about 1.5 gradients per HVP),
@@ -207,8 +187,9 @@ class Objective:
 
     Notes
     -----
-    The loss is the exact average over all samples: ``sum_b n_b * loss_b / sum_b n_b``,
-    so results do not depend on how the data are split into batches.
+    The loss is the exact average over all samples: ``sum_b n_b * loss_b / sum_b n_b``, with
+    ``n_b`` the batch's samples, or its counted tokens for token-level losses, so results do
+    not depend on how the data are split into batches.
 
     Examples
     --------
@@ -225,7 +206,7 @@ class Objective:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Union[str, LossFn],
+        loss_fn: Union[str, LossFn, LossOnBatch],
         data,
         *,
         params: ParamSelector = None,
@@ -233,15 +214,21 @@ class Objective:
         batch_size: int | None = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype | None = None,
-        metric: Union[str, None, Callable[[Tensor, Tensor], Tensor]] = "auto",
+        metric: Union[str, None, MetricFn] = "auto",
         hvp_mode: str = "auto",
         reuse_max_batches: int = 32,
+        stream: bool | None = None,
+        memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
-        self.loss_fn = resolve_loss(loss_fn)
+        if stream not in (None, True, False):
+            raise ValueError(f"stream must be True, False or None (automatic), got {stream!r}")
+        self.loss_spec: ResolvedLoss = resolve_objective_loss(loss_fn, model)
+        # the (outputs, targets) callable where there is one; "model" and LossOnBatch as given
+        self.loss_fn = loss_fn if self.loss_spec.name in ("model", "batch") else resolve_loss(loss_fn)
         first = next(iter(model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
@@ -254,6 +241,9 @@ class Objective:
         for p in module.parameters():
             p.requires_grad_(False)
         self.module = module
+        self.notes: list[str] = _eager_attention_notes(module)
+        if stream and hvp_mode == "reuse":
+            raise ValueError("hvp_mode='reuse' keeps a gradient graph per batch, which a streaming Objective does not hold; use 'forward'")
         self.hvp_mode = hvp_mode
         self.reuse_max_batches = reuse_max_batches
 
@@ -279,17 +269,27 @@ class Objective:
         self.dim = offset
         self.theta0 = torch.cat([module_params[s.name].detach().reshape(-1) for s in self.layout]).clone()
 
-        batches = _to_batches(data, batch_size, max_batches)
-        self.batches = [(self._move(x), self._move(y)) for x, y in batches]
-        self.batch_sizes = [int(_leading(x)) for x, _ in self.batches]
+        self._batches, self._stream, records = collect_batches(
+            data, self._prepare, self.loss_spec.count, self.loss_spec.auto_metric,
+            batch_size=batch_size, max_batches=max_batches, stream=stream, memory_limit=memory_limit,
+        )
+        self._records: list[BatchRecord] = records
+        self.batch_sizes = [r.samples for r in records]
+        self.batch_counts = [r.count for r in records]
         self.n_samples = sum(self.batch_sizes)
-        self._weights = [n / self.n_samples for n in self.batch_sizes]
+        self.n_counted = sum(self.batch_counts)
+        if self.n_counted == 0:
+            raise ValueError("the data hold no sample or token the loss counts (every label is -100?)")
+        self._weights = [n / self.n_counted for n in self.batch_counts]
 
+        self.metric_name: str | None
         if metric == "auto":
-            int_targets = all(not torch.is_floating_point(y) for _, y in self.batches)
-            self._metric = _accuracy if (_is_classification_loss(self.loss_fn) and int_targets) else None
+            kinds = {r.metric for r in records}
+            self.metric_name = kinds.pop() if len(kinds) == 1 else None
+            self._metric = accuracy if self.metric_name == "accuracy" else None
         elif metric is None or callable(metric):
             self._metric = metric
+            self.metric_name = None if metric is None else getattr(metric, "__name__", "metric")
         else:
             raise ValueError(f"metric must be 'auto', None or a callable, got {metric!r}")
         self._reverse_hvp = hvp_mode == "reverse"
@@ -297,21 +297,62 @@ class Objective:
         self._selected: list[tuple[Tensor, ParamSpec]] | None = None  # for plain forwards (_load)
         self._forward_context: Callable[[], ContextManager] = contextlib.nullcontext
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ data
+    def _prepare(self, batch) -> tuple:
+        """A raw batch as ``(inputs, targets)`` on the Objective's device, floating tensors in its dtype."""
+        x, y = split_batch(batch, keep_labels=self.loss_spec.keep_labels)
+        return move(x, self.device, self.dtype), move(y, self.device, self.dtype)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the data are re-read from the loader on every pass (see ``stream``)."""
+        return self._stream is not None
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches in one pass over the analysis set."""
+        return len(self._records)
+
+    @property
+    def batches(self) -> list[tuple]:
+        """The materialised ``(inputs, targets)`` batches (a streaming Objective holds none)."""
+        if self._stream is not None:
+            raise RuntimeError(
+                "a streaming Objective holds no batches: iterate objective.weighted_batches(), or build it with stream=False"
+            )
+        return self._batches
+
+    def weighted_batches(self) -> Iterator[tuple[float, Any, Any]]:
+        """``(weight, inputs, targets)`` of every batch of one pass; the weights sum to 1.
+
+        Batches of weight 0 (no counted token) are skipped. A streaming Objective reads its
+        loader afresh and raises ``ValueError`` if the batches differ from the first pass.
+        """
+        if self._stream is None:
+            pairs = ((w, x, y) for w, (x, y) in zip(self._weights, self._batches))
+        else:
+            pairs = ((self._weights[i], x, y) for i, x, y in self._stream)
+        for w, x, y in pairs:
+            if w > 0:
+                yield w, x, y
+
+    def first_batch(self) -> tuple:
+        """The first ``(inputs, targets)`` batch (read from the loader when streaming)."""
+        if self._stream is None:
+            return self._batches[0]
+        return next(iter(self._stream.raw()))
+
+    def batch_count(self, inputs, targets) -> int:
+        """A batch's weight in the full-data average: its samples, or its counted tokens."""
+        return int(self.loss_spec.count(inputs, targets))
+
     def _move(self, t):
-        if isinstance(t, Tensor):
-            t = t.to(self.device)
-            if torch.is_floating_point(t):
-                t = t.to(self.dtype)
-            return t
-        if isinstance(t, (tuple, list)):
-            return type(t)(self._move(u) for u in t)
-        return t
+        return move(t, self.device, self.dtype)
 
     @property
     def has_metric(self) -> bool:
-        """Whether :meth:`metric` gives a number (accuracy for classifiers)."""
-        return self._metric is not None
+        """Whether :meth:`metric` gives a number (accuracy for classifiers, perplexity for LMs)."""
+        return self._metric is not None or self.metric_name == "perplexity"
 
     @property
     def param_names(self) -> list[str]:
@@ -354,18 +395,19 @@ class Objective:
         """
         self._forward_context = factory
 
-    def forward(self, theta: Tensor, inputs) -> Tensor:
+    def forward(self, theta: Tensor, inputs) -> Any:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
+        args, kwargs = model_args(inputs)
         with self._forward_context():
-            return functional_call(self.module, self.unflatten(theta), _as_args(inputs))
+            return functional_call(self.module, self.unflatten(theta), args, kwargs)
 
     def batch_loss(self, theta: Tensor, inputs, targets) -> Tensor:
-        """Mean loss of one batch at ``theta`` as a differentiable tensor."""
-        return self.loss_fn(self.forward(theta, inputs), targets)
+        """Mean loss of one batch at ``theta`` (over its samples or counted tokens) as a differentiable tensor."""
+        return self.loss_spec.value(self.forward(theta, inputs), inputs, targets)
 
     def loss_tensor(self, theta: Tensor) -> Tensor:
         """Full-data loss as a differentiable tensor (autograd flows into ``theta``)."""
-        return sum(w * self.batch_loss(theta, x, y) for w, (x, y) in zip(self._weights, self.batches))
+        return sum(w * self.batch_loss(theta, x, y) for w, x, y in self.weighted_batches())
 
     # ------------------------------------------------------------------ values
     def loss(self, theta: Tensor) -> float:
@@ -375,12 +417,15 @@ class Objective:
             return float(self.loss_tensor(theta))
 
     def metric(self, theta: Tensor) -> float | None:
-        """Full-data metric (accuracy in [0, 1] for classifiers), ``None`` if there is none."""
+        """Full-data metric (accuracy in [0, 1], perplexity ``exp(loss)``), ``None`` if there is none."""
+        if self.metric_name == "perplexity" and self._metric is None:
+            value = self.loss(theta)
+            return math.exp(value) if value < 709.0 else math.inf  # exp overflows float64 past 709.78
         if self._metric is None:
             return None
         theta = self.check_theta(theta)
         with torch.no_grad():
-            total = sum(w * float(self._metric(self.forward(theta, x), y)) for w, (x, y) in zip(self._weights, self.batches))
+            total = sum(w * float(self._metric(self.forward(theta, x), y)) for w, x, y in self.weighted_batches())
         return float(total)
 
     def loss_and_metric(self, theta: Tensor) -> tuple[float, float | None]:
@@ -398,7 +443,7 @@ class Objective:
         total_g = torch.zeros_like(theta)
         total_l = 0.0
         gv = grad_and_value(self.batch_loss)
-        for w, (x, y) in zip(self._weights, self.batches):
+        for w, x, y in self.weighted_batches():
             g, value = gv(theta, x, y)
             total_g.add_(g, alpha=w)
             total_l += w * float(value)
@@ -452,7 +497,7 @@ class Objective:
         ----------
         theta, v : Tensor, shape (D,)
         batches : list of (inputs, targets), optional
-            Average over these batches (weighted by size) instead of the analysis set.
+            Average over these batches (weighted by :meth:`batch_count`) instead of the analysis set.
         step : float, optional
             The step ``h`` (default :meth:`finite_difference_step`).
         """
@@ -464,10 +509,11 @@ class Objective:
         if batches is None:
             g_plus, g_minus = self.grad(theta + h * v), self.grad(theta - h * v)
         else:
-            total = sum(_leading(x) for x, _ in batches)
+            counts = [self.batch_count(x, y) for x, y in batches]
+            total = sum(counts)
             g = grad(self.batch_loss)
-            g_plus = sum(_leading(x) / total * g(theta + h * v, x, y) for x, y in batches)
-            g_minus = sum(_leading(x) / total * g(theta - h * v, x, y) for x, y in batches)
+            g_plus = sum(c / total * g(theta + h * v, x, y) for c, (x, y) in zip(counts, batches))
+            g_minus = sum(c / total * g(theta - h * v, x, y) for c, (x, y) in zip(counts, batches))
         return (g_plus - g_minus) / (2.0 * h)
 
     def _grad_graph(self, theta: Tensor, x, y) -> tuple[Tensor, Tensor]:
@@ -503,7 +549,7 @@ class Objective:
         if self.finite_difference:
             return self.finite_difference_hvp(theta, v)
         out = torch.zeros_like(theta)
-        for w, (x, y) in zip(self._weights, self.batches):
+        for w, x, y in self.weighted_batches():
             out.add_(self._hvp_batch(theta, v, x, y), alpha=w)
         return out
 
@@ -516,7 +562,7 @@ class Objective:
         if self.finite_difference:
             return torch.stack([self.finite_difference_hvp(theta, v) for v in vectors.T], dim=1)
         out = torch.zeros_like(vectors)
-        for w, (x, y) in zip(self._weights, self.batches):
+        for w, x, y in self.weighted_batches():
             batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
             out.add_(batched.T, alpha=w)
         return out
@@ -548,10 +594,10 @@ class Objective:
 
     # ------------------------------------------------------------------ batched
     def _point_eval(self, theta: Tensor, x, y) -> tuple[Tensor, Tensor]:
-        return self._loss_and_score(self.forward(theta, x), y)
+        return self._loss_and_score(self.forward(theta, x), x, y)
 
-    def _loss_and_score(self, out: Tensor, y) -> tuple[Tensor, Tensor]:
-        value = self.loss_fn(out, y)
+    def _loss_and_score(self, out, x, y) -> tuple[Tensor, Tensor]:
+        value = self.loss_spec.value(out, x, y)
         score = self._metric(out, y).to(value.dtype) if self._metric is not None else value
         return value, score
 
@@ -561,11 +607,11 @@ class Objective:
         single = chunk.shape[0] == 1
         if single:  # one point: load it into the private module and run a plain forward
             self._load(chunk[0])
-        for w, (x, y) in zip(self._weights, self.batches):
+        for w, x, y in self.weighted_batches():
             if single:
                 with self._forward_context():
-                    out = self.module(*_as_args(x))
-                value, score = self._loss_and_score(out, y)
+                    out = call_model(self.module, x)
+                value, score = self._loss_and_score(out, x, y)
                 losses += w * value
                 metrics += w * score
                 continue
@@ -610,7 +656,10 @@ class Objective:
                 losses.append(l)
                 metrics.append(m)
         loss = torch.cat(losses)
-        metric = None if self._metric is None else torch.cat(metrics)
+        if self._metric is None:
+            metric = loss.exp() if self.metric_name == "perplexity" else None
+        else:
+            metric = torch.cat(metrics)
         return loss, metric
 
     def losses(self, thetas: Tensor, *, chunk_size: int | None = None) -> Tensor:
@@ -619,34 +668,19 @@ class Objective:
 
     def default_chunk_size(self) -> int:
         """Points per vmap call: bounded by a rough activation budget."""
-        largest = max(_numel(x) for x, _ in self.batches)
+        largest = max(r.numel for r in self._records)
         budget = 2e7 / max(1, largest * 8)
         return int(max(1, min(64, math.floor(budget))))
 
 
-def _as_args(inputs) -> tuple:
-    """A batch's inputs as positional arguments of the model."""
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+def _eager_attention_notes(module: nn.Module) -> list[str]:
+    """Switch HF SDPA/flash attention of the private copy to eager (twice differentiable); the note says so."""
+    from .differentiability import prefer_eager_attention
+
+    return prefer_eager_attention(module)
 
 
 def _is_batching_error(err: BaseException) -> bool:
     """Whether an exception raised under ``vmap`` means "this op cannot be batched"."""
     text = str(err).lower()
     return any(hint in text for hint in ("vmap", "batching rule", "batched", "functorch", "vmapped"))
-
-
-def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
-    pred = outputs.argmax(dim=-1)
-    return (pred.reshape(-1) == targets.reshape(-1)).to(outputs.dtype).mean()
-
-
-def _leading(x) -> int:
-    if isinstance(x, (tuple, list)):
-        return _leading(x[0])
-    return x.shape[0]
-
-
-def _numel(x) -> int:
-    if isinstance(x, (tuple, list)):
-        return sum(_numel(u) for u in x)
-    return x.numel()

@@ -4,6 +4,7 @@
 * :mod:`.reading`: reading checkpoint files safely and loading them into a model;
 * :mod:`.saving`: writing riverscape checkpoints;
 * :mod:`.data_specs`: resolving data specs and checking a model against its data;
+* :mod:`.hf`: Hugging Face model folders (``save_pretrained``) and text files tokenised for them;
 * :mod:`.atomic`: writing a file atomically (temporary file beside it + ``os.replace``);
 * :mod:`.jsonable`: converting results to plain JSON values.
 

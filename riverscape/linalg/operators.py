@@ -258,7 +258,8 @@ class HessianOperator(Operator):
         :meth:`~riverscape.objective.Objective.hvp` (with its reverse fallback for ops without
         a forward-mode derivative); ``"reverse"`` is reverse-over-reverse; ``"finite_difference"``
         central differences of gradients. ``"auto"``: ``"reuse"`` when the analysis set has at
-        most ``objective.reuse_max_batches`` batches, else ``"forward"``. An Objective in
+        most ``objective.reuse_max_batches`` batches and holds them (it does not stream), else
+        ``"forward"``; ``"reuse"`` on a streaming Objective raises ``ValueError``. An Objective in
         ``"finite_difference"`` mode (its exact HVPs fail) always gives ``"finite_difference"``.
 
     Attributes
@@ -276,19 +277,22 @@ class HessianOperator(Operator):
         if objective.finite_difference:
             mode = "finite_difference"
         elif mode == "auto":
-            mode = "reuse" if len(objective.batches) <= objective.reuse_max_batches else "forward"
+            reuse = not objective.streaming and objective.n_batches <= objective.reuse_max_batches
+            mode = "reuse" if reuse else "forward"
+        elif mode == "reuse" and objective.streaming:
+            raise ValueError("mode 'reuse' keeps a gradient graph per batch, which a streaming Objective does not hold; use 'forward'")
         self.mode = mode
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
 
     def _build_graphs(self) -> None:
         obj = self.objective
-        self._graphs = [(w, *obj._grad_graph(self.theta, x, y)) for w, (x, y) in zip(obj._weights, obj.batches)]
+        self._graphs = [(w, *obj._grad_graph(self.theta, x, y)) for w, x, y in obj.weighted_batches()]
 
     def _reverse(self, vectors: Tensor) -> Tensor:
         """Reverse-over-reverse ``H V`` for a block ``(D, K)`` (vmapped over the columns)."""
         obj = self.objective
         out = torch.zeros_like(vectors)
-        for w, (x, y) in zip(obj._weights, obj.batches):
+        for w, x, y in obj.weighted_batches():
             batched = vmap(lambda v: obj._hvp_batch(self.theta, v, x, y, reverse=True))(vectors.T)
             out.add_(batched.T, alpha=w)
         return out

@@ -163,11 +163,14 @@ class Reference:
     def evaluate(self, theta: Tensor, *, perplexity: bool = False) -> dict:
         """Evaluation-set ``loss`` and ``accuracy`` (``None`` without a metric), analysis-set ``train_loss``.
 
-        ``perplexity`` adds ``exp(loss)`` (language models; ``None`` when it overflows).
+        ``perplexity`` adds ``exp(loss)`` (language models; ``None`` when it overflows); it is
+        always added, and ``accuracy`` is ``None``, when the evaluation objective's metric is
+        the perplexity (token-level losses such as ``"causal_lm"``).
         """
         loss, metric = self.evaluation.loss_and_metric(theta)
-        out = {"loss": loss, "accuracy": metric, "train_loss": self.analysis.loss(theta)}
-        if perplexity:
+        language_model = self.evaluation.metric_name == "perplexity"
+        out = {"loss": loss, "accuracy": None if language_model else metric, "train_loss": self.analysis.loss(theta)}
+        if perplexity or language_model:
             out["perplexity"] = math.exp(loss) if loss < 700 else None
         return out
 
