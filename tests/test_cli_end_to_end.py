@@ -429,7 +429,7 @@ def test_several_ptq_methods_are_compared_and_the_first_is_analysed(runs):
     m = runs.metrics("methods")
     compared = m["all_bits"]["2"]["ptq_methods"]
     assert list(compared) == ["gptq", "rtn", "adaround"] and m["run"]["options"]["ptq_methods"] == ["gptq", "rtn", "adaround"]
-    assert m["ptq"]["method"] == "gptq" and m["ptq"]["loss"] == compared["gptq"]["loss"]  # the analysed point is the first method's
+    assert m["ptq"]["ptq_method"] == "gptq" and m["ptq"]["loss"] == compared["gptq"]["loss"]  # the analysed point is the first method's
     assert len({round(v["delta_norm"], 9) for v in compared.values()}) == 3  # three different points
     for name in ("gptq", "adaround"):  # data-aware: calibrated, with a relative layer reconstruction error per quantized tensor
         assert compared[name]["calibration_samples"] > 0

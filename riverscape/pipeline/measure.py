@@ -50,7 +50,7 @@ class PTQMeasurement:
     metrics : dict
         ``loss``, ``accuracy`` (evaluation set), ``train_loss`` (analysis set), ``perplexity``
         when asked for, ``delta_norm`` and ``relative_delta_norm`` of ``Q(theta_fp) - theta_fp``;
-        ``method``; for data-aware methods (GPTQ, AdaRound) the per-layer relative reconstruction
+        ``ptq_method`` (the registry name); for data-aware methods (GPTQ, AdaRound) the per-layer relative reconstruction
         error ``||XW - XQ||^2 / ||XW||^2`` and its mean, the calibration size, and the layers that
         fell back to round-to-nearest.
     result : PTQResult
@@ -114,7 +114,7 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
     """
     result = ptq_result(ref.analysis, qmap, method=method)
     point = result.theta_q
-    metrics = {"method": result.method, **_point_metrics(ref, point, perplexity)}
+    metrics = {"ptq_method": result.method, **_point_metrics(ref, point, perplexity)}
     if result.reconstruction_error:
         errors = list(result.reconstruction_error.values())
         metrics["reconstruction_error_mean"] = sum(errors) / len(errors)
