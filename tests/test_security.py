@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -57,11 +58,16 @@ def run(args: list[str], cwd: Path, *, entry: str = "module", limit_bytes: int |
     return subprocess.run(command + args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=300, preexec_fn=prepare)
 
 
+PROGRESS_LINE = re.compile(r"^riverscape: (plan \((quick|standard|thorough)\): |budget [0-9.]+ min: preset |\[\d+/\d+\] .+: )")
+
+
 def one_line_error(proc: subprocess.CompletedProcess | tuple, phrase: str, code: int = 2) -> str:
     returncode, stderr = (proc.returncode, proc.stderr) if isinstance(proc, subprocess.CompletedProcess) else proc
     assert returncode == code, f"exit {returncode}:\n{stderr}"
-    lines = stderr.strip().splitlines()
+    # an error found after the heavy work started follows the plan and the finished-stage lines (progress, not errors)
+    lines = [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("riverscape: error: "), stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], stderr  # the error is the last word
     assert phrase in lines[0], lines[0]
     return lines[0]
 
