@@ -13,7 +13,7 @@ from riverscape.quant.estimators import lsq, lsq_grad_scale, pege_rho
 import importlib
 
 qat_module = importlib.import_module("riverscape.quant.qat")  # the package re-exports the function `qat` under that name
-from riverscape.quant.qat import count_grid_flips, ewgs_deltas, first_hitting_time, qat
+from riverscape.quant.qat import _MiniBatches, count_grid_flips, ewgs_deltas, first_hitting_time, qat
 from riverscape.landscape import hessian_trace
 
 from helpers import assert_close, tiny_mlp
@@ -242,3 +242,53 @@ def test_qat_beats_ptq_at_two_bits_on_digits(trained_digits_mlp, digits_data):
 def test_module_doctests():
     result = doctest.testmod(qat_module)
     assert result.attempted >= 3 and result.failed == 0
+
+
+class _DictLM(torch.nn.Module):
+    """A tiny model with HF-style keyword inputs and its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(12, 6)
+        self.head = torch.nn.Linear(6, 12)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.reshape(-1, 12), labels.reshape(-1))
+        return {"logits": logits, "loss": loss}
+
+
+def _dict_batches(n_batches: int = 3, size: int = 4):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (n_batches * size, 5), generator=g)
+    return [{"input_ids": ids[i : i + size], "labels": ids[i : i + size]} for i in range(0, n_batches * size, size)]
+
+
+def test_minibatch_qat_on_dict_batches_with_the_models_own_loss():
+    """Mini-batches are drawn from dict batches (every key sliced with the same samples); the step loss is the model's own."""
+    torch.manual_seed(0)
+    model = _DictLM().double()
+    obj = rs.Objective(model, "model", _dict_batches(), dtype=torch.float64)
+    res = qat(obj, UniformQuantizer(4), steps=6, lr=1e-2, batch_size=5, seed=3, progress=False)
+    again = qat(obj, UniformQuantizer(4), steps=6, lr=1e-2, batch_size=5, seed=3, progress=False)
+    assert torch.equal(res.theta_q, again.theta_q)  # seeded sampler
+    assert not torch.equal(res.latent_trajectory[-1], obj.theta0)  # it trained
+    sampler = _MiniBatches(obj, 5, torch.Generator().manual_seed(3))
+    x, y = sampler.next()
+    assert set(x) == {"input_ids", "labels"} and x["input_ids"].shape == (5, 5) and torch.equal(y, x["labels"])  # targets = labels
+    rows = {tuple(r.tolist()) for b in _dict_batches() for r in b["input_ids"]}
+    assert all(tuple(r.tolist()) in rows for r in x["input_ids"]) and torch.equal(x["input_ids"], x["labels"])
+
+
+def test_qat_on_a_streaming_objective_is_full_batch_and_equals_the_in_memory_run():
+    torch.manual_seed(0)
+    model = _DictLM().double()
+    batches = _dict_batches()
+    held = rs.Objective(model, "model", batches, dtype=torch.float64)
+    streamed = rs.Objective(model, "model", batches, dtype=torch.float64, stream=True)
+    assert streamed.streaming
+    a = qat(held, UniformQuantizer(4), steps=4, lr=1e-2, seed=0, progress=False)
+    b = qat(streamed, UniformQuantizer(4), steps=4, lr=1e-2, seed=0, progress=False)
+    torch.testing.assert_close(a.theta_q, b.theta_q, rtol=0, atol=1e-12)  # same batches, same sums; float64 reordering only
+    with pytest.raises(ValueError, match="mini-batch QAT needs the analysis set in memory"):
+        qat(streamed, UniformQuantizer(4), steps=2, batch_size=4, progress=False)

@@ -201,24 +201,45 @@ def ewgs_deltas(objective: Objective, qmap: QuantMap, theta_q: Tensor, *, matvec
 
 # ---------------------------------------------------------------------- internals
 def _concat(parts: list):
-    if isinstance(parts[0], Tensor):
+    """Batches joined along the sample axis: tensors, tuples/lists of them, dicts of them, or ``None`` (no targets)."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
         return torch.cat(parts)
-    return type(parts[0])(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
+    if isinstance(first, dict):
+        return {key: _concat([p[key] for p in parts]) for key in first}
+    return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
 
 
 def _take(data, index: Tensor):
+    """The samples ``index`` of a batch built like :func:`_concat`'s output (non-tensor leaves are kept)."""
+    if data is None:
+        return None
     if isinstance(data, Tensor):
-        return data[index]
-    return type(data)(_take(d, index) for d in data)
+        return data[index.to(data.device)] if data.ndim else data
+    if isinstance(data, dict):
+        return {key: _take(value, index) for key, value in data.items()}
+    if isinstance(data, (tuple, list)):
+        return type(data)(_take(d, index) for d in data)
+    return data
 
 
 class _MiniBatches:
-    """Seeded mini-batches without replacement (per epoch) from the objective's batches."""
+    """Seeded mini-batches without replacement (per epoch) from the objective's batches.
 
-    def __init__(self, batches: list[tuple], batch_size: int, generator: torch.Generator) -> None:
+    Works for every batch form the Objective accepts (tensor pairs, tuples, HF-style dicts, no
+    targets); the sample count is the leading size of the first tensor of a batch.
+    """
+
+    def __init__(self, objective: Objective, batch_size: int, generator: torch.Generator) -> None:
+        if objective.streaming:
+            raise ValueError("mini-batch QAT needs the analysis set in memory: build the Objective with stream=False, "
+                             "or use batch_size=None (full-batch steps, which stream)")
+        batches = objective.batches
         self.x = _concat([b[0] for b in batches])
         self.y = _concat([b[1] for b in batches])
-        self.n = self.y.shape[0]
+        self.n = sum(objective.batch_sizes)
         self.size = min(batch_size, self.n)
         self.generator = generator
         self.order, self.cursor = torch.randperm(self.n, generator=generator), 0
@@ -226,7 +247,7 @@ class _MiniBatches:
     def next(self) -> tuple:
         if self.cursor + self.size > self.n:
             self.order, self.cursor = torch.randperm(self.n, generator=self.generator), 0
-        index = self.order[self.cursor : self.cursor + self.size].to(self.y.device)
+        index = self.order[self.cursor : self.cursor + self.size]
         self.cursor += self.size
         return _take(self.x, index), _take(self.y, index)
 
@@ -376,7 +397,7 @@ def qat(
     qmin, qmax = calibrated[0].qmin, calibrated[0].qmax
 
     generator = torch.Generator().manual_seed(seed)
-    sampler = _MiniBatches(objective.batches, batch_size, generator) if batch_size is not None else None
+    sampler = _MiniBatches(objective, batch_size, generator) if batch_size is not None else None
     # drawn for every estimator (only PEGE uses them) so the mini-batch stream does not depend on the estimator
     ranks = [torch.randperm(t.spec.numel, generator=generator).reshape(t.spec.shape).to(theta.device) for t in qmap.targets]
     handler = build_estimator(config, QATContext(objective, qmap, steps, seed, scale_mode, calibrated, ranks))
