@@ -55,7 +55,7 @@ def _context(obj, quantizer=UniformQuantizer(2), scale_mode="frozen"):
 
 
 # ---------------------------------------------------------------------- PTQ
-@pytest.mark.parametrize("name", sorted(PTQ_METHODS))
+@pytest.mark.parametrize("name", sorted(n for n in PTQ_METHODS if PTQ_CONFIGS[n].selectable_by_name))
 def test_every_ptq_method_round_trips_name_config_handler(obj, name):
     config = ptq_config(name)
     assert type(config) is PTQ_CONFIGS[name] and config.method == name
@@ -67,6 +67,13 @@ def test_every_ptq_method_round_trips_name_config_handler(obj, name):
     assert by_name.method == name and by_name.config == config
     assert torch.equal(by_name.theta_q, by_config.theta_q)
     assert torch.equal(ptq(obj, UniformQuantizer(3), method=config), by_name.theta_q)
+
+
+def test_methods_that_need_arguments_say_so_by_name(obj):
+    unnamed = [n for n in PTQ_METHODS if not PTQ_CONFIGS[n].selectable_by_name]
+    assert unnamed == ["external"]
+    with pytest.raises(ValueError, match=r"PTQ method 'external' needs arguments: pass a External\(\.\.\.\) config"):
+        ptq_result(obj, UniformQuantizer(3), method="external")
 
 
 def test_rtn_is_round_to_nearest_unchanged(obj):

@@ -20,11 +20,13 @@ from .base import (
 )
 from .adaround import AdaRound, adaround, adaround_quantize
 from .calibration import Calibration, collect_input_hessians, relative_reconstruction_error
+from .external import External, InferredGrid, dequantized_weights, external_quantize, infer_grid
 from .gptq import GPTQ, gptq, gptq_quantize
 from .rtn import RTN, round_to_nearest
 
 register_ptq_method("rtn", RTN, round_to_nearest)
 register_ptq_method("gptq", GPTQ, gptq)
 register_ptq_method("adaround", AdaRound, adaround)
+register_ptq_method("external", External, external_quantize)
 
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, _ModuleType))

@@ -43,6 +43,8 @@ class PTQConfig:
     """
 
     method: ClassVar[str] = ""
+    selectable_by_name: ClassVar[bool] = True
+    """False for methods that need arguments without defaults (e.g. the weights of :class:`External`)."""
 
     def to_dict(self) -> dict:
         """``{"method": name, **fields}`` (JSON-friendly when the fields are)."""
@@ -117,6 +119,8 @@ def ptq_config(method: Union[str, PTQConfig]) -> PTQConfig:
     Errors are those of :func:`riverscape.quant.registry.resolve_config` (``ValueError`` for an
     unregistered name or config class, ``TypeError`` for anything else).
     """
+    if isinstance(method, str) and method in PTQ_CONFIGS and not PTQ_CONFIGS[method].selectable_by_name:
+        raise ValueError(f"PTQ method {method!r} needs arguments: pass a {PTQ_CONFIGS[method].__name__}(...) config")
     return resolve_config("PTQ method", PTQConfig, "method", PTQ_CONFIGS, method)
 
 
