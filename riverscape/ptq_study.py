@@ -40,8 +40,8 @@ from .stats import mean_ci, paired_comparison
 from .studies import Study, run_qat
 
 __all__ = [
-    "PTQ_METHODS",
-    "QAT_METHODS",
+    "PTQ_COMPARED",
+    "QAT_COMPARED",
     "METHODS",
     "CONTRASTS",
     "calibration_split",
@@ -56,10 +56,10 @@ __all__ = [
 ]
 
 #: PTQ methods compared (cell method names)
-PTQ_METHODS = ("rtn_minmax", "rtn_mse", "gptq", "adaround", "nearby")
+PTQ_COMPARED = ("rtn_minmax", "rtn_mse", "gptq", "adaround", "nearby")
 #: QAT methods (``qat_<estimator>``)
-QAT_METHODS = ("qat_ste", "qat_lsq")
-METHODS = PTQ_METHODS + QAT_METHODS
+QAT_COMPARED = ("qat_ste", "qat_lsq")
+METHODS = PTQ_COMPARED + QAT_COMPARED
 #: paired contrasts ``(a, b)``: a minus b per seed; ``best_ptq`` is, per seed, the PTQ method with the lowest
 #: calibration-split loss (selected without the test split)
 CONTRASTS = (("best_ptq", "qat_ste"), ("best_ptq", "qat_lsq"), ("qat_ste", "rtn_minmax"), ("gptq", "rtn_mse"),
@@ -150,7 +150,7 @@ def ptq_method_cell(
     quantizer = method_quantizer(method, bits, group_size)
     out = {"short_name": quantizer.short_name, "range": _RANGE[method]}
     start = time.perf_counter()
-    if method in QAT_METHODS:
+    if method in QAT_COMPARED:
         res = run_qat(study, bits, method.split("_", 1)[1], seed=seed, progress=progress, group_size=group_size)
         out.update(study.evaluate(res.theta_q), qat_steps=study.spec.qat_steps, total_grid_flips=int(sum(res.grid_flips)))
         return {**out, "seconds": time.perf_counter() - start}
@@ -192,7 +192,7 @@ def _groups(records: Iterable[Mapping]) -> dict[tuple, dict[str, dict[int, dict]
 
 def _with_best_ptq(methods: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
     """Add ``best_ptq``: per seed (present for every PTQ method), the PTQ result with the lowest calibration loss."""
-    present = [m for m in PTQ_METHODS if m in methods]
+    present = [m for m in PTQ_COMPARED if m in methods]
     if not present:
         return methods
     seeds = set.intersection(*(set(methods[m]) for m in present))
@@ -228,7 +228,7 @@ def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dic
                 row[key] = seed_interval([res[key] for res in results], level)
             if method == "best_ptq":
                 picks = [res["selected"] for res in results]
-                row["selected"] = {m: picks.count(m) for m in PTQ_METHODS if m in picks}
+                row["selected"] = {m: picks.count(m) for m in PTQ_COMPARED if m in picks}
             rows.append(row)
     return rows
 

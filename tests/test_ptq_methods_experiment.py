@@ -62,10 +62,10 @@ def test_micro_run_records_every_method_with_its_fields(micro_run):
         assert set(p) == {"model", "bits", "group_size", "method", "seed"}
         if p["method"] == "fp":
             continue
-        assert (PTQ_FIELDS if p["method"] in ps.PTQ_METHODS else QAT_FIELDS) <= set(r)
+        assert (PTQ_FIELDS if p["method"] in ps.PTQ_COMPARED else QAT_FIELDS) <= set(r)
         assert r["short_name"] == ("W2" if p["group_size"] is None else "W2g16")
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"])
-        if p["method"] in ps.PTQ_METHODS:
+        if p["method"] in ps.PTQ_COMPARED:
             assert r["calibration_source"] == "train" and len(r["calibration_indices"]) == r["calibration_samples"] == 64
     by = {(r["params"]["method"], r["params"]["group_size"], r["params"]["seed"]): r["result"] for r in records}
     for seed in (0, 1):
@@ -73,7 +73,7 @@ def test_micro_run_records_every_method_with_its_fields(micro_run):
         assert by[("nearby", None, seed)]["calibration_loss"] <= by[("rtn_mse", None, seed)]["calibration_loss"]
         assert by[("rtn_minmax", None, seed)]["range"] == "minmax" and by[("gptq", None, seed)]["range"] == "mse"
         # one calibration draw per seed, shared by every data-aware method; seeds draw different rows
-        assert len({tuple(by[(m, g, seed)]["calibration_indices"]) for m in ps.PTQ_METHODS for g in (None, 16)}) == 1
+        assert len({tuple(by[(m, g, seed)]["calibration_indices"]) for m in ps.PTQ_COMPARED for g in (None, 16)}) == 1
     assert by[("gptq", None, 0)]["calibration_indices"] != by[("gptq", None, 1)]["calibration_indices"]
     text = (out / "tables.md").read_text()
     assert "n=2" in text and "best_ptq - qat_ste" in text
