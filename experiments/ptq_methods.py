@@ -7,7 +7,8 @@ code flips from RTN-mse searched on a calibration split of the TRAINING data, ev
 and QAT from theta_fp with STE and LSQ (LSQ per channel only; the study's QAT budget). Every
 data-aware method calibrates on the same ``calibration_samples`` training rows drawn with the seed.
 Per (model, bits, granularity, method): mean over seeds with a 95 % Student t interval and n;
-paired by seed: best PTQ (per seed the PTQ method with the lowest calibration loss) minus QAT,
+paired by seed: best PTQ (per seed the PTQ method with the lowest loss on a validation split of the
+training data, disjoint from the calibration rows) minus QAT,
 QAT-ste minus RTN-minmax, and GPTQ / AdaRound / flips minus RTN-mse (BCa interval, Wilcoxon p).
 No study model has BatchNorm (``riverscape/models.py``: only ResNet-20, which needs 32x32 images),
 so no BN re-estimation is needed or done.
@@ -35,12 +36,13 @@ from riverscape.report.experiment_figures import series_figures
 
 NAME = "ptq_methods"
 LABELS = {"rtn_minmax": "RTN min-max", "rtn_mse": "RTN MSE", "gptq": "GPTQ", "adaround": "AdaRound", "nearby": "greedy flips",
-          "best_ptq": "best PTQ (calib.)", "qat_ste": "QAT STE", "qat_lsq": "QAT LSQ"}
+          "best_ptq": "best PTQ (val.)", "qat_ste": "QAT STE", "qat_lsq": "QAT LSQ"}
 
 
 def settings(quick: bool) -> dict:
     """Every size of the experiment (stored as the sweep's config)."""
-    common = {"models": {"digits_mlp": {}, "mnist1d_cnn": {}}, "bits": [4, 3, 2], "group_sizes": [None, 16], "calibration_samples": 256}
+    common = {"models": {"digits_mlp": {}, "mnist1d_cnn": {}}, "bits": [4, 3, 2], "group_sizes": [None, 16], "calibration_samples": 256,
+              "validation_samples": 1024}
     if quick:
         return {**common, "seeds": 3, "adaround_iterations": 500, "flip_rounds": 50, "flip_candidates": 16, "flip_matvecs": 50}
     return {**common, "seeds": 10, "adaround_iterations": 2000, "flip_rounds": 300, "flip_candidates": 32, "flip_matvecs": 100}
@@ -66,7 +68,8 @@ def run_cell(cell: dict, cfg: dict, out_dir, progress: bool) -> dict:
     if cell["method"] == "fp":
         return ps.fp_point_cell(study)
     return ps.ptq_method_cell(study, cell["bits"], cell["group_size"], cell["method"], seed=cell["seed"],
-                              calibration_samples=cfg["calibration_samples"], adaround_iterations=cfg["adaround_iterations"],
+                              calibration_samples=cfg["calibration_samples"], validation_samples=cfg["validation_samples"],
+                              adaround_iterations=cfg["adaround_iterations"],
                               flip_rounds=cfg["flip_rounds"], flip_candidates=cfg["flip_candidates"], flip_matvecs=cfg["flip_matvecs"],
                               progress=progress)
 
@@ -101,7 +104,7 @@ def tables(rows: list[dict], contrasts: list[dict], fp: dict[str, dict]) -> list
                              title="Paired by seed (same FP model): a minus b"))
     picks = [{"model": r["model"], "grid": r["granularity"], "bits": r["bits"], "selected": ", ".join(f"{m}×{k}" for m, k in r["selected"].items())}
              for r in rows if r["method"] == "best_ptq"]
-    md.append(sw.print_table(picks, ["model", "grid", "bits", "selected"], title="best PTQ: method picked per seed by the calibration-split loss"))
+    md.append(sw.print_table(picks, ["model", "grid", "bits", "selected"], title="best PTQ: method picked per seed by the loss on the validation split of the training data"))
     return md
 
 

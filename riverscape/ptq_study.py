@@ -17,14 +17,17 @@ method           the point
 ===============  ===========================================================================
 
 Every data-aware PTQ method (GPTQ, AdaRound, the flip search) sees only the *calibration split*:
-``calibration_samples`` rows of the study's **training** split drawn with the cell's seed
-(:func:`calibration_split`); nothing is searched or selected on the test split. The record
-stores the drawn training indices so this can be checked.
+``calibration_samples`` rows of the study's **training** split drawn with the cell's seed; the
+best PTQ method per seed is chosen on a disjoint *validation split* of the training split
+(:func:`training_splits`: searching the calibration loss directly, the flip search would win
+that choice by over-fitting the calibration rows). Nothing is searched or selected on the test
+split. The record stores the drawn training indices so this can be checked.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -44,7 +47,8 @@ __all__ = [
     "QAT_COMPARED",
     "METHODS",
     "CONTRASTS",
-    "calibration_split",
+    "TrainingSplits",
+    "training_splits",
     "method_quantizer",
     "fp_point_cell",
     "ptq_method_cell",
@@ -61,7 +65,7 @@ PTQ_COMPARED = ("rtn_minmax", "rtn_mse", "gptq", "adaround", "nearby")
 QAT_COMPARED = ("qat_ste", "qat_lsq")
 METHODS = PTQ_COMPARED + QAT_COMPARED
 #: paired contrasts ``(a, b)``: a minus b per seed; ``best_ptq`` is, per seed, the PTQ method with the lowest
-#: calibration-split loss (selected without the test split)
+#: loss on the validation split of the training data (disjoint from the calibration split; never the test split)
 CONTRASTS = (("best_ptq", "qat_ste"), ("best_ptq", "qat_lsq"), ("qat_ste", "rtn_minmax"), ("gptq", "rtn_mse"),
              ("adaround", "rtn_mse"), ("nearby", "rtn_mse"))
 # the scale calibration of each method's grid: the data-aware methods round on RTN-mse's grid
@@ -75,19 +79,45 @@ def method_quantizer(method: str, bits: int, group_size: Optional[int]) -> Unifo
     return UniformQuantizer(bits, range=_RANGE[method], group_size=group_size)
 
 
-def calibration_split(study: Study, n_samples: int, seed: int) -> tuple[Objective, Tensor]:
-    """An Objective on ``n_samples`` rows of the study's training split, drawn without replacement with ``seed``.
+@dataclass(frozen=True)
+class TrainingSplits:
+    """Two disjoint subsets of a study's training split (never the test split).
 
-    Same model, loss, quantized tensors and dtype as ``study.analysis``. Returns the objective and
-    the sorted row indices into ``study.dataset.train`` (never the test split).
+    Attributes
+    ----------
+    calibration, validation : Objective
+        Same model, loss, quantized tensors and dtype as ``study.analysis``. GPTQ, AdaRound and
+        the flip search calibrate on ``calibration``; ``best_ptq`` is chosen on ``validation``.
+    calibration_index, validation_index : Tensor
+        Sorted row indices into ``study.dataset.train``.
+    """
+
+    calibration: Objective
+    validation: Objective
+    calibration_index: Tensor
+    validation_index: Tensor
+
+
+def training_splits(study: Study, calibration_samples: int, validation_samples: int, seed: int) -> TrainingSplits:
+    """Draw ``calibration_samples`` and then ``validation_samples`` rows of the training split without replacement.
+
+    One seeded permutation of the training rows: the first ``calibration_samples`` are the
+    calibration split, the next ``validation_samples`` (capped at what is left) the validation split.
     """
     x, y = study.dataset.train
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not 1 <= n_samples <= len(x):
-        raise ValueError(f"n_samples must be an integer in [1, {len(x)}] (the training split), got {n_samples!r}")
-    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_samples].sort().values
-    objective = Objective(study.model, study.dataset.loss, (x[index], y[index]), params=study.names,
-                          dtype=study.analysis.dtype, device=study.analysis.device)
-    return objective, index
+    for name, value, low, high in (("calibration_samples", calibration_samples, 1, len(x) - 1),
+                                   ("validation_samples", validation_samples, 1, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ValueError(f"{name} must be an integer in [{low}, {high or 'inf'}] (training split of {len(x)} rows), got {value!r}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cal = order[:calibration_samples].sort().values
+    val = order[calibration_samples:calibration_samples + validation_samples].sort().values
+
+    def objective(index: Tensor) -> Objective:
+        return Objective(study.model, study.dataset.loss, (x[index], y[index]), params=study.names, dtype=study.analysis.dtype,
+                         device=study.analysis.device)
+
+    return TrainingSplits(objective(cal), objective(val), cal, val)
 
 
 def fp_point_cell(study: Study) -> dict:
@@ -111,6 +141,7 @@ def ptq_method_cell(
     *,
     seed: int,
     calibration_samples: int = 256,
+    validation_samples: int = 1024,
     adaround_iterations: int = 500,
     flip_rounds: int = 50,
     flip_candidates: int = 16,
@@ -129,8 +160,8 @@ def ptq_method_cell(
         One of :data:`METHODS`.
     seed : int
         Seeds the calibration draw, GPTQ/AdaRound's subsample and QAT's mini-batches.
-    calibration_samples : int
-        Size of the calibration split of the training data (:func:`calibration_split`).
+    calibration_samples, validation_samples : int
+        Sizes of the calibration and validation splits of the training data (:func:`training_splits`).
     adaround_iterations : int
     flip_rounds, flip_candidates, flip_matvecs : int
         ``rounds``, ``candidates_per_round`` and ``diagonal_matvecs`` of
@@ -141,8 +172,9 @@ def ptq_method_cell(
     -------
     dict
         ``accuracy``, ``loss`` (test), ``train_loss`` (analysis set), ``short_name``, ``range``,
-        ``seconds``; PTQ methods add ``calibration_loss`` (on the calibration split),
-        ``calibration_samples``, ``calibration_indices`` (into the training split),
+        ``seconds``; PTQ methods add ``calibration_loss`` and ``validation_loss`` (on the two
+        splits), ``calibration_samples``, ``calibration_indices``, ``validation_samples``,
+        ``validation_indices`` (into the training split),
         ``calibration_source`` (``"train"``) and, where defined, ``reconstruction_error_mean``,
         ``rtn_fallback``, ``flips``, ``damage_removed``, ``evaluations``, ``stop_reason``;
         QAT methods add ``qat_steps`` and ``total_grid_flips``.
@@ -154,7 +186,8 @@ def ptq_method_cell(
         res = run_qat(study, bits, method.split("_", 1)[1], seed=seed, progress=progress, group_size=group_size)
         out.update(study.evaluate(res.theta_q), qat_steps=study.spec.qat_steps, total_grid_flips=int(sum(res.grid_flips)))
         return {**out, "seconds": time.perf_counter() - start}
-    calibration, index = calibration_split(study, calibration_samples, seed)
+    splits = training_splits(study, calibration_samples, validation_samples, seed)
+    calibration = splits.calibration
     qmap = study.reference.quant_map(quantizer)
     if method == "nearby":
         search = greedy_flip_search(calibration, qmap, study.theta_fp, rounds=flip_rounds, candidates_per_round=flip_candidates,
@@ -168,8 +201,9 @@ def ptq_method_cell(
                                perplexity=study.spec.perplexity, calibration=calibration)
         point = measured.point
         out.update({k: v for k, v in measured.metrics.items() if k not in ("method", "delta_norm", "relative_delta_norm", "reconstruction_error")})
-    out.update(calibration_loss=calibration.loss(point), calibration_samples=calibration_samples, calibration_source="train",
-               calibration_indices=index.tolist())
+    out.update(calibration_loss=calibration.loss(point), validation_loss=splits.validation.loss(point), calibration_source="train",
+               calibration_samples=len(splits.calibration_index), calibration_indices=splits.calibration_index.tolist(),
+               validation_samples=len(splits.validation_index), validation_indices=splits.validation_index.tolist())
     return {**out, "seconds": time.perf_counter() - start}
 
 
@@ -191,14 +225,14 @@ def _groups(records: Iterable[Mapping]) -> dict[tuple, dict[str, dict[int, dict]
 
 
 def _with_best_ptq(methods: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
-    """Add ``best_ptq``: per seed (present for every PTQ method), the PTQ result with the lowest calibration loss."""
+    """Add ``best_ptq``: per seed (present for every PTQ method), the PTQ result with the lowest validation loss."""
     present = [m for m in PTQ_COMPARED if m in methods]
     if not present:
         return methods
     seeds = set.intersection(*(set(methods[m]) for m in present))
     best = {}
     for seed in sorted(seeds):
-        method = min(present, key=lambda m: methods[m][seed]["calibration_loss"])
+        method = min(present, key=lambda m: methods[m][seed]["validation_loss"])
         best[seed] = {**methods[method][seed], "selected": method}
     return {**methods, "best_ptq": best}
 
