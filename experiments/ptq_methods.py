@@ -13,7 +13,7 @@ QAT-ste minus RTN-minmax, and GPTQ / AdaRound / flips minus RTN-mse (BCa interva
 No study model has BatchNorm (``riverscape/models.py``: only ResNet-20, which needs 32x32 images),
 so no BN re-estimation is needed or done.
 
-    python experiments/ptq_methods.py --quick --out /tmp/ptq_methods   # 3 seeds: ~4 min CPU on 2 idle cores
+    python experiments/ptq_methods.py --quick --out /tmp/ptq_methods   # 3 seeds, 240 cells: ~5 min (281 s CPU, one thread)
     python experiments/ptq_methods.py --out runs/ptq_methods            # 10 seeds, longer searches
 
 results.json: cells ``params = {"model", "bits", "group_size" (None: per channel), "method", "seed"}``,
