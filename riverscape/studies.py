@@ -305,8 +305,9 @@ def _alignment_fields(result) -> dict:
 
 
 def _evaluated(metrics: dict) -> dict:
-    """The :meth:`Study.evaluate` part of a measurement's metrics (without the displacement norms)."""
-    return {k: v for k, v in metrics.items() if k not in ("delta_norm", "relative_delta_norm")}
+    """The :meth:`Study.evaluate` part of a measurement's metrics (without the displacement norms and the PTQ
+    method's name, which would overwrite a cell's ``method`` parameter when scripts merge params and results)."""
+    return {k: v for k, v in metrics.items() if k not in ("delta_norm", "relative_delta_norm", "method")}
 
 
 def _alignment_at_ptq(study: Study, qmap: QuantMap, theta_q: Tensor, theta_qat: Optional[Tensor] = None) -> dict:
