@@ -48,6 +48,7 @@ from .pipeline import (
     plane_landscape,
 )
 from .quant import QuantMap, WeightStatus
+from .quant.mixed_precision import layer_sensitivities, plan_bits, verify_plan
 from .stage_log import StageLog, format_seconds
 from .threads import threads_for
 
@@ -137,6 +138,7 @@ class AnalysisResult:
     warnings: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # run-wide notes: BatchNorm check, how HVPs are computed
     plan: dict = field(default_factory=dict)  # budget knobs, skipped stages, timed gradient/forward, estimated seconds
+    mixed_precision: Optional[dict] = None  # with options.bits_budget: the plan, its sensitivities and verification
 
     def metrics(self) -> dict:
         """``metrics.json`` content: the headline (lowest) bit-width at the top level, all under ``all_bits``.
@@ -145,7 +147,7 @@ class AnalysisResult:
         ``ptq.accuracy``, ``ptq.predicted_loss_increase``, ``hessian.fp.top_eigenvalues``,
         ``hessian.fp.trace``, ``hessian.quantized.top_eigenvalues``, ``alignment.cosine_to_fp``,
         ``alignment.random_baseline``, ``perturbation.hill_fraction`` and, with QAT,
-        ``qat.accuracy``. ``weights`` lists every parameter of the model with its status
+        ``qat.accuracy``; with a bit budget, ``mixed_precision`` (:func:`_mixed_precision`). ``weights`` lists every parameter of the model with its status
         (:class:`~riverscape.quant.WeightStatus`: quantized with bits/granularity/channel axis
         at the headline bit-width, or kept with a reason); ``n_quantized`` counts the quantized
         scalar weights, ``n_quantized_tensors`` the quantized tensors (``quantized_layers``);
@@ -172,6 +174,7 @@ class AnalysisResult:
                 "all_bits": per_bits,
                 "timings": self.timings,
                 "plan": self.plan,
+                **({"mixed_precision": self.mixed_precision} if self.mixed_precision is not None else {}),
                 "options": self.options,
                 "notes": [*self.notes, *headline.get("notes", [])],
             }
@@ -359,6 +362,41 @@ def _plan_line(options, obj: Objective, timing: Timing, seconds: float) -> str:
             f"{format_seconds(timing.gradient)}, one forward {format_seconds(timing.forward)}: estimated {format_seconds(seconds)} in all")
 
 
+MIXED_PRECISION_RANDOM = 8
+"""Random allocations the mixed-precision plan is compared with."""
+
+
+def _mixed_precision(ref, options, budget: Budget) -> dict:
+    """Per-layer bit-widths under ``options.bits_budget`` and their check (docs/ptq_search.md §4).
+
+    Second-order sensitivities ``0.5 u_l^T H_ll u_l`` of every quantized tensor at ``theta_fp`` for
+    each candidate of :data:`~riverscape.analysis_options.MIXED_PRECISION_BITS` (RTN with the
+    run's quantizer, only the bit-width changed; layer traces with the budget's per-layer HVPs),
+    the exact knapsack plan under the budget, and the analysis-set loss of the plan, of the HAWQ-V2
+    plan at the same budget and of :data:`MIXED_PRECISION_RANDOM` random maximal allocations.
+    """
+    from .analysis_options import MIXED_PRECISION_BITS
+
+    quantizer = options.quantizer(max(MIXED_PRECISION_BITS))
+    qmap = ref.quant_map(quantizer)
+    sens = layer_sensitivities(ref.analysis, qmap, ref.theta_fp, bits=MIXED_PRECISION_BITS, trace_matvecs=budget.layer_matvecs,
+                               seed=options.seed)
+    plan = plan_bits(sens, budget_bits=options.bits_budget)
+    check = verify_plan(ref.analysis, plan, sens, qmap, ref.theta_fp, n_random=MIXED_PRECISION_RANDOM, seed=options.seed)
+    return {"budget_bits": options.bits_budget, "candidate_bits": list(MIXED_PRECISION_BITS), "quantizer": quantizer.describe(),
+            "loss_set": "analysis", "plan": plan.to_dict(), "verification": check.to_dict(), "sensitivities": sens.to_dict()}
+
+
+def _mixed_precision_line(mp: dict) -> str:
+    """One line: the plan's bits per layer, its average and its loss against HAWQ and random allocations."""
+    plan, check = mp["plan"], mp["verification"]
+    layers = ", ".join(f"{name}={bits}" for name, bits in plan["bits"].items())
+    spread = f" ± {check['random_std']:.3g}" if check["random_std"] is not None else ""
+    random = f"{check['random_mean']:.4g}{spread}" if check["random_mean"] is not None else "n/a"
+    return (f"mixed precision (≤ {mp['budget_bits']:g} bits, average {plan['average_bits']:.4g}): {layers}; analysis loss "
+            f"{check['loss_plan']:.4g} (HAWQ {check['loss_hawq']:.4g}, random {random}, FP {check['loss_fp']:.4g})")
+
+
 PER_BITS_STAGES = ("ptq", "curvature_quantized", "damage", "qat", "alignment", "slices", "paths")
 
 
@@ -404,6 +442,11 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         if len(layer_names) < len(probe_qmap.targets):
             run_notes.append(f"per-layer curvature on the {len(layer_names)} largest of {len(probe_qmap.targets)} quantized tensors (budget {budget.name})")
     t0 = log.lap("layer_curvature", t0, "per-layer curvature", skipped="layers" in skip)
+    mixed = None
+    if options.bits_budget is not None:
+        mixed = _mixed_precision(ref, options, budget)
+        log.say(_mixed_precision_line(mixed))
+        t0 = log.lap("mixed_precision", t0, "mixed-precision plan")
     ref.widths(k_hill, TAU)
     t0 = log.lap("basin_widths", t0, "basin widths")
     river_path = river(ref.trajectory) if ref.trajectory is not None else None
@@ -519,6 +562,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         warnings=[*run_warnings, *chosen.warnings()],
         notes=run_notes,
         plan=plan,
+        mixed_precision=mixed,
     )
 
 

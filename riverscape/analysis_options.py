@@ -16,10 +16,12 @@ from .errors import InputError
 from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
 from .quant.quantizers import MAX_BITS, RANGE_METHODS
 
-__all__ = ["AnalyzeOptions", "QAT_ESTIMATORS", "RANGE_METHODS", "MAX_BITS", "MAX_TOP_K"]
+__all__ = ["AnalyzeOptions", "QAT_ESTIMATORS", "RANGE_METHODS", "MAX_BITS", "MAX_TOP_K", "MIXED_PRECISION_BITS"]
 
 MAX_TOP_K = 500
 """Largest ``top_k``: ARPACK keeps about ``2 k + 1`` basis vectors of the parameter count."""
+MIXED_PRECISION_BITS = (2, 3, 4, 8)
+"""Candidate bit-widths per layer of the mixed-precision plan (``bits_budget``)."""
 
 
 def _is_int(value: object) -> bool:
@@ -105,6 +107,12 @@ class AnalyzeOptions:
         ``qat_steps`` win over the budget's.
     skip : tuple of str
         Stages to leave out (:data:`riverscape.budget.SKIPPABLE_STAGES`).
+    bits_budget : float or None
+        Plan one bit-width per quantized tensor from :data:`MIXED_PRECISION_BITS` minimising the
+        summed second-order damage at ``theta_fp`` under this parameter-weighted average bit-width
+        (:func:`riverscape.quant.mixed_precision.plan_bits`, docs/ptq_search.md §4), and measure
+        the plan against the HAWQ plan and random allocations. ``None``: no plan. A number from
+        ``min(MIXED_PRECISION_BITS)`` to ``max(MIXED_PRECISION_BITS)``.
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -128,6 +136,7 @@ class AnalyzeOptions:
     bn_recalibrate: bool = False
     budget: Union[str, float] = "standard"
     skip: tuple[str, ...] = ()
+    bits_budget: Optional[float] = None
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -165,10 +174,21 @@ class AnalyzeOptions:
         if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
             raise InputError(f"grid_span must be a positive finite number, got {span!r}")
         object.__setattr__(self, "grid_span", float(span))
+        self._check_bits_budget()
         for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()
+
+    def _check_bits_budget(self) -> None:
+        budget = self.bits_budget
+        if budget is None:
+            return
+        low, high = min(MIXED_PRECISION_BITS), max(MIXED_PRECISION_BITS)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or not low <= budget <= high:
+            raise InputError(f"bits_budget must be a number from {low} to {high} (average bits per quantized weight, "
+                             f"candidates {list(MIXED_PRECISION_BITS)}), got {budget!r}")
+        object.__setattr__(self, "bits_budget", float(budget))
 
     def _check_device(self) -> None:
         try:

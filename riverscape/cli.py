@@ -500,6 +500,9 @@ def _add_analyze(sub: Any) -> None:
     q.add_argument("--ptq", dest="ptq_methods", default="rtn", metavar="M[,M...]",
                    help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
     q.add_argument("--keep-first-last", action="store_true", help="keep the first and last layers in full precision")
+    q.add_argument("--bits-budget", type=float, metavar="B",
+                   help="also plan mixed precision: one bit-width per layer from 2/3/4/8 with average <= B bits, minimising the "
+                        "second-order damage, checked against HAWQ and random allocations (printed, in metrics.json and the report)")
     a = p.add_argument_group("analysis")
     a.add_argument("--budget", default="standard", metavar="PRESET|MINUTES",
                    help="quick, standard or thorough, or a time in minutes: scales samples, HVP counts, per-layer stage, grid and "

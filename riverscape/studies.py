@@ -224,12 +224,14 @@ class Study:
         """Exactly the study's quantized tensors (``names``): every map of the study uses it."""
         return self.reference.selection
 
-    def quant_map(self, bits: int, range_method: str = "minmax", objective: Optional[Objective] = None) -> QuantMap:
-        """Per-channel symmetric quantizer of the study's tensors at ``bits`` (``range_method`` calibration).
+    def quant_map(self, bits: int, range_method: str = "minmax", objective: Optional[Objective] = None, *,
+                  group_size: Optional[int] = None) -> QuantMap:
+        """Symmetric quantizer of the study's tensors at ``bits`` (``range_method`` calibration), per channel
+        or, with ``group_size``, per group of that many input columns (docs/ptq_methods.md §1).
 
         ``objective`` defaults to ``analysis`` (``training`` and ``evaluation`` share its layout).
         """
-        return self.reference.quant_map(UniformQuantizer(bits, range=range_method), objective)
+        return self.reference.quant_map(UniformQuantizer(bits, range=range_method, group_size=group_size), objective)
 
     def fp_operator(self):
         """The Hessian operator at ``theta_fp`` on the analysis set (built once)."""
@@ -303,8 +305,9 @@ def _alignment_fields(result) -> dict:
 
 
 def _evaluated(metrics: dict) -> dict:
-    """The :meth:`Study.evaluate` part of a measurement's metrics (without the displacement norms)."""
-    return {k: v for k, v in metrics.items() if k not in ("delta_norm", "relative_delta_norm")}
+    """The :meth:`Study.evaluate` part of a measurement's metrics (without the displacement norms and the PTQ
+    method's name, which would overwrite a cell's ``method`` parameter when scripts merge params and results)."""
+    return {k: v for k, v in metrics.items() if k not in ("delta_norm", "relative_delta_norm", "method")}
 
 
 def _alignment_at_ptq(study: Study, qmap: QuantMap, theta_q: Tensor, theta_qat: Optional[Tensor] = None) -> dict:
@@ -331,10 +334,11 @@ def _qat_settings(study: Study, estimator: str, *, seed: int, record_every: Opti
 
 
 def run_qat(study: Study, bits: int, estimator: str, *, seed: int, record_every: Optional[int] = None, progress: bool = False,
-            range_method: str = "minmax", **options: Any) -> QATResult:
-    """QAT from ``theta_fp`` with the study's budget (``options`` override :func:`riverscape.quant.qat` keywords)."""
+            range_method: str = "minmax", group_size: Optional[int] = None, **options: Any) -> QATResult:
+    """QAT from ``theta_fp`` with the study's budget (``options`` override :func:`riverscape.quant.qat` keywords);
+    ``group_size`` quantizes per group instead of per channel."""
     settings = _qat_settings(study, estimator, seed=seed, record_every=record_every, progress=progress, options=options)
-    return qat(study.training, study.quant_map(bits, range_method, study.training), **settings)
+    return qat(study.training, study.quant_map(bits, range_method, study.training, group_size=group_size), **settings)
 
 
 def qat_cell(study: Study, bits: int, estimator: str, *, seed: int, landscape: bool = False, progress: bool = False) -> dict:

@@ -19,6 +19,7 @@ from ..gradients.damage import DamageResult
 from ..landscape.directions import Plane, plane_through, random_direction
 from ..landscape.paths import Barrier, loss_barrier
 from ..landscape.slices import slice_2d
+from ..objective import Objective
 from ..quant import QuantMap
 from ..quant.ptq import PTQResult, ptq_result
 from ..quant.qat import QATResult, qat
@@ -99,7 +100,8 @@ def _point_metrics(ref: Reference, point: Tensor, perplexity: bool) -> dict:
     }
 
 
-def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexity: bool = False) -> PTQMeasurement:
+def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexity: bool = False,
+                calibration: Optional[Objective] = None) -> PTQMeasurement:
     """Quantize ``theta_fp`` with ``qmap`` (PTQ ``method``) and evaluate the point.
 
     Parameters
@@ -111,8 +113,11 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
         The PTQ method (round-to-nearest by default).
     perplexity : bool
         Also report ``exp(loss)``.
+    calibration : Objective, optional
+        The data a data-aware method calibrates on (same layout as ``ref.analysis``, e.g. a
+        split of the training data); default ``ref.analysis``.
     """
-    result = ptq_result(ref.analysis, qmap, method=method)
+    result = ptq_result(ref.analysis if calibration is None else calibration, qmap, method=method)
     point = result.theta_q
     metrics = {"ptq_method": result.method, **_point_metrics(ref, point, perplexity)}
     if result.reconstruction_error:

@@ -180,6 +180,45 @@ def _add_weights_section(page: ReportPage, result: Any) -> None:
     )
 
 
+def _mixed_precision_rows(mp: dict) -> tuple[list[dict], list[dict]]:
+    """Per-layer rows (bits of the plan and of HAWQ, predicted damage) and the measured-loss rows of ``mixed_precision``."""
+    plan, check = mp["plan"], mp["verification"]
+    hawq = check["hawq_plan"]["bits"]
+    layers = {row["name"]: row for row in mp["sensitivities"]["layers"]}
+    per_layer = []
+    for name, bits in plan["bits"].items():
+        row = layers[name]
+        per_layer.append({"layer": name, "weights": row["size"], "bits (plan)": bits, "bits (HAWQ)": hawq[name],
+                          "predicted damage ½uᵀHu": row["second_order"][row["bits"].index(bits)],
+                          "tr H_ll": row["trace"]})
+    n = len(check["random_losses"])
+    random = None if check["random_mean"] is None else (
+        f"{check['random_mean']:.4g} ± {check['random_std']:.2g} (sd, n={n})" if check["random_std"] is not None else f"{check['random_mean']:.4g} (n={n})")
+    mean_bits = sum(check["random_average_bits"]) / n if n else None
+    losses = [
+        {"allocation": "full precision", "average bits": None, "predicted damage": None, "measured loss": f"{check['loss_fp']:.4g}"},
+        {"allocation": "plan (second-order)", "average bits": plan["average_bits"], "predicted damage": plan["predicted_damage"],
+         "measured loss": f"{check['loss_plan']:.4g}"},
+        {"allocation": "HAWQ-V2 plan", "average bits": check["hawq_plan"]["average_bits"], "predicted damage": None,
+         "measured loss": f"{check['loss_hawq']:.4g}"},
+        {"allocation": "random allocations", "average bits": mean_bits, "predicted damage": None, "measured loss": random},
+    ]
+    return per_layer, losses
+
+
+def _add_mixed_precision(page: ReportPage, mp: dict | None) -> None:
+    if mp is None:
+        return
+    per_layer, losses = _mixed_precision_rows(mp)
+    page.add_heading(f"Mixed precision under {mp['budget_bits']:g} bits")
+    page.add_table(per_layer, caption=f"One bit-width per quantized tensor from {mp['candidate_bits']} minimising the summed second-order "
+                   f"damage ½uᵀH_llu at θ_fp (exact knapsack, {mp['plan']['method']}) with parameter-weighted average "
+                   f"{mp['plan']['average_bits']:.4g} ≤ {mp['budget_bits']:g} bits; HAWQ-V2 plan (tr H_ll / n · ‖u‖²) at the same budget "
+                   "for comparison (docs/ptq_search.md §4).")
+    page.add_table(losses, caption=f"Measured {mp['loss_set']}-set loss of each allocation (round to nearest per layer); random: maximal "
+                   "random allocations within the budget, mean ± sd.")
+
+
 def _add_notices(page: ReportPage, warnings: list, notes: list) -> None:
     """Warnings (what the numbers may not describe) and notes (how this run was computed)."""
     if warnings:
@@ -300,6 +339,7 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
         shown, note = _top_layer_rows([row.to_dict() for row in b.per_layer])
         page.add_table(shown, caption=f"{b.bits} bits: HAWQ-style sensitivity (top eigenvalue and trace per weight of the layer's Hessian block), hill fraction of the layer's rounding perturbation, damage and alignment.{note}")
 
+    _add_mixed_precision(page, getattr(result, "mixed_precision", None))
     _add_weights_section(page, result)
 
     page.add_heading("Run")

@@ -1,0 +1,145 @@
+"""E12 (docs/experiments.md §8): is the PTQ of "PTQ fails at 2 bits, QAT recovers" strong enough?
+
+The digits MLP and the MNIST-1D CNN (one FP model per seed), bits 4/3/2, per-channel and per-group
+(16 input columns: ``W{b}g16``) symmetric grids. Held-out (test split) accuracy and loss of RTN with
+min-max and with MSE scales, GPTQ and AdaRound (on the MSE grid), the best nearby grid point (greedy
+code flips from RTN-mse searched on a calibration split of the TRAINING data, evaluated on test),
+and QAT from theta_fp with STE and LSQ (LSQ per channel only; the study's QAT budget). Every
+data-aware method calibrates on the same ``calibration_samples`` training rows drawn with the seed.
+Per (model, bits, granularity, method): mean over seeds with a 95 % Student t interval and n;
+paired by seed: best PTQ (per seed the PTQ method with the lowest loss on a validation split of the
+training data, disjoint from the calibration rows) minus QAT,
+QAT-ste minus RTN-minmax, and GPTQ / AdaRound / flips minus RTN-mse (BCa interval, Wilcoxon p).
+No study model has BatchNorm (``riverscape/models.py``: only ResNet-20, which needs 32x32 images),
+so no BN re-estimation is needed or done.
+
+    python experiments/ptq_methods.py --quick --out /tmp/ptq_methods   # 3 seeds, 240 cells: ~5 min (281 s CPU, one thread)
+    python experiments/ptq_methods.py --out runs/ptq_methods            # 10 seeds, longer searches
+
+results.json: cells ``params = {"model", "bits", "group_size" (None: per channel), "method", "seed"}``,
+method ``fp`` (bits 32) or one of ``riverscape.ptq_study.METHODS``; ``result``: the record of
+``riverscape.ptq_study.ptq_method_cell`` (``fp``: ``fp_point_cell``); ``summary``: ``rows``
+(``ptq_study.summary_rows``) and ``contrasts`` (``ptq_study.paired_contrasts``).
+"""
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from riverscape import ptq_study as ps
+from riverscape import studies as st
+from riverscape import sweep as sw
+from riverscape.report.experiment_figures import series_figures
+
+NAME = "ptq_methods"
+LABELS = {"rtn_minmax": "RTN min-max", "rtn_mse": "RTN MSE", "gptq": "GPTQ", "adaround": "AdaRound", "nearby": "greedy flips",
+          "best_ptq": "best PTQ (val.)", "qat_ste": "QAT STE", "qat_lsq": "QAT LSQ"}
+
+
+def settings(quick: bool) -> dict:
+    """Every size of the experiment (stored as the sweep's config)."""
+    common = {"models": {"digits_mlp": {}, "mnist1d_cnn": {}}, "bits": [4, 3, 2], "group_sizes": [None, 16], "calibration_samples": 256,
+              "validation_samples": 1024}
+    if quick:
+        return {**common, "seeds": 3, "adaround_iterations": 500, "flip_rounds": 50, "flip_candidates": 16, "flip_matvecs": 50}
+    return {**common, "seeds": 10, "adaround_iterations": 2000, "flip_rounds": 300, "flip_candidates": 32, "flip_matvecs": 100}
+
+
+def specs(cfg: dict) -> dict[str, st.StudyModel]:
+    return {key: st.study_model(key, **overrides) for key, overrides in cfg["models"].items()}
+
+
+def cells(cfg: dict, seed: int) -> list[dict]:
+    """Seeds outer, so an interrupted sweep leaves complete seeds (every method of one FP model)."""
+    out = []
+    for key in cfg["models"]:
+        for i in range(cfg["seeds"]):
+            out.append({"model": key, "bits": 32, "group_size": None, "method": "fp", "seed": seed + i})
+            out += [{"model": key, "bits": b, "group_size": g, "method": m, "seed": seed + i}
+                    for b in cfg["bits"] for g in cfg["group_sizes"] for m in ps.METHODS if not (m == "qat_lsq" and g is not None)]
+    return out
+
+
+def run_cell(cell: dict, cfg: dict, out_dir, progress: bool) -> dict:
+    study = st.load_study(specs(cfg)[cell["model"]], cell["seed"], out_dir / "fp_models", progress=progress)
+    if cell["method"] == "fp":
+        return ps.fp_point_cell(study)
+    return ps.ptq_method_cell(study, cell["bits"], cell["group_size"], cell["method"], seed=cell["seed"],
+                              calibration_samples=cfg["calibration_samples"], validation_samples=cfg["validation_samples"],
+                              adaround_iterations=cfg["adaround_iterations"],
+                              flip_rounds=cfg["flip_rounds"], flip_candidates=cfg["flip_candidates"], flip_matvecs=cfg["flip_matvecs"],
+                              progress=progress)
+
+
+def _fp_rows(records: list[dict]) -> dict[str, dict]:
+    fp: dict[str, list[dict]] = {}
+    for r in records:
+        if r["params"]["method"] == "fp":
+            fp.setdefault(r["params"]["model"], []).append(r["result"])
+    return {model: {k: ps.seed_interval([res[k] for res in results], 0.95) for k in ("accuracy", "loss")} for model, results in fp.items()}
+
+
+def tables(rows: list[dict], contrasts: list[dict], fp: dict[str, dict]) -> list[str]:
+    md = []
+    methods = list(LABELS)
+    for metric in ("accuracy", "loss"):
+        wide: dict[tuple, dict] = {}
+        for r in rows:
+            entry = wide.setdefault((r["model"], r["granularity"], r["bits"]), {"model": r["model"], "grid": None, "bits": r["bits"]})
+            entry[r["method"]] = ps.format_interval(r[metric])
+            if r["short_name"] and r["method"] == "rtn_mse":
+                entry["grid"] = r["short_name"]
+        ordered = sorted(wide.values(), key=lambda e: (e["model"], e["grid"] or "", -e["bits"]))
+        fp_text = "; ".join(f"{m} {ps.format_interval(v[metric])}" for m, v in fp.items())
+        md.append(sw.print_table(ordered, {"model": "model", "grid": "grid", "bits": "bits", **{m: LABELS[m] for m in methods}},
+                                 title=f"Test {metric}: mean [95% t CI] n=seeds (FP: {fp_text})"))
+    crow = [{"model": c["model"], "grid": c["granularity"], "bits": c["bits"], "contrast": f"{c['a']} - {c['b']}", "n": c["n"],
+             "acc": ps.format_interval(c["accuracy"]), "acc_p": c["accuracy"]["wilcoxon_p"],
+             "loss": ps.format_interval(c["loss"]), "loss_p": c["loss"]["wilcoxon_p"]} for c in contrasts]
+    md.append(sw.print_table(crow, {"model": "model", "grid": "granularity", "bits": "bits", "contrast": "a - b", "n": "n",
+                                    "acc": "Δ test acc [95% BCa]", "acc_p": "Wilcoxon p", "loss": "Δ test loss [95% BCa]", "loss_p": "Wilcoxon p"},
+                             title="Paired by seed (same FP model): a minus b"))
+    picks = [{"model": r["model"], "grid": r["granularity"], "bits": r["bits"], "selected": ", ".join(f"{m}×{k}" for m, k in r["selected"].items())}
+             for r in rows if r["method"] == "best_ptq"]
+    md.append(sw.print_table(picks, ["model", "grid", "bits", "selected"], title="best PTQ: method picked per seed by the loss on the validation split of the training data"))
+    return md
+
+
+def figures(rows: list[dict], out_dir) -> None:
+    for model in sorted({r["model"] for r in rows}):
+        for metric in ("accuracy", "loss"):
+            panels: dict[str, dict] = {}
+            for gran in sorted({r["granularity"] for r in rows if r["model"] == model}):
+                series = {}
+                for method, label in LABELS.items():
+                    mine = sorted((r for r in rows if r["model"] == model and r["granularity"] == gran and r["method"] == method), key=lambda r: r["bits"])
+                    if mine:
+                        ivs = [r[metric] for r in mine]
+                        series[label] = ([r["bits"] for r in mine], [iv["estimate"] for iv in ivs],
+                                         [0.0 if iv["n"] < 2 else (iv["high"] - iv["low"]) / 2 for iv in ivs])
+                panels[f"{gran}: test {metric}"] = series
+            fig, mfig = series_figures(panels, f"{model}: PTQ methods vs QAT (mean ± 95% t half-width over seeds)", xlabel="bits",
+                                       log_y=[metric == "loss"] * len(panels))
+            sw.write_figure(fig, out_dir / f"{metric}_{model}", static=mfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts, cfg, sweep = st.open_sweep(
+        NAME, __doc__.splitlines()[0], settings, argv, models=specs,
+        arguments=lambda p: p.add_argument("--seeds", type=int, default=None, help="seeds (FP models) per configuration (default: 3 quick, 10 full)"),
+        overrides=lambda o: {} if o.seeds is None else {"seeds": o.seeds},
+    )
+    records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
+    rows, contrasts = ps.summary_rows(records), ps.paired_contrasts(records)
+    sweep.summary = {"rows": rows, "contrasts": contrasts}
+    md = tables(rows, contrasts, _fp_rows(records))
+    figures(rows, opts.out)
+    st.finish_sweep(sweep, opts.out, md)
+    return {"rows": rows, "contrasts": contrasts, "records": records}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
