@@ -397,6 +397,24 @@ def _mixed_precision_line(mp: dict) -> str:
             f"{check['loss_plan']:.4g} (HAWQ {check['loss_hawq']:.4g}, random {random}, FP {check['loss_fp']:.4g})")
 
 
+def _external_point(options, names: list[str]):
+    """The :class:`~riverscape.quant.ptq.External` config of ``--quantized-weights`` (``None`` without it)."""
+    if options.quantized_weights is None:
+        return None
+    from .io.reading import read_checkpoint
+    from .quant.ptq import External, dequantized_weights
+
+    raw = read_checkpoint(options.quantized_weights)
+    if raw.state_dict is None:
+        raise InputError(f"{options.quantized_weights} holds no state dict of quantized weights")
+    weights = dequantized_weights(raw.state_dict)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise InputError(f"{options.quantized_weights} lacks {len(missing)} of the quantized tensors: {', '.join(missing[:4])}"
+                         + (" ..." if len(missing) > 4 else ""))
+    return External(weights, source=str(options.quantized_weights), group_size=options.group_size)
+
+
 PER_BITS_STAGES = ("ptq", "curvature_quantized", "damage", "qat", "alignment", "slices", "paths")
 
 
@@ -413,6 +431,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
                                   selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed)
     obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
+    external = _external_point(options, names)
     run_notes += [*obj.notes, *ensure_twice_differentiable(obj)]
     fp_metrics = ref.evaluate(fp)
     fp_loss, fp_train_loss = fp_metrics["loss"], fp_metrics["train_loss"]
@@ -457,10 +476,16 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         bar.set_postfix_str(f"{bits} bits")
         quantizer = options.quantizer(bits)
         qmap = ref.quant_map(quantizer)
-        measured = measure_ptq(ref, qmap, method=options.ptq_methods[0])
+        methods = [*([external] if external is not None else []), *options.ptq_methods]
+        try:
+            measured = measure_ptq(ref, qmap, method=methods[0])
+        except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
+            if external is None:
+                raise
+            raise InputError(f"--quantized-weights {options.quantized_weights}: {exc}") from None
         q, ptq_metrics = measured.point, dict(measured.metrics)
-        compared = {options.ptq_methods[0]: ptq_metrics}
-        for method in options.ptq_methods[1:]:
+        compared = {ptq_metrics["ptq_method"]: ptq_metrics}
+        for method in methods[1:]:
             compared[method] = dict(measure_ptq(ref, qmap, method=method).metrics)
         t0 = log.lap("ptq", t0, f"PTQ, {bits} bits")
         notes: list[str] = []

@@ -45,12 +45,15 @@ def _ptq_methods(value: Iterable[str] | str) -> tuple[str, ...]:
 
     methods: list[str] = []
     for name in _names(value, "ptq_methods"):
-        if name not in PTQ_CONFIGS:
-            raise InputError(f"unknown PTQ method {name!r}; choose from {', '.join(PTQ_CONFIGS)}")
+        selectable = [n for n, c in PTQ_CONFIGS.items() if c.selectable_by_name]
+        if name == "external":
+            raise InputError("the external PTQ point is given as a file: use --quantized-weights FILE")
+        if name not in selectable:
+            raise InputError(f"unknown PTQ method {name!r}; choose from {', '.join(selectable)}")
         if name not in methods:
             methods.append(name)
     if not methods:
-        raise InputError(f"give at least one PTQ method, e.g. --ptq rtn (registered: {', '.join(PTQ_CONFIGS)})")
+        raise InputError("give at least one PTQ method, e.g. --ptq rtn")
     return tuple(methods)
 
 
@@ -113,6 +116,13 @@ class AnalyzeOptions:
         (:func:`riverscape.quant.mixed_precision.plan_bits`, docs/ptq_search.md §4), and measure
         the plan against the HAWQ plan and random allocations. ``None``: no plan. A number from
         ``min(MIXED_PRECISION_BITS)`` to ``max(MIXED_PRECISION_BITS)``.
+    group_size : int or None
+        Per-group scales of this many input weights (``W{b}g{G}``; docs/ptq_methods.md §1);
+        ``None``: per channel (or per tensor).
+    quantized_weights : str or None
+        A state dict (``.pt``/``.safetensors``) of the same model's weights quantized elsewhere and
+        dequantized: analysed as the PTQ point (method ``external``, docs/ptq_methods.md §6), with the
+        ``ptq_methods`` compared against it. Needs exactly one bit-width (the one it was quantized to).
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -137,6 +147,8 @@ class AnalyzeOptions:
     budget: Union[str, float] = "standard"
     skip: tuple[str, ...] = ()
     bits_budget: Optional[float] = None
+    group_size: Optional[int] = None
+    quantized_weights: Optional[str] = None
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +187,13 @@ class AnalyzeOptions:
             raise InputError(f"grid_span must be a positive finite number, got {span!r}")
         object.__setattr__(self, "grid_span", float(span))
         self._check_bits_budget()
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise InputError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.quantized_weights is not None:
+            if not isinstance(self.quantized_weights, str) or not self.quantized_weights:
+                raise InputError(f"quantized_weights must be a file path, got {self.quantized_weights!r}")
+            if len(self.bits) != 1:
+                raise InputError("--quantized-weights analyses one quantized point: give the one bit-width it was quantized to, e.g. --bits 4")
         for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -229,7 +248,8 @@ class AnalyzeOptions:
         """The :class:`~riverscape.quant.UniformQuantizer` these options describe at ``bits``."""
         from .quant import UniformQuantizer
 
-        return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method)
+        return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method,
+                                group_size=self.group_size)
 
     def selection(self):
         """The :class:`~riverscape.quant.LayerSelection` of ``include``, ``exclude`` and ``keep_first_last``."""

@@ -499,6 +499,10 @@ def _add_analyze(sub: Any) -> None:
     q.add_argument("--exclude", action="append", metavar="PATTERN", help="keep these layers in full precision (repeatable)")
     q.add_argument("--ptq", dest="ptq_methods", default="rtn", metavar="M[,M...]",
                    help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
+    q.add_argument("--group-size", type=int, metavar="G", help="per-group scales of G input weights (W<b>g<G>), e.g. 32 or 128")
+    q.add_argument("--quantized-weights", metavar="FILE",
+                   help="state dict (.pt, .safetensors) of these weights quantized elsewhere and dequantized: analysed as the PTQ point "
+                        "(with --bits set to its bit-width), compared with the --ptq methods")
     q.add_argument("--keep-first-last", action="store_true", help="keep the first and last layers in full precision")
     q.add_argument("--bits-budget", type=float, metavar="B",
                    help="also plan mixed precision: one bit-width per layer from 2/3/4/8 with average <= B bits, minimising the "

@@ -126,6 +126,9 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
         metrics["reconstruction_error"] = dict(result.reconstruction_error)
     if result.calibration:
         metrics["calibration_samples"] = result.calibration.get("n_samples")
+    residuals = (result.calibration or {}).get("grid_residual")
+    if residuals:
+        metrics["grid_residual_max"] = max(residuals.values())  # external weights: how far off a uniform grid (in steps)
     if result.fallback:
         metrics["rtn_fallback"] = dict(result.fallback)
     return PTQMeasurement(qmap, point, metrics, result)
