@@ -31,3 +31,11 @@ def test_missing_measurements_fall_back_to_predicted_damage_then_size():
     rows = [{"layer": f"l{i}", "numel": i, "predicted_damage": None if i % 2 else float(i), "measured_damage": None} for i in range(40)]
     shown, _ = _top_layer_rows(rows, limit=3)
     assert [r["layer"] for r in shown[:3]] == ["l38", "l36", "l34"]
+
+
+def test_a_language_models_perplexity_is_not_drawn_as_accuracy():
+    from riverscape.report.analysis_page import _qat_history
+
+    history = {"step": [0, 1], "loss": [2.0, 1.5], "grid_flips": [0, 3], "eval_metric": [7.4, 4.5]}
+    assert _qat_history(history)["accuracy"] == [7.4, 4.5]  # a classifier's metric is its accuracy
+    assert "accuracy" not in _qat_history(history, metric_is_accuracy=False)  # perplexity stays in metrics.json only

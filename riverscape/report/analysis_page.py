@@ -33,11 +33,15 @@ def _profile_tuple(profile: Any) -> tuple:
     return (profile.t.numpy(), profile.loss.numpy(), profile.quantized_loss.numpy())
 
 
-def _qat_history(history: dict) -> dict:
-    """QAT history columns under the report's names (the quantized loss is QAT's ``loss``)."""
+def _qat_history(history: dict, *, metric_is_accuracy: bool = True) -> dict:
+    """QAT history columns under the report's names (the quantized loss is QAT's ``loss``).
+
+    The recorded metric is drawn as accuracy only when it is one (a language model records
+    perplexity, which an accuracy axis would mislabel; it stays in ``metrics.json``).
+    """
     columns = {"step": history["step"], "quantized_loss": history["loss"], "flips": history["grid_flips"]}
     accuracy = history.get("eval_metric") or history.get("metric")
-    if accuracy and all(a is not None for a in accuracy):
+    if metric_is_accuracy and accuracy and all(a is not None for a in accuracy):
         columns["accuracy"] = accuracy
     return columns
 
@@ -319,10 +323,12 @@ def write_report(result: Any, out_dir: Path, *, title: str = "riverscape report"
     if qat_runs:
         page.add_heading("QAT")
         for b in qat_runs:
-            history = _qat_history(b.qat_result.history)
+            is_accuracy = result.fp.get("accuracy") is not None
+            history = _qat_history(b.qat_result.history, metric_is_accuracy=is_accuracy)
             page.add_figure(
                 qat_curve_figure(history, fp_loss=result.fp["train_loss"], fp_accuracy=result.fp.get("accuracy")),
-                caption=f"{b.bits} bits: quantized training loss (and accuracy) along QAT, grid flips per step.",
+                caption=f"{b.bits} bits: quantized training loss" + (" (and accuracy)" if is_accuracy else "")
+                + " along QAT, grid flips per step.",
             )
             if b.qat_alignment is not None:
                 series = b.qat_alignment
