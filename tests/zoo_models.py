@@ -144,3 +144,18 @@ def sequences(n: int = 64, length: int = 7, features: int = 4, num_classes: int 
     g = _generator(seed)
     x = torch.randn(n, length, features, generator=g)
     return x, x.sum(1).argmax(1) % num_classes
+
+
+# ---------------------------------------------------------------- Hugging Face classifier
+def hf_sequence_classifier(folder: str) -> nn.Module:
+    """The architecture of a ``save_pretrained`` sequence classifier, built from its ``config.json`` (no weights, no network)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def token_labels(n: int = 64, length: int = 8, vocab: int = 20, num_labels: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Token sequences ``(n, length)`` and a label that is their id sum modulo ``num_labels``."""
+    ids = torch.randint(0, vocab, (n, length), generator=_generator(seed))
+    return ids, ids.sum(1) % num_labels
