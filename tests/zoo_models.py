@@ -159,3 +159,17 @@ def token_labels(n: int = 64, length: int = 8, vocab: int = 20, num_labels: int 
     """Token sequences ``(n, length)`` and a label that is their id sum modulo ``num_labels``."""
     ids = torch.randint(0, vocab, (n, length), generator=_generator(seed))
     return ids, ids.sum(1) % num_labels
+
+
+def deep_mlp(depth: int = 9, width: int = 4, num_classes: int = 3) -> nn.Module:
+    """``depth`` tanh Linear layers: more quantized tensors than ``--budget quick``'s per-layer stage covers (8)."""
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+def features(n: int = 64, width: int = 4, num_classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Gaussian features ``(n, width)`` and the arg-max of their first ``num_classes`` coordinates."""
+    x = torch.randn(n, width, generator=_generator(seed))
+    return x, x[:, :num_classes].argmax(1)
