@@ -649,9 +649,9 @@ def _input_error_from(exc: BaseException) -> Optional[str]:
         if exc.errno == errno.ENOSPC:
             return f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; free some space or choose another --out"
         return _one_line(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory; lower --max-samples, --top-k or --grid-steps, or analyse fewer layers with --include"
     text = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in text):  # torch's CPU allocator
+        return "out of memory; lower --max-samples, --top-k or --grid-steps, or analyse fewer layers with --params or --include"
     if isinstance(exc, RuntimeError) and ("No space left on device" in text or "file write failed" in text):
         return "no space left on the device while writing the output; free some space or choose another --out"
     if isinstance(exc, ConvergenceError) or type(exc).__name__ in ("ArpackError", "ArpackNoConvergence"):

@@ -307,3 +307,12 @@ def test_budget_quick_on_more_quantized_tensors_than_its_per_layer_stage_covers(
     m = analyze(tmp_path, checkpoint, "--model", f"{ZOO}:deep_mlp", "--data", f"{ZOO}:features", *QUICK, "--skip",
                 "density,damage,alignment,qat,slices,paths")
     assert m["n_quantized_tensors"] == 9 and len(m["layer_curvature"]) == 8
+
+
+def test_a_failed_cpu_allocation_is_an_out_of_memory_line_not_a_bug_report():
+    # what torch raised when the whole ResNet-18 (11M quantized weights) asked for 26 GB in the basin-width scan
+    exc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 25919114240 bytes. Error code 12 (Cannot allocate memory)")
+    assert cli._input_error_from(exc).startswith("out of memory; lower --max-samples")
+    assert cli._input_error_from(MemoryError()).startswith("out of memory")
+    assert cli._input_error_from(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # other RuntimeErrors stay bugs
