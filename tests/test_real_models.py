@@ -143,6 +143,8 @@ def test_params_pattern_outside_the_quantized_tensors_is_one_line(tmp_path, caps
 
 
 @pytest.mark.skipif(os.environ.get("RIVERSCAPE_BIG") != "1", reason="the whole ResNet-18 takes minutes: RIVERSCAPE_BIG=1")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="basin_widths materialises 2k x 29 points of D = 11.2M (26 GB), and "
+                   "--budget quick's per-layer stage (8 of 21 tensors) trips analysis._layer_rows")
 def test_resnet18_whole_model_at_budget_quick(tmp_path):
     torch.manual_seed(0)
     x, y = zoo.images(256)
