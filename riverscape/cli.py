@@ -63,6 +63,7 @@ examples:
   riverscape analyze model.safetensors --model pkg.models:build --data pkg.data:load_test_set
   riverscape analyze old_full_model.pt --trust-checkpoint --data digits
   riverscape analyze my_gpt2/ --bits 4 --data text:corpus.txt
+  riverscape analyze my_gpt2/ --bits 4 --data text:corpus.txt --params 'transformer.h.0.*' --budget quick
 
 CHECKPOINT may be a riverscape checkpoint (from 'riverscape train'), a state dict saved
 with torch.save (also nested under 'state_dict', 'model_state_dict' or 'model', with or
@@ -339,12 +340,55 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for note in loaded.notes:
         _note(note)
     check_model_data(loaded.model, data.train, loaded.loss)
-    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs)
+    requested = None
+    if args.params:
+        requested = {"params": list(args.params), "include": list(options.include), "exclude": list(options.exclude),
+                     "keep_first_last": options.keep_first_last}
+        options = _narrow_to_params(options, args.params, loaded, data)
+    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs, selection=requested)
     return EXIT_OK
 
 
-def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = ()) -> dict:
-    """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``."""
+def _narrow_to_params(options: Any, patterns: list[str], loaded: Any, data: Any) -> Any:
+    """``--params``: the tensors the selection quantizes on the whole model, narrowed to those matching ``patterns``.
+
+    The analysis coordinates are the quantized tensors (everything else stays at full
+    precision), so restricting curvature, slices, alignment and QAT to a block is narrowing the
+    quantized set. Unlike ``--include``, which quantizes every tensor it names (also biases and
+    normalisation scales), ``--params`` keeps the default choice of weights and only intersects it:
+    ``--include``/``--exclude``/``--keep-first-last`` are applied on the whole model first, then
+    only the tensors whose name, layer name or glob matches a ``--params`` pattern are kept.
+    The returned options name exactly those tensors (``include``), with nothing left to exclude.
+    """
+    import dataclasses
+    import glob
+
+    from .objective import Objective
+    from .pipeline import cap_samples
+    from .quant import LayerSelection
+
+    patterns = [p for item in patterns for p in item.split(",") if p.strip()]
+    probe = Objective(loaded.model, loaded.loss, cap_samples(data.train, 1))  # the layout, on one sample
+    chosen, _ = options.selection().select(probe.layout)
+    for pattern in patterns:
+        try:
+            LayerSelection(include=pattern).select(chosen)
+        except ValueError:
+            shown = ", ".join(s.name for s in chosen[:6]) + (", ..." if len(chosen) > 6 else "")
+            raise InputError(f"--params {pattern!r} matches none of the {len(chosen)} quantized tensors ({shown})") from None
+    narrowed, _ = LayerSelection(include=patterns).select(chosen)
+    _note(f"--params {' '.join(patterns)}: analysing {len(narrowed)} of {len(chosen)} quantized tensors "
+          f"({sum(s.numel for s in narrowed):,} of {sum(s.numel for s in chosen):,} weights); everything else stays at full precision")
+    return dataclasses.replace(options, include=tuple(glob.escape(s.name) for s in narrowed), exclude=(), keep_first_last=False)
+
+
+def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = (),
+                    selection: Optional[dict] = None) -> dict:
+    """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``.
+
+    ``selection`` (with ``--params``) is the layer selection as the user gave it, recorded as
+    ``run.selection`` beside the resolved options (which name the narrowed tensors exactly).
+    """
     from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
 
@@ -363,6 +407,7 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
                     "data": data.spec,
                     "loss": loaded.loss,
                     "options": resolved,
+                    **({"selection": selection} if selection is not None else {}),
                 },
             }
         )
@@ -497,6 +542,9 @@ def _add_analyze(sub: Any) -> None:
     q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="affine grid with a zero point")
     q.add_argument("--include", action="append", metavar="PATTERN", help="quantize only these layers (names or globs; repeatable)")
     q.add_argument("--exclude", action="append", metavar="PATTERN", help="keep these layers in full precision (repeatable)")
+    q.add_argument("--params", action="append", metavar="PATTERN",
+                   help="analyse only the quantized weights matching these names or globs, e.g. 'transformer.h.0.*' (one block; "
+                        "repeatable); everything else stays fixed at full precision. Narrows --include/--exclude, never widens them")
     q.add_argument("--ptq", dest="ptq_methods", default="rtn", metavar="M[,M...]",
                    help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
     q.add_argument("--group-size", type=int, metavar="G", help="per-group scales of G input weights (W<b>g<G>), e.g. 32 or 128")
@@ -608,9 +656,9 @@ def _input_error_from(exc: BaseException) -> Optional[str]:
         if exc.errno == errno.ENOSPC:
             return f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; free some space or choose another --out"
         return _one_line(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory; lower --max-samples, --top-k or --grid-steps, or analyse fewer layers with --include"
     text = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in text):  # torch's CPU allocator
+        return "out of memory; lower --max-samples, --top-k or --grid-steps, or analyse fewer layers with --params or --include"
     if isinstance(exc, RuntimeError) and ("No space left on device" in text or "file write failed" in text):
         return "no space left on the device while writing the output; free some space or choose another --out"
     if isinstance(exc, ConvergenceError) or type(exc).__name__ in ("ArpackError", "ArpackNoConvergence"):

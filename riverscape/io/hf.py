@@ -84,6 +84,7 @@ def load_hf_folder(folder: PathLike, *, memory_limit: Optional[int] = DEFAULT_ME
         raise CheckpointError(f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); save the model with model.save_pretrained(folder)")
     check_allocation(f"{folder}: its weights", sum(p.stat().st_size for p in weights), memory_limit)
     transformers = _transformers()
+    _check_causal_lm(folder, transformers)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -97,6 +98,24 @@ def load_hf_folder(folder: PathLike, *, memory_limit: Optional[int] = DEFAULT_ME
     spec = {"name": "huggingface", "kwargs": {"folder": str(folder), "architecture": type(model).__name__}}
     return LoadedCheckpoint(model=model, model_spec=spec, data_spec=None, loss="causal_lm", trajectory=None, trajectory_steps=None,
                             source_format="huggingface", path=folder, notes=tuple(notes), checkpoint_dtype=stored)
+
+
+def _check_causal_lm(folder: Path, transformers: Any) -> None:
+    """Refuse a folder whose ``config.architectures`` names no causal LM (``AutoModelForCausalLM`` would build
+    another head, e.g. ``BertLMHeadModel`` for a saved ``BertForSequenceClassification``, and drop the real one)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        architectures = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True).architectures or []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: its config.json cannot be read by transformers ({_first_line(exc)})") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(name in causal for name in architectures):
+        raise CheckpointError(
+            f"{folder} holds a {architectures[0]}, not a causal language model; a model folder is analysed as a causal LM "
+            f"on --data text:FILE. Analyse its weights file with a factory instead: riverscape analyze {folder}/model.safetensors "
+            "--model my_file.py:build --data my_file.py:data (build() returns the model from the folder's config)"
+        )
 
 
 def load_tokenizer(folder: PathLike) -> Any:
