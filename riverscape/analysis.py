@@ -257,8 +257,13 @@ def _layer_rows(qmap: QuantMap, delta: Tensor, vectors: Tensor, curvature: list,
     names = [name for name, _ in layers]
     ali_rows = ali.to_dict().get("per_layer", []) if ali is not None else []
     rows = []
-    for (name, sl), curv, dm, al in zip(layers, _by_layer(curvature, names), _by_layer(dmg.per_layer if dmg is not None else [], names),
-                                        _by_layer(ali_rows, names)):
+    sensitivity = {row["name"]: row for row in curvature}  # the budget may cover only the largest tensors
+    unknown = set(sensitivity) - set(names)
+    if unknown:
+        raise AssertionError(f"per-layer curvature of tensors outside the map: {sorted(unknown)}")
+    for (name, sl), dm, al in zip(layers, _by_layer(dmg.per_layer if dmg is not None else [], names),
+                                  _by_layer(ali_rows, names)):
+        curv = sensitivity.get(name, {})
         d_l = torch.zeros_like(delta)
         d_l[sl] = delta[sl]
         norm2 = float(d_l.pow(2).sum())

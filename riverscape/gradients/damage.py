@@ -57,6 +57,24 @@ def breakdown_scale(t: Sequence[float], measured: Sequence[float], quadratic: Se
     return math.inf
 
 
+POINTS_BYTES = 2**28
+"""Memory for the points of one batched evaluation along directions (256 MiB): a scan of 2k x 29 points
+of an 11M-parameter model would otherwise ask for 26 GB at once."""
+
+
+def _losses_along(objective: Objective, theta: Tensor, dirs: Tensor, t: Tensor) -> Tensor:
+    """``L(theta + t[r, j] * dirs[r])`` as a float64 CPU tensor of ``t``'s shape, built and evaluated in bounded chunks."""
+    rows, cols = t.shape
+    flat_t = t.reshape(-1)
+    chunk = max(1, min(rows * cols, POINTS_BYTES // max(1, theta.numel() * theta.element_size())))
+    out = torch.empty(rows * cols, dtype=torch.float64)
+    for start in range(0, rows * cols, chunk):
+        index = torch.arange(start, min(start + chunk, rows * cols))
+        points = theta + flat_t[index, None] * dirs[index // cols]
+        out[index] = objective.losses(points).double().cpu()
+    return out.reshape(rows, cols)
+
+
 def basin_widths(
     objective: Objective,
     theta: Tensor,
@@ -103,9 +121,8 @@ def basin_widths(
     base = torch.cat([guess, guess]).to(theta)
     factors = 2.0 ** (torch.arange(-8, 21, dtype=torch.float64) / 2.0)
     scan_t = base[:, None] * factors.to(theta)[None, :]  # (2k, n)
-    points = theta + scan_t[:, :, None] * dirs[:, None, :]
     loss0 = objective.loss(theta)
-    above = (objective.losses(points.reshape(-1, objective.dim)).reshape(scan_t.shape) - loss0) >= tau
+    above = (_losses_along(objective, theta, dirs, scan_t) - loss0) >= tau
     lo = torch.zeros(2 * k, dtype=torch.float64)
     hi = torch.full((2 * k,), math.inf, dtype=torch.float64)
     for r in range(2 * k):
@@ -119,8 +136,7 @@ def basin_widths(
         if not bool(active.any()) or bool(((hi - lo)[active] <= rtol * hi[active]).all()):
             break
         mid = torch.where(active, 0.5 * (lo + hi), torch.zeros_like(lo))
-        trial = theta + mid.to(theta)[:, None] * dirs
-        crossed = (objective.losses(trial).double().cpu() - loss0) >= tau
+        crossed = (_losses_along(objective, theta, dirs, mid.to(theta)[:, None])[:, 0] - loss0) >= tau
         hi = torch.where(active & crossed, mid, hi)
         lo = torch.where(active & ~crossed, mid, lo)
     width = torch.where(active, 0.5 * (lo + hi), hi)
