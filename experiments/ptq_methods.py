@@ -129,8 +129,7 @@ def figures(rows: list[dict], out_dir) -> None:
 def main(argv: list[str] | None = None) -> dict:
     opts, cfg, sweep = st.open_sweep(
         NAME, __doc__.splitlines()[0], settings, argv, models=specs,
-        arguments=lambda p: p.add_argument("--seeds", type=int, default=None, help="seeds (FP models) per configuration (default: 3 quick, 10 full)"),
-        overrides=lambda o: {} if o.seeds is None else {"seeds": o.seeds},
+        seeds_help="seeds (FP models) per configuration (default: 3 quick, 10 full)",
     )
     records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
     rows, contrasts = ps.summary_rows(records), ps.paired_contrasts(records)

@@ -395,22 +395,27 @@ def plane_landscape(
 # ---------------------------------------------------------------------- script scaffolding
 def open_sweep(name: str, description: str, settings: Callable[[bool], dict], argv: Optional[Sequence[str]] = None, *,
                models: Optional[Callable[[dict], Mapping[str, StudyModel]]] = None,
-               arguments: Optional[Callable[[Any], None]] = None, overrides: Optional[Callable[[Any], dict]] = None):
+               arguments: Optional[Callable[[Any], None]] = None, overrides: Optional[Callable[[Any], dict]] = None,
+               seeds_help: Optional[str] = None):
     """Parse the common experiment options, pin one intra-op thread and open the resumable sweep.
 
     Returns ``(opts, cfg, sweep)`` with ``cfg = settings(quick) + overrides(opts) + quick + seed`` (plus
     the full ``study_models`` settings when ``models(cfg)`` is given, so changing a budget invalidates
     stored cells). ``arguments(parser)`` adds script-specific options; ``overrides(opts)`` maps them to
-    settings (e.g. ``--seeds N`` to ``{"seeds": N}``).
+    settings. ``seeds_help`` adds the multi-seed option ``--seeds N`` (``{"seeds": N}`` in ``cfg``
+    when given) with that help text.
     """
     from .sweep import Sweep, experiment_parser
 
     parser = experiment_parser(description, name=name)
+    if seeds_help is not None:
+        parser.add_argument("--seeds", type=int, default=None, help=seeds_help)
     if arguments is not None:
         arguments(parser)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)  # small models: a second intra-op thread costs far more than it saves on a shared CPU
-    cfg = {**settings(opts.quick), **(overrides(opts) if overrides is not None else {}), "quick": opts.quick, "seed": opts.seed}
+    seeds = {"seeds": opts.seeds} if seeds_help is not None and opts.seeds is not None else {}
+    cfg = {**settings(opts.quick), **seeds, **(overrides(opts) if overrides is not None else {}), "quick": opts.quick, "seed": opts.seed}
     if models is not None:
         cfg["study_models"] = {k: s.to_dict() for k, s in models(cfg).items()}
     return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress)
