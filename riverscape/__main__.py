@@ -11,7 +11,7 @@ import sys
 
 def run_console() -> None:
     """Entry point of the ``riverscape`` script (and of ``python -m riverscape``)."""
-    from ._signals import exit_code_of, handlers_installed
+    from ._signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_of, handlers_installed
 
     with handlers_installed():
         try:
@@ -20,6 +20,17 @@ def run_console() -> None:
             code = main()
         except KeyboardInterrupt as exc:  # main() handles its own; this covers the instants around it
             code = exit_code_of(exc)
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # An interrupt can cut short one of the imports torch, plotly or scipy make lazily while the
+        # analysis runs (torch._dynamo, sympy, ...); finalising the interpreter with such a
+        # half-initialised module can end the process by SIGINT or SIGABRT instead of the exit code.
+        # The outputs were cleaned up while the interrupt unwound, so leave without finalising.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
 
 

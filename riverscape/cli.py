@@ -609,10 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- main
 
 
+# What torch, plotly, scipy and sklearn would otherwise import lazily in the middle of a run
+# (torch._dynamo pulls in sympy and torch.fx on the first vmap/optimizer step): an interrupt that
+# cuts one of those imports short leaves a half-initialised module behind, which has ended the
+# process by SIGINT/SIGABRT instead of exit code 130, or lost the interrupt altogether.
+_LAZY_HEAVY = ("torch._dynamo", "plotly.graph_objs", "scipy.stats", "sklearn.datasets")
 _COMMAND_MODULES = {
-    "train": (".training", ".checkpoint"),
-    "analyze": (".analysis", ".checkpoint"),
-    "demo": (".analysis", ".checkpoint", ".training"),
+    "train": (".training", ".checkpoint", *_LAZY_HEAVY),
+    "analyze": (".analysis", ".checkpoint", *_LAZY_HEAVY),
+    "demo": (".analysis", ".checkpoint", ".training", *_LAZY_HEAVY),
 }  # imported before the command runs, while signals are held
 
 
