@@ -30,3 +30,20 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
     ).double()
+
+
+def digits_mlp_checkpoint(path, *, steps: int, seed: int = 0):
+    """Train the built-in digits MLP for ``steps`` steps and save it as a riverscape checkpoint at ``path``.
+
+    Returns the :class:`~riverscape.TrainResult` (its ``model`` is the saved network). The same seed
+    gives the same checkpoint, so fixtures in different test files agree.
+    """
+    import riverscape as rs
+    from riverscape.checkpoint import make_spec, save_checkpoint
+
+    ds = rs.load_dataset("digits")
+    kwargs = ds.model_kwargs("mlp")
+    torch.manual_seed(seed)
+    result = rs.train(rs.build_model("mlp", **kwargs), ds, steps=steps, lr=1e-2, seed=seed, progress=False)
+    save_checkpoint(path, result.model, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy", train_result=result)
+    return result

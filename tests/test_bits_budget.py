@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-import riverscape as rs
+from helpers import digits_mlp_checkpoint
+
 from riverscape import cli
 from riverscape.analysis_options import MIXED_PRECISION_BITS, AnalyzeOptions
-from riverscape.checkpoint import make_spec, save_checkpoint
 from riverscape.errors import InputError
 
 
@@ -21,12 +21,8 @@ from riverscape.errors import InputError
 def finished(tmp_path_factory):
     """One small in-process ``riverscape analyze --bits-budget 3`` of a digits MLP checkpoint: exit code, stderr, metrics, report."""
     folder = tmp_path_factory.mktemp("bits_budget")
-    ds = rs.load_dataset("digits")
-    kwargs = ds.model_kwargs("mlp")
-    torch.manual_seed(0)
-    result = rs.train(rs.build_model("mlp", **kwargs), ds, steps=60, lr=1e-2, seed=0)
     ckpt = folder / "ckpt.pt"
-    save_checkpoint(ckpt, result.model, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy", train_result=result)
+    digits_mlp_checkpoint(ckpt, steps=60)
     out = folder / "report"
     args = ["analyze", str(ckpt), "--bits", "2", "--budget", "quick", "--skip", "slices,density,paths,alignment,damage", "--qat-steps", "0",
             "--max-samples", "128", "--top-k", "2", "--bits-budget", "3", "--out", str(out)]

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from helpers import digits_mlp_checkpoint
+
 import riverscape as rs
 from riverscape import cli
-from riverscape.checkpoint import make_spec, save_checkpoint
 from riverscape.quant import UniformQuantizer
 
 ARGS = ["--budget", "quick", "--skip", "slices,density,paths,alignment,damage,layers", "--qat-steps", "0", "--max-samples", "0", "--top-k", "2"]
@@ -20,10 +21,7 @@ ARGS = ["--budget", "quick", "--skip", "slices,density,paths,alignment,damage,la
 def work(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quantized_weights")
     ds = rs.load_dataset("digits")
-    kwargs = ds.model_kwargs("mlp")
-    torch.manual_seed(0)
-    net = rs.train(rs.build_model("mlp", **kwargs), ds, steps=60, lr=1e-2, seed=0, progress=False).model
-    save_checkpoint(folder / "ckpt.pt", net, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy")
+    net = digits_mlp_checkpoint(folder / "ckpt.pt", steps=60).model
     # "another library": 4-bit per-group-16 minmax weights, dequantized, biases untouched
     q = UniformQuantizer(4, range="minmax", group_size=16)
     state = {k: (q(v) if k.endswith("weight") else v).detach().clone() for k, v in net.state_dict().items()}

@@ -224,20 +224,12 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """``report.html`` of a real (small, ~10 s) analysis of a briefly trained digits MLP at 2 bits."""
-    import torch
-
-    import riverscape as rs
+    from helpers import digits_mlp_checkpoint
     from riverscape import cli
-    from riverscape.checkpoint import make_spec, save_checkpoint
 
     folder = tmp_path_factory.mktemp("report")
-    ds = rs.load_dataset("digits")
-    kwargs = ds.model_kwargs("mlp")
-    torch.manual_seed(0)
-    result = rs.train(rs.build_model("mlp", **kwargs), ds, steps=30, lr=1e-2, seed=0)
     ckpt = folder / "mlp.pt"
-    save_checkpoint(ckpt, result.model, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy",
-                    train_result=result)
+    digits_mlp_checkpoint(ckpt, steps=30)
     out = folder / "out"
     code = cli.main(["analyze", str(ckpt), "--bits", "2", "--qat-steps", "5", "--grid-steps", "5", "--top-k", "2",
                      "--max-samples", "128", "--out", str(out)])

@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import riverscape as rs
+from helpers import digits_mlp_checkpoint
+
 from riverscape import cli
-from riverscape.checkpoint import load_checkpoint, make_spec, save_checkpoint
+from riverscape.checkpoint import load_checkpoint
 from riverscape.errors import InputError
 from riverscape.outdir import MARKER_NAME, atomic_output_dir
 
@@ -80,13 +81,8 @@ def main_in(capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A riverscape checkpoint of the digits MLP (20 training steps, trajectory included)."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    ds = rs.load_dataset("digits")
-    kwargs = ds.model_kwargs("mlp")
-    torch.manual_seed(0)
-    result = rs.train(rs.build_model("mlp", **kwargs), ds, steps=20, lr=1e-2, seed=0)
-    path = folder / "m.pt"
-    save_checkpoint(path, result.model, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy", train_result=result)
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    digits_mlp_checkpoint(path, steps=20)
     return path
 
 
