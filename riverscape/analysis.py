@@ -47,6 +47,7 @@ from .pipeline import (
     measure_qat,
     plane_landscape,
 )
+from .precision import resolve_precision
 from .quant import QuantMap, WeightStatus
 from .quant.mixed_precision import layer_sensitivities, plan_bits, verify_plan
 from .stage_log import StageLog, format_seconds
@@ -284,6 +285,7 @@ def run_analysis(
     eval_split: str = "test",
     progress: bool = True,
     emit: Optional[Callable[[str], None]] = None,
+    stored_dtype: Optional[str] = None,
 ) -> AnalysisResult:
     """Analyse a trained model at every bit-width of ``options``.
 
@@ -305,13 +307,18 @@ def run_analysis(
         Receives the plan (budget, timed gradient and forward, estimated duration) before the
         heavy work and one line per finished stage with the estimated time left
         (:class:`riverscape.stage_log.StageLog`); the command line prints them to stderr.
+    stored_dtype : str, optional
+        The checkpoint's dtype (``"bfloat16"``) when ``model`` was loaded in a wider one; with
+        ``options.dtype="native"`` the model then runs in it (:func:`riverscape.precision.resolve_precision`).
 
     Returns
     -------
     AnalysisResult
     """
+    precision = resolve_precision(model, options.dtype, stored_dtype).objective_kwargs()
     with threads_for(model):
-        return _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, torch.device(options.device), emit)
+        return _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, torch.device(options.device), emit,
+                    precision)
 
 
 def _largest_layers(qmap: QuantMap, limit: Optional[int]) -> list[str]:
@@ -324,13 +331,13 @@ def _largest_layers(qmap: QuantMap, limit: Optional[int]) -> list[str]:
     return [n for n in names if n in keep]
 
 
-def _choose_preset(model, loss, train_data, options, device, log: StageLog):
+def _choose_preset(model, loss, train_data, options, device, log: StageLog, precision: dict):
     """The options resolved against their budget; a budget in minutes is matched to a preset by a timed probe."""
     if isinstance(options.budget, str):
         return options.resolve(BUDGETS[options.budget])
     # time on the smallest preset's sample cap (or on all samples when the user asked for all) and scale linearly
     probe_n = None if options.max_samples == 0 else (options.max_samples or BUDGETS["quick"].max_samples)
-    probe = Objective(model, loss, cap_samples(train_data, probe_n), device=device)
+    probe = Objective(model, loss, cap_samples(train_data, probe_n), device=device, **precision)
     measured = _time(probe)
     shape = _shape(options, probe, len(options.bits), 10)
     fits_any, chosen, seconds = False, BUDGETS["quick"], math.inf
@@ -423,10 +430,11 @@ def _external_point(options, names: list[str]):
 PER_BITS_STAGES = ("ptq", "curvature_quantized", "damage", "qat", "alignment", "slices", "paths")
 
 
-def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device, emit=None) -> AnalysisResult:
+def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device, emit=None, precision=None) -> AnalysisResult:
+    precision = precision or {}
     started = time.perf_counter()
     log = StageLog(emit)
-    options = _choose_preset(model, loss, train_data, options, device, log)
+    options = _choose_preset(model, loss, train_data, options, device, log, precision)
     budget, skip = options.preset, set(options.skip)
 
     train_data = cap_samples(train_data, options.sample_cap)
@@ -434,7 +442,8 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
     # the tensors are chosen once, on the full model; every map of the reference uses exactly them
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
-                                  selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed)
+                                  selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed,
+                                  **precision)
     obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
     external = _external_point(options, names)
     run_notes += [*obj.notes, *ensure_twice_differentiable(obj)]
@@ -641,7 +650,8 @@ def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = 
         eval_split="test" if data.test is not None else "train",
         progress=progress,
         emit=emit,
+        stored_dtype=loaded.checkpoint_dtype,
     )
-    precision = next((str(p.dtype).removeprefix("torch.") for p in loaded.model.parameters() if p.is_floating_point()), "?")
-    stored = getattr(loaded, "checkpoint_dtype", precision)
-    return dataclasses.replace(result, notes=[f"checkpoint weights stored as {stored}; analysed in {precision}", *result.notes])
+    precision = resolve_precision(loaded.model, options.dtype, loaded.checkpoint_dtype).describe()
+    note = f"checkpoint weights stored as {loaded.checkpoint_dtype}; analysed in {precision} on {options.device}"
+    return dataclasses.replace(result, notes=[note, *result.notes])

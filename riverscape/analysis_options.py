@@ -13,6 +13,7 @@ import torch
 
 from .budget import BUDGETS, SKIPPABLE_STAGES, Budget, parse_budget
 from .errors import InputError
+from .precision import PRECISIONS
 from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
 from .quant.quantizers import MAX_BITS, RANGE_METHODS
 
@@ -99,6 +100,10 @@ class AnalyzeOptions:
         Seed of every random choice (directions, probes, subsets), >= 0.
     device : str
         Torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    dtype : {"auto", "native", "float32", "float64"}
+        Precision (:mod:`riverscape.precision`): ``"auto"`` runs half-precision weights in float32
+        and others in their own dtype; ``"native"`` runs float16/bfloat16 models in their dtype
+        with float32 accumulation; ``"float32"``/``"float64"`` run everything in that dtype.
     bn_recalibrate : bool
         Re-estimate the BatchNorm running statistics on the analysis data before analysing
         (:func:`riverscape.batchnorm.recalibrate_batchnorm`; the checkpoint is not changed).
@@ -143,6 +148,7 @@ class AnalyzeOptions:
     ptq_methods: tuple[str, ...] = ("rtn",)
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"
     bn_recalibrate: bool = False
     budget: Union[str, float] = "standard"
     skip: tuple[str, ...] = ()
@@ -198,6 +204,8 @@ class AnalyzeOptions:
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()
+        if self.dtype not in PRECISIONS:
+            raise InputError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(PRECISIONS)}")
 
     def _check_bits_budget(self) -> None:
         budget = self.bits_budget

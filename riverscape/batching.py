@@ -53,6 +53,7 @@ __all__ = [
     "call_model",
     "cross_entropy",
     "first_tensor",
+    "index_samples",
     "is_causal_lm",
     "join_batch",
     "logits_of",
@@ -66,6 +67,7 @@ __all__ = [
     "sample_count",
     "split_batch",
     "take_samples",
+    "upcast",
 ]
 
 IGNORE_INDEX = -100
@@ -153,6 +155,44 @@ def move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return {k: move(v, device, dtype) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(move(v, device, dtype) for v in value)
+    return value
+
+
+def index_samples(value: Any, index: Tensor) -> Any:
+    """The samples ``index`` (a 1-D index tensor) of a batch part: tensors, or tuples/lists/mappings of them.
+
+    0-d tensors and non-tensor leaves (``None``, numbers) are kept as they are.
+    """
+    if isinstance(value, Tensor):
+        return value[index.to(value.device)] if value.ndim else value
+    if isinstance(value, Mapping):
+        return {k: index_samples(v, index) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(index_samples(v, index) for v in value)
+    return value
+
+
+def upcast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors narrower than ``dtype`` cast up to it (model outputs).
+
+    Tensors, tuples, lists and mappings are walked; a mapping keeps its type where it can be
+    rebuilt from keyword arguments (an HF ``ModelOutput``), else becomes a ``dict``. Wider and
+    non-floating tensors are returned unchanged. The cast is differentiable: gradients flow
+    back into the narrower tensor.
+    """
+    if isinstance(value, Tensor):
+        if torch.is_floating_point(value) and torch.finfo(value.dtype).bits < torch.finfo(dtype).bits:
+            return value.to(dtype)
+        return value
+    if isinstance(value, Mapping):
+        items = {k: upcast(v, dtype) for k, v in value.items()}
+        try:
+            return type(value)(**items)
+        except TypeError:
+            return items
+    if isinstance(value, (tuple, list)):
+        items = [upcast(v, dtype) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples take fields
     return value
 
 

@@ -391,6 +391,7 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
     """
     from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
+    from .precision import resolve_precision
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         metrics = dict(run_analysis(loaded, data, options, tmp))
@@ -403,6 +404,8 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
                     "checkpoint": checkpoint,
                     "source_format": loaded.source_format,
                     "checkpoint_dtype": loaded.checkpoint_dtype,
+                    "precision": resolve_precision(loaded.model, options.dtype, loaded.checkpoint_dtype).to_dict(),
+                    "device": options.device,
                     "model": loaded.model_spec,
                     "data": data.spec,
                     "loss": loaded.loss,
@@ -518,6 +521,7 @@ def _add_train(sub: Any) -> None:
 def _add_analyze(sub: Any) -> None:
     from .analysis_options import QAT_ESTIMATORS, RANGE_METHODS, AnalyzeOptions
     from .budget import SKIPPABLE_STAGES
+    from .precision import PRECISIONS
 
     d = AnalyzeOptions.__dataclass_fields__
     p = _subcommand(
@@ -568,6 +572,9 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
     a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
     a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")
+    a.add_argument("--dtype", choices=PRECISIONS, default=d["dtype"].default,
+                   help="precision: auto (half-precision weights in float32, others as stored), native (bf16/fp16 in their own "
+                        "dtype, float32 accumulation), float32 or float64 (default %(default)s)")
     a.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm running statistics on the analysis data first (use when the check says they do not match)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")

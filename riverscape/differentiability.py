@@ -357,5 +357,5 @@ def _finite_difference_note(objective, accuracy: float, reason: Optional[str] = 
     why = f" because an op has no double backward ({reason})" if reason else ""
     return (
         f"HVPs by finite differences of exact gradients{why}: central differences, "
-        f"h = eps^(1/3)·max(1, ‖θ‖)/‖v‖ in {str(objective.dtype).replace('torch.', '')} (relative accuracy ~{accuracy:.0e})"
+        f"h = eps^(1/3)·max(1, ‖θ‖)/‖v‖ in {str(objective.compute_dtype).replace('torch.', '')} (relative accuracy ~{accuracy:.0e})"
     )

@@ -36,7 +36,9 @@ from .batching import (
     resolve_loss,
     resolve_objective_loss,
     split_batch,
+    upcast,
 )
+from .io.reading import HALF_DTYPES
 from .limits import DEFAULT_MEMORY_LIMIT
 from .linalg.operators import HVP_MODES, HessianOperator
 from .streaming import BatchRecord, collect_batches
@@ -165,9 +167,20 @@ class Objective:
     batch_size : int, optional
         Split tensor data into batches of this size (bounds memory; the result is the
         same full-data average).
-    device, dtype : optional
-        Where and in which floating dtype to evaluate (``torch.float64`` for exact tests).
-        Default: the model's own.
+    device : optional
+        Where to evaluate (``"cpu"``, ``"cuda"``, ``"mps"``, ...). Default: the model's device.
+        Every tensor the Objective makes (``theta``, gradients, HVPs) lives there.
+    dtype : optional
+        The dtype of the flat vectors: ``theta``, gradients, HVPs, and the float32-or-wider
+        accumulation of loss, gradient and HVP over batches (``torch.float64`` for exact
+        tests). float16/bfloat16 are never used for vectors: a half-precision ``dtype`` (or
+        model) gives float32 vectors. Default: the model's own dtype, float32 for a
+        half-precision model.
+    compute_dtype : optional
+        The dtype the private model copy runs in: forward, backward and HVP. Default: ``dtype``
+        when it is given (then the whole computation is in that precision, as before), else the
+        model's own dtype, so a bfloat16/float16 model is evaluated *natively* in half precision
+        with float32 vectors. Must not be wider than the vector dtype. See Notes.
     metric : "auto", None or callable
         ``"auto"`` gives accuracy for classification losses (cross-entropy, or the model's own
         loss with one integer label per sample) with integer targets, and perplexity
@@ -190,6 +203,16 @@ class Objective:
     The loss is the exact average over all samples: ``sum_b n_b * loss_b / sum_b n_b``, with
     ``n_b`` the batch's samples, or its counted tokens for token-level losses, so results do
     not depend on how the data are split into batches.
+
+    **Mixed precision** (``compute_dtype`` narrower than ``dtype``, e.g. a bfloat16 model with
+    float32 vectors). The cast happens at the boundary: ``theta`` (float32) is cast to the
+    compute dtype where it enters the model, floating inputs are cast to it, and the model's
+    floating outputs are cast up to ``dtype`` before the loss and metric (as ``torch.autocast``
+    runs cross-entropy in float32). Autograd carries the casts, so gradients and HVPs come back
+    as ``dtype`` vectors while every matmul of the forward, backward and double backward runs
+    in the compute dtype; the sums over batches, the probes, Lanczos bases and dot products of
+    :mod:`riverscape.linalg` are all in ``dtype``. The finite-difference step and accuracy use
+    the compute dtype's machine epsilon (bfloat16: ``2^-7``).
 
     Examples
     --------
@@ -214,6 +237,7 @@ class Objective:
         batch_size: int | None = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
         metric: Union[str, None, MetricFn] = "auto",
         hvp_mode: str = "auto",
         reuse_max_batches: int = 32,
@@ -233,10 +257,10 @@ class Objective:
         if first is None:
             raise ValueError("the model has no parameters")
         self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
+        self.dtype, self.compute_dtype = _precision(first.dtype, dtype, compute_dtype)
         module = copy.deepcopy(model).to(device=self.device)
-        if dtype is not None:
-            module = module.to(dtype=dtype)
+        if dtype is not None or compute_dtype is not None:
+            module = module.to(dtype=self.compute_dtype)
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
@@ -266,8 +290,9 @@ class Objective:
             layout.append(ParamSpec(name, tuple(p.shape), offset, p.numel(), mtype, kind, axis, role))
             offset += p.numel()
         self.layout: tuple[ParamSpec, ...] = tuple(layout)
+        self._param_dtypes = {name: module_params[name].dtype for name in selected}
         self.dim = offset
-        self.theta0 = torch.cat([module_params[s.name].detach().reshape(-1) for s in self.layout]).clone()
+        self.theta0 = torch.cat([module_params[s.name].detach().reshape(-1) for s in self.layout]).to(self.dtype).clone()
 
         self._batches, self._stream, records = collect_batches(
             data, self._prepare, self.loss_spec.count, self.loss_spec.auto_metric,
@@ -299,9 +324,10 @@ class Objective:
 
     # ------------------------------------------------------------------ data
     def _prepare(self, batch) -> tuple:
-        """A raw batch as ``(inputs, targets)`` on the Objective's device, floating tensors in its dtype."""
+        """A raw batch as ``(inputs, targets)`` on the Objective's device: floating inputs in the
+        compute dtype (they enter the model), floating targets in the vector dtype (the loss's)."""
         x, y = split_batch(batch, keep_labels=self.loss_spec.keep_labels)
-        return move(x, self.device, self.dtype), move(y, self.device, self.dtype)
+        return move(x, self.device, self.compute_dtype), move(y, self.device, self.dtype)
 
     @property
     def streaming(self) -> bool:
@@ -346,13 +372,15 @@ class Objective:
         """A batch's weight in the full-data average: its samples, or its counted tokens."""
         return int(self.loss_spec.count(inputs, targets))
 
-    def _move(self, t):
-        return move(t, self.device, self.dtype)
-
     @property
     def has_metric(self) -> bool:
         """Whether :meth:`metric` gives a number (accuracy for classifiers, perplexity for LMs)."""
         return self._metric is not None or self.metric_name == "perplexity"
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether the model runs in a narrower dtype than the vectors (see Notes)."""
+        return self.compute_dtype != self.dtype
 
     @property
     def param_names(self) -> list[str]:
@@ -369,6 +397,22 @@ class Objective:
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Views of ``theta`` as named parameter tensors."""
         return {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.layout}
+
+    def model_params(self, theta: Tensor) -> dict[str, Tensor]:
+        """``theta`` as named tensors in the compute dtype, ready for ``functional_call`` on :attr:`module`.
+
+        Views of ``theta`` when the dtypes agree; otherwise differentiable casts to each
+        parameter's dtype in the private module (the boundary of mixed precision: gradients flow
+        back into ``theta``'s dtype).
+        """
+        params = self.unflatten(theta)
+        if all(theta.dtype == d for d in self._param_dtypes.values()):
+            return params
+        return {name: t.to(self._param_dtypes[name]) for name, t in params.items()}
+
+    def outputs(self, outputs: Any) -> Any:
+        """Model outputs as the loss and metric see them: floating tensors cast up to :attr:`dtype`."""
+        return upcast(outputs, self.dtype) if self.mixed_precision else outputs
 
     def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
         """Inverse of :meth:`unflatten` (missing names raise ``KeyError``)."""
@@ -399,7 +443,7 @@ class Objective:
         """Model outputs at ``theta`` (functional; the stored module is untouched)."""
         args, kwargs = model_args(inputs)
         with self._forward_context():
-            return functional_call(self.module, self.unflatten(theta), args, kwargs)
+            return self.outputs(functional_call(self.module, self.model_params(theta), args, kwargs))
 
     def batch_loss(self, theta: Tensor, inputs, targets) -> Tensor:
         """Mean loss of one batch at ``theta`` (over its samples or counted tokens) as a differentiable tensor."""
@@ -462,7 +506,7 @@ class Objective:
     def finite_difference_step(self, theta: Tensor, v: Tensor) -> float:
         """Step ``h`` of the central difference along ``v``: ``eps^(1/3) * max(1, ||theta||) / ||v||``.
 
-        ``eps`` is the machine epsilon of the Objective's dtype. The perturbation ``h v`` then
+        ``eps`` is the machine epsilon of the compute dtype (the gradients' precision). The perturbation ``h v`` then
         has norm ``eps^(1/3) * max(1, ||theta||)``: relative to the weights it is the step that
         balances the truncation error ``O(h^2)`` against the rounding error ``O(eps / h)``
         (both ``~ eps^(2/3)`` relative, see :attr:`finite_difference_accuracy`).
@@ -470,17 +514,17 @@ class Objective:
         v_norm = float(v.norm())
         if v_norm == 0.0:
             return 0.0
-        eps = torch.finfo(self.dtype).eps
+        eps = torch.finfo(self.compute_dtype).eps
         return eps ** (1.0 / 3.0) * max(1.0, float(theta.norm())) / v_norm
 
     @property
     def finite_difference_accuracy(self) -> float:
-        """Nominal relative accuracy of a finite-difference HVP, ``eps^(2/3)`` of the dtype.
+        """Nominal relative accuracy of a finite-difference HVP, ``eps^(2/3)`` of the compute dtype.
 
-        About 2.4e-5 in float32 and 3.7e-11 in float64; the constant depends on the third
+        About 2.4e-5 in float32, 3.7e-11 in float64 and 0.04 in bfloat16; the constant depends on the third
         derivative of the loss along ``v`` (truncation) and on ``||g|| / ||H v||`` (rounding).
         """
-        return torch.finfo(self.dtype).eps ** (2.0 / 3.0)
+        return torch.finfo(self.compute_dtype).eps ** (2.0 / 3.0)
 
     def finite_difference_hvp(
         self, theta: Tensor, v: Tensor, batches: Sequence[tuple] | None = None, *, step: float | None = None
@@ -610,7 +654,7 @@ class Objective:
         for w, x, y in self.weighted_batches():
             if single:
                 with self._forward_context():
-                    out = call_model(self.module, x)
+                    out = self.outputs(call_model(self.module, x))
                 value, score = self._loss_and_score(out, x, y)
                 losses += w * value
                 metrics += w * score
@@ -671,6 +715,20 @@ class Objective:
         largest = max(r.numel for r in self._records)
         budget = 2e7 / max(1, largest * 8)
         return int(max(1, min(64, math.floor(budget))))
+
+
+def _precision(model_dtype: torch.dtype, dtype: torch.dtype | None, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """``(vector dtype, compute dtype)`` of an Objective from the model's dtype and the requested ones."""
+    for label, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point or value.is_complex):
+            raise TypeError(f"{label} must be a real floating torch.dtype (e.g. torch.float32), got {value!r}")
+    compute = compute_dtype or dtype or model_dtype
+    vector = dtype or model_dtype
+    if vector in HALF_DTYPES:
+        vector = torch.float32  # vectors, probes and sums over batches are never half precision
+    if torch.finfo(compute).bits > torch.finfo(vector).bits:
+        raise ValueError(f"compute_dtype {compute} is wider than the vector dtype {vector}: the model's precision would be lost at the boundary")
+    return vector, compute
 
 
 def _eager_attention_notes(module: nn.Module) -> list[str]:

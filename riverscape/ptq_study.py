@@ -115,7 +115,7 @@ def training_splits(study: Study, calibration_samples: int, validation_samples: 
 
     def objective(index: Tensor) -> Objective:
         return Objective(study.model, study.dataset.loss, (x[index], y[index]), params=study.names, dtype=study.analysis.dtype,
-                         device=study.analysis.device)
+                         compute_dtype=study.analysis.compute_dtype, device=study.analysis.device)
 
     return TrainingSplits(objective(cal), objective(val), cal, val)
 

@@ -193,7 +193,7 @@ def test_bf16_checkpoint_is_reported_as_stored_bf16_analysed_in_float32(tmp_path
     torch.save(model.state_dict(), checkpoint)
     m = analyze(tmp_path, checkpoint, "--model", f"{ZOO}:mobilenet", "--data", f"{ZOO}:images", "--data-kwargs", '{"size": 16}', *QUICK, *LEAN)
     assert m["run"]["checkpoint_dtype"] == "bfloat16"
-    assert "checkpoint weights stored as bfloat16; analysed in float32" in m["notes"]
+    assert "checkpoint weights stored as bfloat16; analysed in float32 on cpu" in m["notes"]
     assert "stored as bfloat16; analysed in float32" in (tmp_path / "report" / "report.html").read_text()
     # every bf16 value is exact in float32: the reference is the bf16 model cast up, run in float32
     assert m["fp"]["loss"] == pytest.approx(own_loss(model.float(), x[:SAMPLES], y[:SAMPLES]), abs=LOSS_ATOL)

@@ -121,6 +121,15 @@ def resolve_data(
     return _from_factory_output(value, spec)
 
 
+def _describe(value: Any) -> str:
+    """``(8, 5) float32`` for a tensor, ``{input_ids: (8, 12) int64, ...}`` for a mapping of them."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
+
+
 def _first_batch(data: Any, size: int) -> tuple[Any, Any]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(v, Tensor) for v in data):
         return data[0][:size], data[1][:size]
@@ -156,23 +165,25 @@ def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *,
     InputError
         "data shape does not fit the model: ...", an output/target mismatch, or a non-finite loss.
     """
+    from ..batching import call_model, logits_of, take_samples
     from ..objective import resolve_loss
 
     inputs, targets = _first_batch(data, samples)
+    inputs, targets = take_samples(inputs, samples), take_samples(targets, samples)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if isinstance(inputs, Tensor) and inputs.is_floating_point() and dtype is not None:
         inputs = inputs.to(dtype)  # as the Objective does: data follow the model's precision
-    described = f"input batch {tuple(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
+    described = f"input batch {_describe(inputs)}"
     with torch.no_grad():
         try:
-            output = model(inputs)
+            output = call_model(model, inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise InputError(f"data shape does not fit the model: {described}: {_first_line(exc)}") from exc
         try:
             value = float(resolve_loss(loss)(output, targets))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise InputError(
-                f"model output does not fit the targets: output {tuple(output.shape)}, targets {tuple(targets.shape)} "
+                f"model output does not fit the targets: output {_describe(logits_of(output))}, targets {tuple(targets.shape)} "
                 f"{str(targets.dtype).removeprefix('torch.')}, loss {loss!r}: {_first_line(exc)}"
             ) from exc
     if not math.isfinite(value):

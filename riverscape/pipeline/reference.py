@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..batching import sample_count, take_samples
 from ..landscape.curvature import hessian_eigs, hessian_trace
 from ..objective import Objective
 from ..quant import LayerSelection, QuantMap, UniformQuantizer
@@ -47,8 +48,8 @@ def cap_samples(data: Any, max_samples: Optional[int]) -> Any:
     for x, y, *_ in data:
         if seen >= max_samples:
             break
-        take = min(len(x), max_samples - seen)
-        batches.append((x[:take], y[:take]))
+        take = min(sample_count(x), max_samples - seen)
+        batches.append((take_samples(x, take), take_samples(y, take)))  # inputs may be dicts of tensors (HF)
         seen += take
     return batches
 
@@ -200,6 +201,7 @@ def build_reference(
     trajectory_steps: Optional[Any] = None,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
+    compute_dtype: Optional[torch.dtype] = None,
     seed: int = 0,
     batch_size: int = 512,
 ) -> tuple[Reference, QuantMap]:
@@ -220,8 +222,9 @@ def build_reference(
         QAT training set; ``None`` trains QAT on ``analysis_data`` (one objective, shared).
     trajectory, trajectory_steps : optional
         The FP training trajectory over all trainable parameters, and its steps.
-    dtype, device : optional
-        Precision and device of every objective (default: the model's).
+    dtype, device, compute_dtype : optional
+        Vector precision, device and model precision of every objective (default: the model's;
+        see :class:`~riverscape.objective.Objective`).
     seed : int
     batch_size : int
         Batch size of the restricted objectives (bounds memory; the loss is the full-data mean).
@@ -233,12 +236,13 @@ def build_reference(
         The map on the whole model that chose the tensors; ``chosen.status()`` and
         ``chosen.warnings()`` describe every parameter.
     """
-    full = Objective(model, loss, analysis_data, device=device, dtype=dtype)
+    full = Objective(model, loss, analysis_data, device=device, dtype=dtype, compute_dtype=compute_dtype)
     chosen = QuantMap(full, quantizer, selection=selection)
     names = tuple(t.name for t in chosen.targets)
 
     def restricted(data: Any) -> Objective:
-        return Objective(model, loss, data, params=list(names), device=device, dtype=dtype, batch_size=batch_size)
+        return Objective(model, loss, data, params=list(names), device=device, dtype=dtype, compute_dtype=compute_dtype,
+                         batch_size=batch_size)
 
     analysis = restricted(analysis_data)
     training = analysis if training_data is None else restricted(training_data)

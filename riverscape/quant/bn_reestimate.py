@@ -74,6 +74,7 @@ def objective_with_reestimated_bn(objective: Objective, theta: Tensor, data: Any
         params=lambda name, _: name in names,
         device=objective.device,
         dtype=objective.dtype,
+        compute_dtype=objective.compute_dtype,
         metric=objective._metric,
         hvp_mode=objective.hvp_mode,
         reuse_max_batches=objective.reuse_max_batches,

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
+from ..batching import index_samples
 from ..objective import Objective
 from ..training import OPTIMIZERS, _record_set, build_optimizer
 from .estimator_configs import ESTIMATOR_REGISTRY, LSQ_INITS, EstimatorConfig, QATContext, build_estimator, estimator_config
@@ -212,19 +213,6 @@ def _concat(parts: list):
     return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
 
 
-def _take(data, index: Tensor):
-    """The samples ``index`` of a batch built like :func:`_concat`'s output (non-tensor leaves are kept)."""
-    if data is None:
-        return None
-    if isinstance(data, Tensor):
-        return data[index.to(data.device)] if data.ndim else data
-    if isinstance(data, dict):
-        return {key: _take(value, index) for key, value in data.items()}
-    if isinstance(data, (tuple, list)):
-        return type(data)(_take(d, index) for d in data)
-    return data
-
-
 class _MiniBatches:
     """Seeded mini-batches without replacement (per epoch) from the objective's batches.
 
@@ -249,7 +237,7 @@ class _MiniBatches:
             self.order, self.cursor = torch.randperm(self.n, generator=self.generator), 0
         index = self.order[self.cursor : self.cursor + self.size]
         self.cursor += self.size
-        return _take(self.x, index), _take(self.y, index)
+        return index_samples(self.x, index), index_samples(self.y, index)
 
 
 def _resolve_scale_mode(config: EstimatorConfig, scale: str | None, quantizer: UniformQuantizer) -> str:

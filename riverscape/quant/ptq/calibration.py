@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ...batching import index_samples, model_args
 from ...objective import Objective
 from ..qmap import QuantMap
 
@@ -106,14 +107,6 @@ def calibration_indices(n_total: int, n_samples: Optional[int], seed: int) -> Te
     return torch.randperm(n_total, generator=generator)[:n_samples].sort().values
 
 
-def _take(data, index: Tensor):
-    if isinstance(data, Tensor):
-        return data[index.to(data.device)]
-    if isinstance(data, (tuple, list)):
-        return type(data)(_take(d, index) for d in data)
-    raise TypeError(f"calibration needs tensor inputs (or tuples of tensors), got {type(data).__name__}")
-
-
 def collect_input_hessians(
     objective: Objective, qmap: QuantMap, theta: Tensor, *, n_samples: Optional[int] = None, seed: int = 0
 ) -> Calibration:
@@ -165,15 +158,15 @@ def collect_input_hessians(
     for name in owners:
         owners[name].register_forward_hook(hook(name))  # on the private copy, dropped with it
     indices = calibration_indices(objective.n_samples, n_samples, seed)
-    params = objective.unflatten(theta.detach())
+    params = objective.model_params(theta.detach())
     start = 0
     with torch.no_grad(), objective._forward_context():
         for (x, _), size in zip(objective.batches, objective.batch_sizes):
             local = indices[(indices >= start) & (indices < start + size)] - start
             start += size
             if local.numel():
-                inputs = _take(x, local)
-                functional_call(module, params, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,))
+                args, kwargs = model_args(index_samples(x, local))
+                functional_call(module, params, args, kwargs)
     hessians = {}
     for name in owners:
         if sums[name] is None:
