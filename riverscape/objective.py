@@ -479,19 +479,25 @@ class Objective:
 
     def grad(self, theta: Tensor) -> Tensor:
         """Gradient ``dL/dtheta`` (shape ``(D,)``)."""
-        return self.value_and_grad(theta)[1]
+        return self._grad_terms(theta)[1]
 
     def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
         """Loss and gradient from one forward-backward pass per batch."""
+        values, g = self._grad_terms(theta)
+        return sum(w * float(value) for w, value in values), g
+
+    def _grad_terms(self, theta: Tensor) -> tuple[list[tuple[float, Tensor]], Tensor]:
+        """``(weight, batch loss)`` pairs and the full gradient; no host synchronisation per batch
+        (the losses stay on the device until :meth:`value_and_grad` reads them)."""
         theta = self.check_theta(theta)
         total_g = torch.zeros_like(theta)
-        total_l = 0.0
+        values = []
         gv = grad_and_value(self.batch_loss)
         for w, x, y in self.weighted_batches():
             g, value = gv(theta, x, y)
             total_g.add_(g, alpha=w)
-            total_l += w * float(value)
-        return total_l, total_g
+            values.append((w, value.detach()))
+        return values, total_g
 
     # ------------------------------------------------------------------ curvature
     @property

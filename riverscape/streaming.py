@@ -49,6 +49,8 @@ def _sum(value: Any) -> float:
         t = first_tensor(value)
     except TypeError:
         return 0.0
+    if t.is_meta:  # no values: an Objective on the meta device checks shapes and devices only
+        return 0.0
     return float(t.detach().double().sum())
 
 

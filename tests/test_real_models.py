@@ -278,16 +278,16 @@ def test_gpt2_save_pretrained_one_transformer_block_by_params(tmp_path):
     check_top_eigenvalue(m, model, {"input_ids": train}, next_token)
 
 
-def test_bert_sequence_classifier_folder_is_refused_and_its_weights_file_is_analysed(tmp_path, capsys):
+def test_bert_sequence_classifier_folder_needs_labelled_text_and_its_weights_file_is_analysed(tmp_path, capsys):
     config = transformers.BertConfig(vocab_size=256, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                                      max_position_embeddings=16, num_labels=3)
     torch.manual_seed(0)
     folder = tmp_path / "bert"
     model = transformers.BertForSequenceClassification(config).eval()
     model.save_pretrained(folder)
-    # the folder as such would be read as a causal LM (BertLMHeadModel, a new random head): refused in one line
+    # the folder is read as a classifier (tests/test_hf_classifier.py), which a plain text file cannot label: refused in one line
     code = cli.main(["analyze", str(folder), "--data", f"text:{_corpus(tmp_path)}", "--out", str(tmp_path / "refused")])
-    assert code == 2 and "holds a BertForSequenceClassification, not a causal language model" in capsys.readouterr().err
+    assert code == 2 and "holds a sequence classifier (BertForSequenceClassification): pass --data textcls:" in capsys.readouterr().err
     m = analyze(tmp_path, folder / "model.safetensors", "--model", f"{ZOO}:hf_sequence_classifier", "--model-kwargs",
                 json.dumps({"folder": str(folder)}), "--data", f"{ZOO}:token_labels", "--data-kwargs", '{"vocab": 256}', *QUICK, *LEAN)
     ids, y = zoo.token_labels(vocab=256)

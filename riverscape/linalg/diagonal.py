@@ -67,7 +67,7 @@ def estimate_diagonal(operator: Operator, *, matvecs: int = 100, seed: int = 0, 
     total_sq = torch.zeros(n, dtype=torch.float64)
     for start in range(0, matvecs, batch_size):
         z = rademacher(n, min(batch_size, matvecs - start), gen, operator.torch_dtype, operator.device)
-        samples = (z * operator.torch_matmat(z)).double().cpu()
+        samples = (z * operator.torch_matmat(z)).cpu().double()  # to the CPU first: MPS has no float64
         total += samples.sum(1)
         total_sq += (samples**2).sum(1)
     mean = total / matvecs

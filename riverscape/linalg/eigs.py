@@ -125,5 +125,5 @@ def eigenpair_residuals(operator: Operator, values: Tensor, vectors: Tensor) -> 
     if vectors.ndim != 2 or vectors.shape != (n, values.shape[0]):
         raise ValueError(f"vectors must have shape ({n}, {values.shape[0]}), got {tuple(vectors.shape)}")
     v = vectors.to(device=operator.device, dtype=operator.torch_dtype)
-    hv = operator.torch_matmat(v).double()
-    return torch.linalg.vector_norm(hv - v.double() * values.to(hv)[None, :], dim=0).cpu()
+    hv = operator.torch_matmat(v).cpu().double()  # to the CPU first: MPS has no float64
+    return torch.linalg.vector_norm(hv - v.cpu().double() * values.to(hv)[None, :], dim=0)

@@ -109,8 +109,8 @@ class Operator(LinearOperator):
         return super().__matmul__(x)
 
     def to_dense(self) -> Tensor:
-        """The ``(n, n)`` float64 matrix from ``n`` unit-vector products, symmetrised ``(A + A^T) / 2``."""
-        h = self.torch_matmat(torch.eye(self.shape[0], dtype=self.torch_dtype, device=self.device)).double()
+        """The ``(n, n)`` float64 matrix on the CPU from ``n`` unit-vector products, symmetrised ``(A + A^T) / 2``."""
+        h = self.torch_matmat(torch.eye(self.shape[0], dtype=self.torch_dtype, device=self.device)).cpu().double()  # MPS has no float64
         return 0.5 * (h + h.T)
 
     # ------------------------------------------------------------------ scipy interface

@@ -78,7 +78,7 @@ def _quadratic_form_samples(
         g = rademacher(n, width, gen, operator.torch_dtype, operator.device)
         if deflate is not None:
             g = g - deflate @ (deflate.T @ g)
-        samples.append((g * operator.torch_matmat(g)).sum(0).double())
+        samples.append((g * operator.torch_matmat(g)).sum(0).cpu().double())  # to the CPU first: MPS has no float64
         drawn += width
         if rtol is not None and drawn >= min(MIN_PROBES, count):
             done = torch.cat(samples)
