@@ -64,6 +64,8 @@ examples:
   riverscape analyze old_full_model.pt --trust-checkpoint --data digits
   riverscape analyze my_gpt2/ --bits 4 --data text:corpus.txt
   riverscape analyze my_gpt2/ --bits 4 --data text:corpus.txt --params 'transformer.h.0.*' --budget quick
+  riverscape analyze my_bert_classifier/ --bits 4 --data textcls:reviews.tsv --budget quick
+  riverscape analyze my_bf16_model/ --bits 4 --data text:corpus.txt --dtype native
 
 CHECKPOINT may be a riverscape checkpoint (from 'riverscape train'), a state dict saved
 with torch.save (also nested under 'state_dict', 'model_state_dict' or 'model', with or
@@ -73,6 +75,9 @@ path/to/file.py:factory). --data takes a built-in name or a factory returning
 (inputs, targets) tensors, a torch Dataset or a DataLoader. A Hugging Face causal LM folder
 (save_pretrained: config.json + weights; needs transformers) is analysed on --data text:FILE,
 tokenised with the folder's tokenizer (byte-level without one); the report gives perplexities.
+A *ForSequenceClassification folder is analysed on --data textcls:FILE, one LABEL<TAB>TEXT
+per line (a label name of the model's config or a class index); the report gives accuracies.
+bf16/fp16 weights run in float32 unless --dtype native.
 
 security: a checkpoint that pickles a whole model (torch.save(model, path)) can execute
 arbitrary code when loaded, so it is refused unless you pass --trust-checkpoint; prefer
@@ -532,7 +537,7 @@ def _add_analyze(sub: Any) -> None:
         _ANALYZE_EPILOG,
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt, .pth, .safetensors) or a Hugging Face model folder "
-                   "(save_pretrained; with --data text:FILE)")
+                   "(save_pretrained; with --data text:FILE, or textcls:FILE for a sequence classifier)")
     _add_model_data(p, defaults=False)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in CHECKPOINT (only for files from a trusted source)")
     q = p.add_argument_group("quantization")

@@ -71,7 +71,7 @@ def _losses_along(objective: Objective, theta: Tensor, dirs: Tensor, t: Tensor) 
     for start in range(0, rows * cols, chunk):
         index = torch.arange(start, min(start + chunk, rows * cols))
         points = theta + flat_t[index, None] * dirs[index // cols]
-        out[index] = objective.losses(points).double().cpu()
+        out[index] = objective.losses(points).cpu().double()
     return out.reshape(rows, cols)
 
 
@@ -353,7 +353,7 @@ def damage(
     linear = dot(g, delta)
     curvature = dot(delta, h_delta)
     quadratic = linear + 0.5 * curvature
-    hill_only = 0.5 * float((lam * coords.double().cpu() ** 2).sum())
+    hill_only = 0.5 * float((lam * coords.cpu().double() ** 2).sum())
     layer_deltas = _layer_deltas(qmap.per_layer(), delta)
     layers = _layer_blocks(op, qmap.per_layer(), layer_deltas, delta, g)
     block_diagonal = linear + sum(row["quadratic_block"] for row in layers)
@@ -371,7 +371,7 @@ def damage(
         r = torch.randn(dim, generator=gen, dtype=torch.float64).to(delta) * mask
         points.append(theta_fp + r * (math.sqrt(sq_norm(delta)) / math.sqrt(sq_norm(r))))
     profile_pts = theta_fp[None, :] + t.to(delta)[:, None] * delta[None, :]
-    losses = objective.losses(torch.cat([torch.stack(points), profile_pts])).double().cpu() - loss_fp
+    losses = objective.losses(torch.cat([torch.stack(points), profile_pts])).cpu().double() - loss_fp
     measured, dl_hill, dl_river = (float(x) for x in losses[:3])
     layer_measured = losses[3 : 3 + len(layers)]
     random_losses = losses[3 + len(layers) : 3 + len(layers) + n_random]

@@ -76,7 +76,7 @@ class _SubspaceLoss:
     def __call__(self, c: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
         value, g = self.objective.value_and_grad(self.point(c))
-        return value, (self.vectors.T @ g).double().cpu().numpy()
+        return value, (self.vectors.T @ g).cpu().double().numpy()
 
 
 def _armijo_descent(fun: _SubspaceLoss, c0: np.ndarray, steps: int, gtol: float) -> tuple[np.ndarray, int, bool]:
@@ -161,7 +161,7 @@ def valley_floor(
     loss_start = objective.loss(u)
     c0, start = np.zeros(k), "zero"
     if reference is not None:
-        c_quad = (-(vectors.T @ (u - objective.check_theta(reference)))).double().cpu().numpy()
+        c_quad = (-(vectors.T @ (u - objective.check_theta(reference)))).cpu().double().numpy()
         if objective.loss(fun.point(c_quad)) < loss_start:
             c0, start = c_quad, "quadratic"
     if method == "lbfgs":

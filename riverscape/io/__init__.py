@@ -4,7 +4,8 @@
 * :mod:`.reading`: reading checkpoint files safely and loading them into a model;
 * :mod:`.saving`: writing riverscape checkpoints;
 * :mod:`.data_specs`: resolving data specs and checking a model against its data;
-* :mod:`.hf`: Hugging Face model folders (``save_pretrained``) and text files tokenised for them;
+* :mod:`.hf`: Hugging Face model folders (``save_pretrained``: causal LMs and sequence classifiers) and
+  the text files (plain, or ``LABEL<TAB>TEXT``) tokenised for them;
 * :mod:`.atomic`: writing a file atomically (temporary file beside it + ``os.replace``);
 * :mod:`.jsonable`: converting results to plain JSON values.
 

@@ -59,7 +59,7 @@ one of the model's ``config.id2label`` names or a class index ``0 .. num_labels 
 are skipped; the text runs to the end of the line (further tabs belong to it)."""
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 MAX_SEQ_LEN = 64
 
 
@@ -122,7 +122,7 @@ def load_hf_folder(folder: PathLike, *, memory_limit: Optional[int] = DEFAULT_ME
     notes = []
     if any(p.dtype in HALF_DTYPES for p in model.parameters()):
         model.float()
-        notes.append(f"the folder stores {stored} weights; they are analysed in float32 (exactly representable)")
+        notes.append(f"the folder stores {stored} weights; they are loaded in float32 (exactly representable; --dtype native evaluates them in their own dtype)")
     spec = {"name": "huggingface", "kwargs": {"folder": str(folder), "architecture": type(model).__name__}}
     loss = "cross_entropy" if kind == _CLASSIFIER else "causal_lm"
     return LoadedCheckpoint(model=model, model_spec=spec, data_spec=None, loss=loss, trajectory=None, trajectory_steps=None,

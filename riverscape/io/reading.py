@@ -128,7 +128,7 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], label: str
     model_dtypes = {v.dtype for v in model.state_dict().values() if v.is_floating_point()}
     if float_dtypes and float_dtypes <= set(HALF_DTYPES):
         model.float()
-        notes.append(f"the checkpoint stores {checkpoint_dtype(state_dict)} weights; they are analysed in float32 (exactly representable)")
+        notes.append(f"the checkpoint stores {checkpoint_dtype(state_dict)} weights; they are loaded in float32 (exactly representable; --dtype native evaluates them in their own dtype)")
     elif len(float_dtypes) == 1 and float_dtypes != model_dtypes:
         (dtype,) = float_dtypes
         model.to(dtype)  # our own freshly built module: keep the checkpoint's precision

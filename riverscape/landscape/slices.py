@@ -112,9 +112,9 @@ def evaluate_points(
             if qmap is not None:
                 thetas = torch.stack([qmap(theta) for theta in thetas.to(objective.dtype)])
             loss, metric = objective.evaluate(thetas, chunk_size=size)
-            losses.append(loss.detach().double().cpu())
+            losses.append(loss.detach().cpu().double())
             if metric is not None:
-                metrics.append(metric.detach().double().cpu())
+                metrics.append(metric.detach().cpu().double())
             if timing and start > 0:
                 per_point[size] = (time.perf_counter() - began) / (stop - start)
                 if len(per_point) == 2 or stop - start < size:
