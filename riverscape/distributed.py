@@ -13,9 +13,10 @@ slices, paths, alignment, damage) run unchanged and identically on every process
 probes come from explicit seeds, and the few choices that depend on a clock (the adaptive chunk
 size of a slice, the timed budget plan) are process 0's, broadcast (:func:`agree`).
 
-Collectives time out (``timeout``, default :data:`DEFAULT_TIMEOUT` seconds or the environment
-variable ``RIVERSCAPE_DIST_TIMEOUT``) and a failed or vanished peer raises :class:`PeerError`
-instead of hanging. Nothing here touches ``torch.distributed`` state unless the process was
+Every all-reduce times out (default :data:`DEFAULT_TIMEOUT` seconds, or the environment variable
+``RIVERSCAPE_DIST_TIMEOUT``; joining the group and broadcasts wait at least
+:data:`STARTUP_TIMEOUT`, as processes start at different times) and a failed or vanished peer
+raises :class:`PeerError` instead of hanging. Nothing here touches ``torch.distributed`` state unless the process was
 launched distributed (:func:`launched`): one process behaves, and computes, exactly as before.
 
 Not distributed: :meth:`Objective.loss_tensor` (differentiable; it is this process's share),
@@ -38,11 +39,13 @@ from .streaming import is_tensor_pair
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "STARTUP_TIMEOUT",
     "AllReduce",
     "Launch",
     "PeerError",
     "StridedBatches",
     "agree",
+    "collective_timeout",
     "data_parallel",
     "first_failure",
     "init",
@@ -57,7 +60,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 600.0
-"""Seconds a collective waits for the other processes before it fails (``RIVERSCAPE_DIST_TIMEOUT``)."""
+"""Seconds an all-reduce waits for the other processes before it fails (``RIVERSCAPE_DIST_TIMEOUT``)."""
+STARTUP_TIMEOUT = 300.0
+"""Least seconds joining the process group and a broadcast wait (processes start at different times)."""
 
 
 class PeerError(RiverscapeError):
@@ -114,7 +119,8 @@ def launched(env: Optional[Mapping[str, str]] = None) -> bool:
     return launch_from_env(env) is not None
 
 
-def _timeout(seconds: Optional[float]) -> float:
+def collective_timeout(seconds: Optional[float] = None) -> float:
+    """``seconds``, else ``RIVERSCAPE_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT` (checked positive)."""
     if seconds is None:
         text = os.environ.get("RIVERSCAPE_DIST_TIMEOUT")
         try:
@@ -132,8 +138,8 @@ def init(*, timeout: Optional[float] = None, backend: Optional[str] = None) -> O
     Parameters
     ----------
     timeout : float, optional
-        Seconds every collective may wait (default ``RIVERSCAPE_DIST_TIMEOUT`` or
-        :data:`DEFAULT_TIMEOUT`).
+        Seconds joining the group and every broadcast may wait (at least :data:`STARTUP_TIMEOUT`,
+        default :func:`collective_timeout`); all-reduces wait :func:`collective_timeout`.
     backend : str, optional
         Default ``"nccl"`` when CUDA is available, else ``"gloo"``.
 
@@ -158,7 +164,7 @@ def init(*, timeout: Optional[float] = None, backend: Optional[str] = None) -> O
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
     dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-                            timeout=datetime.timedelta(seconds=_timeout(timeout)))
+                            timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT, collective_timeout(timeout))))
     return launch
 
 
@@ -213,16 +219,25 @@ class AllReduce:
     ----------
     group : ProcessGroup, optional
         Default: the world.
+    timeout : float, optional
+        Seconds an all-reduce waits (default :func:`collective_timeout`).
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, timeout: Optional[float] = None) -> None:
         if not _active():
             raise RuntimeError("no process group: call riverscape.distributed.init() in every process first")
         self.group = group
+        self.timeout = datetime.timedelta(seconds=collective_timeout(timeout))
 
-    def sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over the processes, in place (also returned)."""
-        _collective("an all-reduce", lambda: torch.distributed.all_reduce(tensor, group=self.group))
+    def sum(self, tensor: Tensor, op: Any = None) -> Tensor:
+        """``tensor`` summed (or reduced by ``op``, a ``ReduceOp``) over the processes, in place (also returned)."""
+        dist = torch.distributed
+
+        def reduce() -> None:
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group, async_op=True)
+            work.wait(timeout=self.timeout)
+
+        _collective("an all-reduce", reduce)
         return tensor
 
     def agree(self, value: Any) -> Any:
@@ -266,7 +281,7 @@ def data_parallel(objective: Any, group: Any = None) -> Any:
     counts = torch.tensor([objective.n_samples, objective.n_counted], dtype=torch.int64, device=objective.device)
     n_samples, n_counted = (int(v) for v in reduction.sum(counts))
     largest = torch.tensor([objective._largest_numel], dtype=torch.int64, device=objective.device)
-    _collective("an all-reduce", lambda: torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=group))
+    reduction.sum(largest, torch.distributed.ReduceOp.MAX)
     objective.n_samples, objective.n_counted = n_samples, n_counted
     objective._weights = [n / n_counted for n in objective.batch_counts]
     objective._largest_numel = int(largest[0])  # the same vmap chunks, hence the same messages, on every process

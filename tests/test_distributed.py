@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import assert_close, digits_mlp_checkpoint
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +35,6 @@ if __name__ == "__main__":  # worker: import this worktree's riverscape
 
 import riverscape as rs  # noqa: E402
 from riverscape import distributed  # noqa: E402
-from riverscape.gradients import HillBasis, alignment  # noqa: E402
-from riverscape.landscape.curvature import hessian_eigs, hessian_trace  # noqa: E402
-from riverscape.landscape.directions import random_direction  # noqa: E402
-from riverscape.landscape.slices import slice_2d  # noqa: E402
-from riverscape.quant import UniformQuantizer  # noqa: E402
 
 RTOL, ATOL = 1e-9, 1e-12  # see the module docstring
 # A finite-difference HVP divides the gradients' rounding differences by h = eps^(1/3) ||theta|| / ||v||
@@ -77,6 +73,12 @@ def _stream(data, batch):
 
 def compute(world: int) -> dict:
     """Every number the test compares, on this process's shard (all data when ``world == 1``)."""
+    from riverscape.gradients import HillBasis, alignment
+    from riverscape.landscape.curvature import hessian_eigs, hessian_trace
+    from riverscape.landscape.directions import random_direction
+    from riverscape.landscape.slices import slice_2d
+    from riverscape.quant import UniformQuantizer
+
     out = {}
     model, data = _classifier()
     obj = distributed.data_parallel(rs.Objective(model, "cross_entropy", distributed.shard(data), batch_size=5, dtype=torch.float64))
@@ -129,11 +131,15 @@ def _env(rank: int, world: int, port: int, **extra: str) -> dict:
     return env
 
 
-def _launch(args: list[str], world: int, tmp_path: Path, **extra: str) -> list[subprocess.CompletedProcess]:
-    """Run ``python this_file args...`` as ``world`` processes of one group; every one within TIMEOUT."""
+def _start(args: list[str], world: int, tmp_path: Path, **extra: str) -> list[subprocess.Popen]:
+    """Start ``python this_file args...`` as ``world`` processes of one group."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, *args, str(tmp_path / f"rank{r}.json")], env=_env(r, world, port, **extra),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return [subprocess.Popen([sys.executable, __file__, *args, str(tmp_path / f"rank{r}.json")], env=_env(r, world, port, **extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    """Wait for every process (each within TIMEOUT, else the test fails and they are killed)."""
     done = []
     try:
         for p in procs:
@@ -144,6 +150,10 @@ def _launch(args: list[str], world: int, tmp_path: Path, **extra: str) -> list[s
             if p.poll() is None:
                 p.kill()
     return done
+
+
+def _launch(args: list[str], world: int, tmp_path: Path, **extra: str) -> list[subprocess.CompletedProcess]:
+    return _finish(_start(args, world, tmp_path, **extra))
 
 
 def _close(actual, expected, what):
@@ -168,14 +178,15 @@ def _compare(actual, expected, what="") -> None:
 
 # ---------------------------------------------------------------------------------------- tests
 def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
-    runs = _launch(["worker"], 2, tmp_path)
+    procs = _start(["worker"], 2, tmp_path)
+    single = compute(1)  # while the workers run
+    runs = _finish(procs)
     for r, run in enumerate(runs):
         assert run.returncode == 0, f"rank {r} failed:\n{run.stderr[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r.pop("shard_size") for r in ranks] == [19, 18], "unequal shards, or the test means less"
     assert [r.pop("rank") for r in ranks] == [0, 1]
     assert ranks[0] == ranks[1], "the two processes disagree (they must compute bit-identical numbers)"
-    single = compute(1)
     assert ranks[0]["n"] == single["n"] == [37, 37] and ranks[0]["world"] == 2
     assert ranks[0]["lm"]["n"] == single["lm"]["n"]
     for key in single:
@@ -226,6 +237,40 @@ def test_launch_from_torchrun_and_slurm_environments():
         raise AssertionError(f"{bad} was accepted")
 
 
+def test_torchrun_analyze_writes_the_one_process_report_from_process_0_only(tmp_path):
+    digits_mlp_checkpoint(tmp_path / "ckpt.pt", steps=20)
+    # 255 samples: shards of 128 and 127; the 11x11 slices exercise process 0's timed chunk choice
+    args = ["analyze", "ckpt.pt", "--bits", "2", "--budget", "quick", "--max-samples", "255", "--skip", "density,layers,paths"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "riverscape"]
+    launched = [subprocess.Popen(cmd + args + ["--out", out], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for cmd, out in (([sys.executable, "-m", "riverscape"], "one"), (torchrun, "two"))]  # side by side
+    try:
+        (out1, err1), (out2, err2) = (p.communicate(timeout=2 * TIMEOUT) for p in launched)
+    finally:
+        for p in launched:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in launched] == [0, 0], err1[-2000:] + err2[-2000:]
+    one, two = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("one", "two"))
+    assert (one["run"]["world_size"], two["run"]["world_size"]) == (1, 2)
+    assert two["analysis_samples"] == one["analysis_samples"] == 255
+    # float32 model: the two processes add the per-sample terms in another order, so values differ by
+    # float32 rounding (~1e-7 relative, amplified at most 10x by Hutch++/ARPACK); 1e-5 relative is far
+    # below any real disagreement (a shard counted twice or missing moves the loss by percents)
+    for path in ("fp.loss", "fp.accuracy", "ptq.loss", "qat.loss", "hessian.fp.top_eigenvalues", "hessian.fp.trace",
+                 "hessian.quantized.top_eigenvalues", "hessian.quantized.trace", "alignment.cosine_to_fp", "damage.rho_max"):
+        a, b = one, two
+        for key in path.split("."):
+            a, b = a[key], b[key]
+        assert_close(b, a, rtol=1e-5, what=path)
+    assert out2.count("wrote ") == 1 and out2.count("riverscape:") == 0
+    assert err2.count("riverscape: plan (quick)") == 1, err2  # the stage lines of process 0 only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "one", "two"]
+
+
 # ---------------------------------------------------------------------------------------- workers
 def _worker(mode: str, out: Path) -> int:
     from riverscape.cli import _run
@@ -246,14 +291,14 @@ def _worker(mode: str, out: Path) -> int:
                 obj.loss(obj.theta0)
                 if rank == 1:
                     raise rs.errors.InputError(f"boom on rank {rank}")
-                obj.grad(obj.theta0)  # rank 0 waits here for a peer that has failed
+                obj.metric(obj.theta0)  # rank 0 waits here for a peer that has failed
             elif mode == "hang" and rank == 0:
                 model, data = _classifier()
                 obj = distributed.data_parallel(rs.Objective(model, "cross_entropy", distributed.shard(data)))
-                obj.grad(obj.theta0)  # rank 1 never joins
+                obj.loss(obj.theta0)  # rank 1 never joins
             elif mode == "hang":
-                distributed.agree(None)  # joins data_parallel's first collective only, then sleeps
-                time.sleep(6)
+                distributed.agree(None)  # joins data_parallel's first collective (a broadcast) only
+                time.sleep(5)  # past rank 0's all-reduce timeout of 2 s
             return 0
 
     return _run(Args())
