@@ -482,7 +482,7 @@ class Objective:
             g, value = gv(theta, x, y)
             total_g.add_(g, alpha=w)
             total_l += w * float(value)
-        if self.reduction is not None:  # one message: the gradient and the loss
+        if self.reduction is not None:  # one message: the gradient and the loss (in the gradient's dtype)
             both = self.reduction.sum(torch.cat([total_g, total_g.new_tensor([total_l])]))
             total_l, total_g = float(both[-1]), both[:-1]
         return total_l, total_g
