@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import assert_close, digits_mlp_checkpoint
 from torch import nn
@@ -223,6 +224,52 @@ def test_shard_is_strided_and_one_process_is_untouched():
     assert distributed.shard((x, y)) == (x, y) and distributed.world_size() == 1 and not distributed.launched({})
     obj = rs.Objective(nn.Linear(1, 1).double(), "mse", (x, y.double()[:, None]))
     assert distributed.data_parallel(obj) is obj and obj.reduction is None
+
+
+class _Twice:
+    """A reduction over two identical "processes": every share counted twice (a stand-in for two shards).
+
+    Counts its messages: processes must exchange the same number of messages whatever their
+    shard, so a value, gradient, product block or batched evaluation must be one message.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sum(self, tensor):
+        self.calls += 1
+        return tensor.mul_(2)
+
+    def agree(self, value):
+        return value
+
+
+def test_a_reduction_hook_is_applied_once_per_value_and_qat_and_calibration_refuse_it():
+    from riverscape.quant import UniformQuantizer
+    from riverscape.quant.ptq import GPTQ, ptq
+    from riverscape.quant.qat import qat
+
+    model, data = _classifier()
+    plain = rs.Objective(model, "cross_entropy", data, batch_size=5, dtype=torch.float64)
+    obj = rs.Objective(model, "cross_entropy", data, batch_size=5, dtype=torch.float64)
+    obj.reduction = _Twice()  # shares twice the full-data mean: each value is exactly doubled, once
+    theta, v = obj.theta0, torch.ones(obj.dim, dtype=torch.float64)
+    assert obj.loss(theta) == 2 * plain.loss(theta) and obj.metric(theta) == 2 * plain.metric(theta)
+    assert torch.equal(obj.grad(theta), 2 * plain.grad(theta)) and torch.equal(obj.hvp(theta, v), 2 * plain.hvp(theta, v))
+    block = torch.stack([v, -v], dim=1)
+    for mode in HVP_MODES[:3]:  # one message per product call in every exact mode ("auto" may resolve differently per shard)
+        op, plain_op = obj.hessian(theta, mode=mode), plain.hessian(theta, mode=mode)
+        before = obj.reduction.calls
+        assert torch.equal(op @ block, 2 * (plain_op @ block)) and torch.equal(op @ v, 2 * (plain_op @ v)), mode
+        assert obj.reduction.calls - before == 2, mode
+    before = obj.reduction.calls
+    losses, metrics = obj.evaluate(torch.stack([theta, theta + v, theta - v]), chunk_size=2)  # two chunks, one message
+    ref_losses, ref_metrics = plain.evaluate(torch.stack([theta, theta + v, theta - v]), chunk_size=2)
+    assert torch.equal(losses, 2 * ref_losses) and torch.equal(metrics, 2 * ref_metrics) and obj.reduction.calls - before == 1
+    with pytest.raises(ValueError, match="data-parallel"):
+        qat(obj, UniformQuantizer(2), steps=1)
+    with pytest.raises(ValueError, match="data-parallel"):
+        ptq(obj, UniformQuantizer(2), method=GPTQ())
 
 
 def test_launch_from_torchrun_and_slurm_environments():
