@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .batchnorm import batchnorm_preflight
 from .budget import BUDGETS, Budget, RunShape, Timing, estimate, time_model
 from .differentiability import ensure_twice_differentiable
+from .distributed import agree, data_parallel, shard
 from .errors import InputError
 from .io.jsonable import to_jsonable
 from .landscape.curvature import hessian_eigs, hessian_trace, layer_curvature, spectral_density
@@ -356,7 +357,7 @@ def _choose_preset(model, loss, train_data, options, device, log: StageLog, prec
 def _time(obj: Objective, n_points: int = 8) -> Timing:
     """One gradient and the per-point cost of a batched evaluation, at ``obj.theta0`` (see :func:`riverscape.budget.time_model`)."""
     points = obj.theta0.expand(n_points, -1).clone()
-    return time_model(lambda: obj.value_and_grad(obj.theta0), lambda: obj.losses(points), n_points)
+    return agree(time_model(lambda: obj.value_and_grad(obj.theta0), lambda: obj.losses(points), n_points))  # process 0's clock
 
 
 def _shape(options, obj: Objective, n_bits: int, hill_k: int) -> RunShape:
@@ -440,10 +441,14 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     train_data = cap_samples(train_data, options.sample_cap)
     eval_data = cap_samples(eval_data, options.sample_cap)
     model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
+    # several processes (torchrun, srun): each holds a strided shard of the analysis and evaluation sets, and QAT
+    # and PTQ calibration run on all of the training data in every process (see riverscape.distributed)
+    all_train, train_data, eval_data = train_data, shard(train_data), shard(eval_data)
     # the tensors are chosen once, on the full model; every map of the reference uses exactly them
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
                                   selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed,
-                                  **precision)
+                                  training_data=None if train_data is all_train else all_train, **precision)
+    data_parallel(ref.analysis), data_parallel(ref.evaluation)
     obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
     external = _external_point(options, names)
     run_notes += [*obj.notes, *ensure_twice_differentiable(obj)]
@@ -492,7 +497,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         qmap = ref.quant_map(quantizer)
         methods = [*([external] if external is not None else []), *options.ptq_methods]
         try:
-            measured = measure_ptq(ref, qmap, method=methods[0])
+            measured = measure_ptq(ref, qmap, method=methods[0], calibration=ref.training)
         except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
             if external is None:
                 raise
@@ -500,7 +505,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         q, ptq_metrics = measured.point, dict(measured.metrics)
         compared = {ptq_metrics["ptq_method"]: ptq_metrics}
         for method in methods[1:]:
-            compared[method] = dict(measure_ptq(ref, qmap, method=method).metrics)
+            compared[method] = dict(measure_ptq(ref, qmap, method=method, calibration=ref.training).metrics)
         t0 = log.lap("ptq", t0, f"PTQ, {bits} bits")
         notes: list[str] = []
         finite = measured.finite

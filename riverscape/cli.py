@@ -316,10 +316,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .checkpoint import check_model_data, read_checkpoint
+    from .distributed import init, is_main, only_errors
     from .io.hf import is_hf_folder, load_hf_analysis
     from .objective import resolve_loss
     from .outdir import check_output_dir
 
+    if init() is not None and not is_main():  # torchrun/srun: process 0 prints and writes, the others only their errors
+        only_errors()
     options = _analyze_options(args)
     limit = _memory_limit(args)
     out = Path(args.out) if args.out else Path(DEFAULT_REPORT_ROOT) / Path(args.checkpoint).stem
@@ -394,10 +397,15 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
     ``selection`` (with ``--params``) is the layer selection as the user gave it, recorded as
     ``run.selection`` beside the resolved options (which name the narrowed tensors exactly).
     """
+    from .analysis import analyze
+    from .distributed import is_main, world_size
     from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
     from .precision import resolve_precision
 
+    if not is_main():  # the same analysis, in step with process 0, which writes the report
+        analyze(loaded, data, options, progress=False)
+        return {}
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         metrics = dict(run_analysis(loaded, data, options, tmp))
         resolved = metrics.pop("options", None) or options.to_dict()  # with the budget's values filled in
@@ -415,6 +423,7 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
                     "data": data.spec,
                     "loss": loaded.loss,
                     "options": resolved,
+                    "world_size": world_size(),
                     **({"selection": selection} if selection is not None else {}),
                 },
             }
@@ -696,6 +705,9 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
+        distributed = sys.modules.get(f"{__package__}.distributed")  # loaded by a command that can run on several processes
+        if distributed is not None and not distributed.first_failure():
+            return EXIT_UNEXPECTED  # another process failed first and said why on its own line
         message = _input_error_from(exc)
         if message is not None:  # expected: bad input or environment
             print(f"riverscape: error: {message}", file=sys.stderr)
@@ -709,6 +721,10 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED
+    finally:
+        distributed = sys.modules.get(f"{__package__}.distributed")
+        if distributed is not None:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

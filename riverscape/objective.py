@@ -15,7 +15,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -56,6 +56,16 @@ __all__ = [
 
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, Tensor], bool]]
 MetricFn = Callable[[Any, Tensor], Tensor]
+
+
+class Reduction(Protocol):
+    """How a data-parallel Objective combines the processes' shares (see :mod:`riverscape.distributed`)."""
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes (every process gets the sum)."""
+
+    def agree(self, value: Any) -> Any:
+        """Process 0's ``value`` on every process (a decision that must be shared)."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +316,8 @@ class Objective:
         if self.n_counted == 0:
             raise ValueError("the data hold no sample or token the loss counts (every label is -100?)")
         self._weights = [n / self.n_counted for n in self.batch_counts]
+        self._largest_numel = max(r.numel for r in records)
+        self.reduction: Reduction | None = None  # data-parallel: set by riverscape.distributed.data_parallel
 
         self.metric_name: str | None
         if metric == "auto":
@@ -450,15 +462,38 @@ class Objective:
         return self.loss_spec.value(self.forward(theta, inputs), inputs, targets)
 
     def loss_tensor(self, theta: Tensor) -> Tensor:
-        """Full-data loss as a differentiable tensor (autograd flows into ``theta``)."""
+        """Full-data loss as a differentiable tensor (autograd flows into ``theta``).
+
+        In a data-parallel Objective this is this process's share (not reduced: autograd does
+        not cross processes); :meth:`loss` and :meth:`value_and_grad` give the full-data mean.
+        """
         return sum(w * self.batch_loss(theta, x, y) for w, x, y in self.weighted_batches())
+
+    # ------------------------------------------------------------------ data parallel
+    def reduce_sum(self, tensor: Tensor) -> Tensor:
+        """A per-process weighted sum combined over the processes of a data-parallel Objective.
+
+        Every weight ``n_b / n_counted`` uses the count of *all* processes, so the sum of the
+        processes' shares is exactly the full-data mean. In one process (``reduction`` is
+        ``None``) ``tensor`` is returned as is.
+        """
+        return tensor if self.reduction is None else self.reduction.sum(tensor)
+
+    def shared(self, value: Any) -> Any:
+        """Process 0's ``value`` on every process of a data-parallel Objective (``value`` itself in one process)."""
+        return value if self.reduction is None else self.reduction.agree(value)
+
+    def _reduce_float(self, value: float) -> float:
+        if self.reduction is None:
+            return value
+        return float(self.reduction.sum(torch.tensor([value], dtype=torch.float64, device=self.device))[0])
 
     # ------------------------------------------------------------------ values
     def loss(self, theta: Tensor) -> float:
         """Full-data mean loss ``L(theta)``."""
         theta = self.check_theta(theta)
         with torch.no_grad():
-            return float(self.loss_tensor(theta))
+            return self._reduce_float(float(self.loss_tensor(theta)))
 
     def metric(self, theta: Tensor) -> float | None:
         """Full-data metric (accuracy in [0, 1], perplexity ``exp(loss)``), ``None`` if there is none."""
@@ -470,7 +505,7 @@ class Objective:
         theta = self.check_theta(theta)
         with torch.no_grad():
             total = sum(w * float(self._metric(self.forward(theta, x), y)) for w, x, y in self.weighted_batches())
-        return float(total)
+        return self._reduce_float(float(total))
 
     def loss_and_metric(self, theta: Tensor) -> tuple[float, float | None]:
         """Loss and metric from one pass over the data."""
@@ -479,12 +514,18 @@ class Objective:
 
     def grad(self, theta: Tensor) -> Tensor:
         """Gradient ``dL/dtheta`` (shape ``(D,)``)."""
+        if self.reduction is not None:  # the same single message as value_and_grad on every rank
+            return self.value_and_grad(theta)[1]
         return self._grad_terms(theta)[1]
 
     def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
         """Loss and gradient from one forward-backward pass per batch."""
         values, g = self._grad_terms(theta)
-        return sum(w * float(value) for w, value in values), g
+        total_l = sum(w * float(value) for w, value in values)
+        if self.reduction is not None:  # one message: the gradient and the loss (in the gradient's dtype)
+            both = self.reduction.sum(torch.cat([g, g.new_tensor([total_l])]))
+            total_l, g = float(both[-1]), both[:-1]
+        return total_l, g
 
     def _grad_terms(self, theta: Tensor) -> tuple[list[tuple[float, Tensor]], Tensor]:
         """``(weight, batch loss)`` pairs and the full gradient; no host synchronisation per batch
@@ -601,7 +642,7 @@ class Objective:
         out = torch.zeros_like(theta)
         for w, x, y in self.weighted_batches():
             out.add_(self._hvp_batch(theta, v, x, y), alpha=w)
-        return out
+        return self.reduce_sum(out)
 
     def hvps(self, theta: Tensor, vectors: Tensor) -> Tensor:
         """Hessian times a block of vectors: ``(D, K) -> (D, K)``, vectorised with ``vmap``."""
@@ -615,7 +656,7 @@ class Objective:
         for w, x, y in self.weighted_batches():
             batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
             out.add_(batched.T, alpha=w)
-        return out
+        return self.reduce_sum(out)
 
     def hessian(self, theta: Tensor, *, mode: str | None = None) -> HessianOperator:
         """The Hessian at ``theta`` as a :class:`~riverscape.linalg.HessianOperator`.
@@ -706,6 +747,9 @@ class Objective:
                 losses.append(l)
                 metrics.append(m)
         loss = torch.cat(losses)
+        if self.reduction is not None:  # one message per call, however the points were chunked
+            both = self.reduction.sum(torch.stack([loss, torch.cat(metrics)]))
+            loss, metrics = both[0], [both[1]]
         if self._metric is None:
             metric = loss.exp() if self.metric_name == "perplexity" else None
         else:
@@ -718,7 +762,7 @@ class Objective:
 
     def default_chunk_size(self) -> int:
         """Points per vmap call: bounded by a rough activation budget."""
-        largest = max(r.numel for r in self._records)
+        largest = self._largest_numel  # the largest of every process's batches when data-parallel
         budget = 2e7 / max(1, largest * 8)
         return int(max(1, min(64, math.floor(budget))))
 

@@ -62,7 +62,8 @@ def random_direction(
         Supplies the layout (shapes) of ``theta``.
     generator : torch.Generator, optional
         Source of randomness (CPU generator; the global RNG is used only if neither
-        ``generator`` nor ``seed`` is given, and it is never reseeded).
+        ``generator`` nor ``seed`` is given, and it is never reseeded; a data-parallel
+        Objective then takes process 0's draw).
     seed : int, optional
         Shortcut for ``generator=torch.Generator().manual_seed(seed)``.
     filter_normalize : bool
@@ -87,6 +88,8 @@ def random_direction(
     theta = objective.theta0 if theta is None else objective.check_theta(theta)
     gen = _generator(generator, seed)
     raw = torch.randn(objective.dim, generator=gen, dtype=torch.float64)
+    if gen is None:  # the global RNG differs between processes: a data-parallel run uses process 0's draw
+        raw = objective.shared(raw)
     direction = raw.to(device=objective.device, dtype=objective.dtype)
     for spec in objective.layout:
         piece = direction[spec.slice]

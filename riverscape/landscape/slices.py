@@ -118,7 +118,7 @@ def evaluate_points(
             if timing and start > 0:
                 per_point[size] = (time.perf_counter() - began) / (stop - start)
                 if len(per_point) == 2 or stop - start < size:
-                    chunk = min(per_point, key=per_point.get)
+                    chunk = objective.shared(min(per_point, key=per_point.get))  # a timed choice: process 0's
             bar.update(stop - start)
             start = stop
     return torch.cat(losses), (torch.cat(metrics) if metrics else None)

@@ -295,17 +295,24 @@ class HessianOperator(Operator):
         for w, x, y in obj.weighted_batches():
             batched = vmap(lambda v: obj._hvp_batch(self.theta, v, x, y, reverse=True))(vectors.T)
             out.add_(batched.T, alpha=w)
+        return obj.reduce_sum(out)
+
+    def _reuse(self, v: Tensor) -> Tensor:
+        """``H v`` from the stored gradient graphs, summed over this process's batches only."""
+        if self._graphs is None:
+            self._build_graphs()
+        out = torch.zeros_like(v)
+        for w, leaf, g in self._graphs:
+            (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+            out.add_(hv, alpha=w)
         return out
 
+    # A data-parallel Objective combines the processes' shares with ``reduce_sum``: exactly once
+    # per product call in the modes "reuse", "forward" and "reverse", so processes that resolved
+    # "auto" differently (their shards differ in size) still exchange the same messages.
     def _apply_vector(self, v: Tensor) -> Tensor:
         if self.mode == "reuse":
-            if self._graphs is None:
-                self._build_graphs()
-            out = torch.zeros_like(v)
-            for w, leaf, g in self._graphs:
-                (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
-                out.add_(hv, alpha=w)
-            return out
+            return self.objective.reduce_sum(self._reuse(v))
         if self.mode == "finite_difference":
             return self.objective.finite_difference_hvp(self.theta, v)
         if self.mode == "reverse":
@@ -313,7 +320,9 @@ class HessianOperator(Operator):
         return self.objective.hvp(self.theta, v)
 
     def _apply(self, vectors: Tensor) -> Tensor:
-        if self.mode in ("reuse", "finite_difference"):
+        if self.mode == "reuse":
+            return self.objective.reduce_sum(torch.stack([self._reuse(v) for v in vectors.T], dim=1))
+        if self.mode == "finite_difference":
             return torch.stack([self._apply_vector(v) for v in vectors.T], dim=1)
         if self.mode == "reverse":
             return self._reverse(vectors)

@@ -370,6 +370,9 @@ def qat(
         raise TypeError(f"qat() no longer takes {moved}: pass " + ", ".join(_MOVED_KEYWORDS[k] for k in moved))
     config = estimator_config(estimator)
     _validate(steps, lr, optimizer, batch_size, tau, record_every)
+    if objective.reduction is not None:
+        raise ValueError("qat() on a data-parallel Objective would train every process on its own shard and the processes would "
+                         "diverge: train on an Objective over all the training data (riverscape analyze does so in every process)")
     qmap = resolve_quant_map(objective, quantizer, **map_options)
     quant = qmap.quantizer
     scale_mode = _resolve_scale_mode(config, scale, quant)

@@ -133,6 +133,9 @@ def collect_input_hessians(
     """
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be None (all) or a positive integer, got {n_samples!r}")
+    if objective.reduction is not None:
+        raise ValueError("a data-parallel Objective holds one process's shard, and calibration would differ between processes: "
+                         "calibrate on an Objective over all the data (riverscape analyze does so in every process)")
     module = copy.deepcopy(objective.module)
     modules = dict(module.named_modules())
     owners: dict[str, nn.Module] = {}
