@@ -12,8 +12,8 @@ in full precision from theta_fp for the same steps (the ``latent`` QAT arm), pai
 held-out first hitting time T_hit(tau) (tau = the loss increase costing one accuracy point,
 ``riverscape.qat_dynamics.run_outcomes``; censored when never hit) and best iterate are reported.
 
-    python experiments/river.py --out runs/river              # full: 10 seeds, ~15 min on 2 shared cores
-    python experiments/river.py --quick --out /tmp/river       # 2 bits, 6 seeds, short runs: ~1-2 min
+    python experiments/river.py --out runs/river              # full: 10 seeds x 2 bit-widths, 111 s CPU (25 min wall at load 18)
+    python experiments/river.py --quick --out /tmp/river       # 2 bits, 6 seeds, short runs: 14 s CPU (2 min wall at load 15)
 
 results.json: cells ``params = {"bits": b, "seed": s}``; ``result`` holds
   fp_loss, ptq_loss, qat_loss, fpc_loss       L(theta_fp), L(Q(theta_fp)), L(Q(theta_T)), L(w_T^FP) on the training split
