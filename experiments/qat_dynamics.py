@@ -8,14 +8,16 @@ L_eval(theta_fp) + tau (tau = the loss increase costing one accuracy point on th
 point; censored runs kept), best iterate, and at logged steps cos(-g, F - p) with F the valley floor
 below Q(w_t) against a matched null of random-sign perturbations (empirical p, z). Paired by seed:
 A-B, A-C, A-D differences of the final deployed loss (bootstrap CI, Wilcoxon p, Holm), log-rank p of
-T_hit, Stouffer-pooled alignment z.
+T_hit, Stouffer-pooled alignment z; the distance from theta_fp of every arm's end against the FP
+continuation (arm D's latent endpoint: the same optimiser continued in full precision), paired by seed.
 
     python experiments/qat_dynamics.py --quick --out /tmp/qat_dynamics            # ~6-8 min on 2 idle cores
     python experiments/qat_dynamics.py --out runs/qat_dynamics --seeds 10         # full: hours
 
 results.json: cells ``params = {"model", "bits", "range", "arm", "seed"}`` (arm = estimator name);
 ``result``: the record of ``riverscape.qat_dynamics.dynamics_cell`` (raw series included);
-``summary.comparisons``: ``riverscape.qat_dynamics.paired_comparisons``.
+``summary.comparisons``: ``riverscape.qat_dynamics.paired_comparisons``; ``summary.drift``:
+``riverscape.qat_dynamics.drift_comparisons``.
 """
 from __future__ import annotations
 
@@ -97,17 +99,23 @@ def main(argv: list[str] | None = None) -> dict:
     records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
     results = [r["result"] for r in records]
     comparisons = qd.paired_comparisons(results)
-    sweep.summary = {"comparisons": comparisons}
+    drift = qd.drift_comparisons(results)
+    sweep.summary = {"comparisons": comparisons, "drift": drift}
     columns = {"model": "model", "bits": "bits", "range": "range", "contrast": "contrast", "n": "n", "diff": "Δ final loss",
                "ci_low": "95% CI low", "ci_high": "high", "wilcoxon_p": "Wilcoxon p", "holm_p": "Holm p", "hits": "hits a/b",
                "logrank_p": "log-rank p", "z_A": "z_A", "z_ctrl": "z ctrl", "pz_A": "z_A (from p)", "pz_ctrl": "z ctrl (from p)"}
     md = [sw.print_table(qd.table_rows(comparisons), columns,
                          title="Paired by seed: final held-out deployed loss, STE (A) minus control; T_hit log-rank; Stouffer-pooled alignment z"),
           sw.print_table(qd.arm_means(results), ["model", "bits", "range", "arm", "seeds", "final_loss", "final_accuracy", "best_loss",
-                                                 "hit", "fp_accuracy", "ptq_accuracy", "s/run"], title="Per arm: means over seeds")]
+                                                 "hit", "fp_accuracy", "ptq_accuracy", "s/run"], title="Per arm: means over seeds"),
+          sw.print_table(qd.drift_rows(drift), {"model": "model", "bits": "bits", "range": "range", "arm": "arm", "n": "n",
+                                                "fp_continuation": "|w_T − θ_fp| FP cont.", "deployed": "|Q(w_T) − θ_fp|",
+                                                "latent": "|w_T − θ_fp|", "diff": "Δ deployed − FP cont.", "ci_low": "95% CI low",
+                                                "ci_high": "high", "wilcoxon_p": "Wilcoxon p"},
+                         title="Distance from θ_fp at the end, paired by seed against the FP continuation (arm D's latent endpoint)")]
     figures(results, opts.out)
     st.finish_sweep(sweep, opts.out, md)
-    return {"comparisons": comparisons, "records": records}
+    return {"comparisons": comparisons, "drift": drift, "records": records}
 
 
 if __name__ == "__main__":

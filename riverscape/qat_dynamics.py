@@ -25,7 +25,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from .pipeline import accuracy_tolerance, arm_alignments, hitting
 from .studies import Study, run_qat
 
-__all__ = ["ARMS", "ARM_LABELS", "COMPARISONS", "alignment_steps", "dynamics_cell", "paired_comparisons", "group_key", "table_rows", "arm_means"]
+__all__ = ["ARMS", "ARM_LABELS", "COMPARISONS", "FP_CONTINUATION", "alignment_steps", "run_outcomes", "distances_to_fp", "dynamics_cell",
+           "paired_comparisons", "drift_comparisons", "drift_rows", "group_key", "table_rows", "arm_means"]
 
 #: arm letter -> registered estimator name
 ARMS = {"A": "ste", "B": "matched_noise", "C": "stochastic_rounding", "D": "latent"}
@@ -33,6 +34,10 @@ ARMS = {"A": "ste", "B": "matched_noise", "C": "stochastic_rounding", "D": "late
 ARM_LABELS = {name: letter for letter, name in ARMS.items()}
 #: the paired contrasts, STE minus each control
 COMPARISONS = (("ste", "matched_noise"), ("ste", "stochastic_rounding"), ("ste", "latent"))
+#: the FP-continuation control of every distance claim: arm D's latent trajectory *is* full-precision training
+#: continued from ``theta_fp`` with the same optimiser, learning rate, steps and batches (the deployed ``Q(w_t)``
+#: is only measured), so its latent endpoint measures plain optimizer drift
+FP_CONTINUATION = "latent"
 _TOLERANCES: dict[tuple, Any] = {}
 
 
@@ -51,6 +56,48 @@ def _tolerance(study: Study, bits: int, range_method: str, drop: float):
     if key not in _TOLERANCES:
         _TOLERANCES[key] = accuracy_tolerance(study.reference, study.quant_map(bits, range_method), drop=drop)
     return _TOLERANCES[key]
+
+
+def run_outcomes(study: Study, bits: int, range_method: str, run: Any, *, accuracy_drop: float = 0.01) -> dict:
+    """Held-out outcomes of a QAT run from ``theta_fp`` (docs/qat_dynamics.md §2).
+
+    Parameters
+    ----------
+    study : Study
+    bits, range_method
+        The quantizer of the run (they set the tolerance ``tau``).
+    run : QATResult
+        Run with an ``eval_objective`` (``history["eval_loss"]``, ``history["eval_metric"]``), e.g. :func:`riverscape.studies.run_qat`.
+    accuracy_drop : float
+        ``tau`` is the held-out loss increase that costs this much accuracy (:func:`~riverscape.pipeline.accuracy_tolerance`).
+
+    Returns
+    -------
+    dict
+        ``steps, deployed_loss, deployed_accuracy`` (held-out, at ``Q(w_t)``); ``final_loss, final_accuracy``;
+        ``best_loss, best_step, best_accuracy`` (best iterate by held-out loss); ``tolerance``; ``hit``, ``hit_time``
+        (``T_hit(tau)``, censored at the last step when not hit) and ``threshold`` ``L_eval(theta_fp) + tau``.
+    """
+    tol = _tolerance(study, bits, range_method, accuracy_drop)
+    losses, accs = run.history["eval_loss"], run.history["eval_metric"]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    tau = tol.tau if tol.tau is not None else float("inf")  # no one-point drop on the line: every run "hits" at once
+    hit = hitting(run.trajectory_steps, losses, tol.fp_loss + tau)
+    return {
+        "steps": list(run.trajectory_steps), "deployed_loss": losses, "deployed_accuracy": accs,
+        "final_loss": losses[-1], "final_accuracy": accs[-1], "best_loss": losses[best], "best_step": run.trajectory_steps[best],
+        "best_accuracy": accs[best], "tolerance": tol.to_dict(), "hit": hit.hit, "hit_time": hit.time, "threshold": hit.threshold,
+    }
+
+
+def distances_to_fp(study: Study, run: Any) -> dict:
+    """``|Q(w_T) - theta_fp|`` (``deployed_distance_to_fp``) and ``|w_T - theta_fp|`` (``latent_distance_to_fp``) of a run's end.
+
+    For the :data:`FP_CONTINUATION` arm the latent distance is the drift of plain FP training over the same steps.
+    """
+    fp = study.theta_fp.double()
+    return {"deployed_distance_to_fp": float((run.theta_q.double() - fp).norm()),
+            "latent_distance_to_fp": float((run.theta.double() - fp).norm())}
 
 
 def dynamics_cell(
@@ -72,25 +119,17 @@ def dynamics_cell(
     Returns
     -------
     dict
-        ``model, bits, range, arm (letter), estimator, seed``; raw series over the recorded steps
-        ``steps, deployed_loss, deployed_accuracy`` (held-out, at ``Q(w_t)``), ``train_loss``
-        (``L(Q(w_t))`` on the QAT set), ``discretization_error``, ``grid_flips``; ``final_loss``,
-        ``final_accuracy``, ``best_loss``, ``best_step``, ``best_accuracy`` (held-out, best iterate
-        by held-out loss); ``tolerance`` (:class:`~riverscape.pipeline.Tolerance`), ``hit`` and
-        ``hit_time`` (censored at the last step when not hit), ``threshold``; ``alignment`` rows
+        ``model, bits, range, arm (letter), estimator, seed``; the :func:`run_outcomes` (raw held-out series,
+        final and best iterate, tolerance, ``hit``/``hit_time``/``threshold``); ``train_loss`` (``L(Q(w_t))``
+        on the QAT set), ``discretization_error``, ``grid_flips``; :func:`distances_to_fp`; ``alignment`` rows
         (:func:`~riverscape.pipeline.arm_alignments`) and their Stouffer-pooled ``alignment_z`` (fixed
-        floor direction) and ``alignment_point_z`` (from the gradient point);
-        ``qat_seconds``, ``alignment_seconds``.
+        floor direction) and ``alignment_point_z`` (from the gradient point); ``qat_seconds``, ``alignment_seconds``.
     """
     if arm not in ARM_LABELS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {tuple(ARM_LABELS)}")
-    tol = _tolerance(study, bits, range_method, accuracy_drop)
     res = run_qat(study, bits, arm, seed=seed, record_every=record_every, progress=progress, range_method=range_method)
+    outcomes = run_outcomes(study, bits, range_method, res, accuracy_drop=accuracy_drop)
     hist = res.history
-    losses, accs = hist["eval_loss"], hist["eval_metric"]
-    best = min(range(len(losses)), key=losses.__getitem__)
-    tau = tol.tau if tol.tau is not None else float("inf")  # no one-point drop on the line: every run "hits" at once
-    hit = hitting(res.trajectory_steps, losses, tol.fp_loss + tau)
     chosen = alignment_steps(study.spec.qat_steps, record_every, alignment_fractions)
     rows_index = [res.trajectory_steps.index(s) for s in chosen]
     started = time.perf_counter()
@@ -99,10 +138,8 @@ def dynamics_cell(
     pooled = {key: _pooled([r[key] for r in rows]) for key in ("z", "point_z")}
     return {
         "model": study.spec.key, "bits": bits, "range": range_method, "arm": ARM_LABELS[arm], "estimator": arm, "seed": seed,
-        "steps": list(res.trajectory_steps), "deployed_loss": losses, "deployed_accuracy": accs, "train_loss": hist["loss"],
-        "discretization_error": hist["discretization_error"], "grid_flips": hist["grid_flips"],
-        "final_loss": losses[-1], "final_accuracy": accs[-1], "best_loss": losses[best], "best_step": res.trajectory_steps[best],
-        "best_accuracy": accs[best], "tolerance": tol.to_dict(), "hit": hit.hit, "hit_time": hit.time, "threshold": hit.threshold,
+        **outcomes, "train_loss": hist["loss"], "discretization_error": hist["discretization_error"], "grid_flips": hist["grid_flips"],
+        **distances_to_fp(study, res),
         "alignment": rows, "alignment_z": pooled["z"][0], "alignment_point_z": pooled["point_z"][0],
         "qat_seconds": res.wall_time, "alignment_seconds": time.perf_counter() - started,
     }
@@ -172,6 +209,52 @@ def paired_comparisons(results: Iterable[Mapping], *, metrics: Sequence[str] = (
         for i, p in zip(finite, adjusted):
             rows[i]["holm_final_loss"] = float(p)
     return rows
+
+
+def drift_comparisons(results: Iterable[Mapping], *, n_boot: int = 10_000, seed: int = 0) -> list[dict]:
+    """Distance from ``theta_fp`` of every arm's end against the FP continuation's, paired by seed.
+
+    Per ``(model, bits, range)`` and arm, over the seeds present for the arm and for :data:`FP_CONTINUATION`:
+    ``deployed`` is ``|Q(w_T) - theta_fp|`` of the arm minus ``|w_T^FP - theta_fp|`` of the FP continuation
+    (the latent endpoint of arm D), ``latent`` the same with the arm's latent ``|w_T - theta_fp|``; each a
+    :class:`~riverscape.stats.PairedComparison` dict. A claim "QAT lands farther from ``theta_fp``" is about
+    quantization only where ``deployed`` is positive with a CI excluding 0; otherwise it is optimizer drift.
+    Records without distances (older results) are skipped.
+    """
+    from .stats import paired_comparison
+
+    by_group: dict[tuple, dict[str, dict[int, Mapping]]] = {}
+    for r in results:
+        if "latent_distance_to_fp" in r:
+            by_group.setdefault(group_key(r), {}).setdefault(r["estimator"], {})[r["seed"]] = r
+    rows = []
+    for (model, bits, range_method), arms in by_group.items():
+        control = arms.get(FP_CONTINUATION, {})
+        for arm in ARMS.values():
+            seeds = sorted(set(arms.get(arm, {})) & set(control))
+            if len(seeds) < 2:
+                continue
+            fp_drift = [control[s]["latent_distance_to_fp"] for s in seeds]
+            row: dict[str, Any] = {"model": model, "bits": bits, "range": range_method, "arm": ARM_LABELS[arm], "estimator": arm,
+                                   "seeds": seeds, "fp_continuation": sum(fp_drift) / len(fp_drift)}
+            for kind in ("deployed", "latent"):
+                values = [arms[arm][s][f"{kind}_distance_to_fp"] for s in seeds]
+                row[f"{kind}_mean"] = sum(values) / len(values)
+                row[kind] = paired_comparison(values, fp_drift, a=f"{ARM_LABELS[arm]} {kind}", b="FP continuation",
+                                              n_boot=n_boot, seed=seed).to_dict()
+            rows.append(row)
+    return rows
+
+
+def drift_rows(comparisons: Sequence[Mapping]) -> list[dict]:
+    """Flat table rows of :func:`drift_comparisons`."""
+    out = []
+    for c in comparisons:
+        d = c["deployed"]["difference"]
+        out.append({"model": c["model"], "bits": c["bits"], "range": c["range"], "arm": c["arm"], "n": c["deployed"]["n"],
+                    "fp_continuation": c["fp_continuation"], "deployed": c["deployed_mean"], "latent": c["latent_mean"],
+                    "diff": d["estimate"], "ci_low": d["low"], "ci_high": d["high"], "wilcoxon_p": c["deployed"]["wilcoxon_p"]})
+    return out
 
 
 def table_rows(comparisons: Sequence[Mapping]) -> list[dict]:

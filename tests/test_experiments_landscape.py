@@ -66,7 +66,9 @@ def test_ptq_vs_qat_quick(quick_runs):
 @pytest.mark.slow
 def test_river_quick(quick_runs):
     out = quick_runs["river"]
-    res = find(cells(out), bits=2)
+    records = cells(out)
+    assert sorted(r["params"]["seed"] for r in records) == list(range(6))  # the quick run's seeds, paired below
+    res = find(records, bits=2, seed=0)
     assert res["qat_loss"] < res["ptq_loss"]  # QAT finds a quantized point far below the PTQ point
     assert res["river_distance_fp"] == pytest.approx(0.0, abs=1e-9)  # theta_fp ends the river
     assert res["river_distance_ptq"] > 0.1 * res["distance_ptq_to_fp"]  # the PTQ point is off the river
@@ -74,6 +76,18 @@ def test_river_quick(quick_runs):
     assert prof["loss"][-1] < prof["loss"][0]  # training goes downhill along the river
     assert prof["quantized_loss"][-1] == pytest.approx(res["ptq_loss"], rel=1e-9)  # Q(gamma(1)) is the PTQ point
     assert (out / "landscape_2bit.png").exists() and (out / "river_profile_2bit.html").exists()
+    # QAT's held-out outcomes: T_hit is the first recorded step at or below the threshold, else censored at the end
+    hist, outcomes = res["qat_history"], res["qat_outcomes"]
+    below = [s for s, v in zip(outcomes["steps"], outcomes["deployed_loss"]) if v <= res["threshold"]]
+    assert res["hit"] == bool(below) and res["hit_time"] == (below[0] if below else hist["step"][-1])
+    assert res["best_loss"] == min(outcomes["deployed_loss"]) and res["final_loss"] == outcomes["deployed_loss"][-1]
+    # every distance has its FP-continuation control, and the summary pairs them by seed over all six seeds
+    assert res["distance_fpc_to_fp"] > 0 and res["fpc_loss"] < res["ptq_loss"]
+    rows = {r["contrast"]: r for r in json.loads((out / "results.json").read_text())["summary"]["distances"]}
+    fpc = rows["QAT deployed − FP continuation"]
+    diffs = [r["result"]["distance_qat_to_fp"] - r["result"]["distance_fpc_to_fp"] for r in records]
+    assert fpc["n"] == 6 and fpc["diff"] == pytest.approx(sum(diffs) / 6, rel=1e-12)
+    assert fpc["ci_low"] <= fpc["diff"] <= fpc["ci_high"]
 
 
 @pytest.mark.slow

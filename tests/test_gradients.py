@@ -44,7 +44,9 @@ def test_alignment_matches_closed_forms_on_a_quadratic(offset_scale):
     assert res.cosine_to_fp == pytest.approx(_cos(-g_q, u_back), abs=1e-12)
     assert res.cosine_hill == pytest.approx(_cos(-g_q, u_hill), abs=1e-10)
     assert res.cosine_river == pytest.approx(_cos(-g_q, u_river), abs=1e-10)
-    assert res.inward == pytest.approx(float(-g_q @ u_hill / u_hill.norm()), rel=1e-10)
+    # the inward component normalised by |g_Q| is the cosine with u_hill; the raw one is loss per unit length
+    assert res.inward == pytest.approx(float(-g_q @ u_hill / (u_hill.norm() * g_q.norm())), rel=1e-10)
+    assert res.inward_raw == pytest.approx(float(-g_q @ u_hill / u_hill.norm()), rel=1e-10)
     assert res.chi_k == pytest.approx(float((P @ g_q).norm() ** 2 / g_q.norm() ** 2), rel=1e-10)
     assert res.chi_k_baseline == 4 / DIM and res.random_baseline == 1 / math.sqrt(DIM)
     assert res.z_iso == pytest.approx(res.cosine_to_fp * math.sqrt(DIM), rel=1e-14)

@@ -22,7 +22,7 @@ from helpers import tiny_mlp
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FIELDS = {"model", "bits", "range", "arm", "estimator", "seed", "steps", "deployed_loss", "deployed_accuracy", "train_loss",
                  "final_loss", "final_accuracy", "best_loss", "best_step", "best_accuracy", "tolerance", "hit", "hit_time",
-                 "threshold", "alignment", "alignment_z", "alignment_point_z"}
+                 "threshold", "alignment", "alignment_z", "alignment_point_z", "deployed_distance_to_fp", "latent_distance_to_fp"}
 
 
 def _script():
@@ -103,6 +103,27 @@ def test_comparisons_are_paired_by_seed(micro_run):
     assert again[("ste", "latent")]["final_loss"] == rows[2]["final_loss"]
     diffs = [by[("ste", s)]["final_loss"] - by[("matched_noise", s)]["final_loss"] for s in (0, 2)]
     assert again[("ste", "matched_noise")]["final_loss"]["difference"]["estimate"] == pytest.approx(float(np.mean(diffs)), rel=1e-12)
+
+
+def test_drift_is_paired_against_the_fp_continuation(micro_run):
+    out, summary = micro_run
+    results = [r["result"] for r in summary["records"]]
+    by = {(r["estimator"], r["seed"]): r for r in results}
+    rows = qd.drift_comparisons(results)
+    assert [r["estimator"] for r in rows] == list(qd.ARMS.values())
+    for row in rows:
+        fp = [by[(qd.FP_CONTINUATION, s)]["latent_distance_to_fp"] for s in row["seeds"]]
+        for kind in ("deployed", "latent"):
+            diffs = [by[(row["estimator"], s)][f"{kind}_distance_to_fp"] - f for s, f in zip(row["seeds"], fp)]
+            assert row[kind]["difference"]["estimate"] == pytest.approx(float(np.mean(diffs)), rel=1e-12, abs=1e-15)
+            assert row[kind]["n"] == 3
+    for r in results:  # every run moved (20 Adam steps), and Q(w_T) is off the latent point by the rounding
+        assert r["latent_distance_to_fp"] > 0 and r["deployed_distance_to_fp"] > 0
+    # arm D's latent row is the control against itself: every paired difference is exactly 0
+    control = next(r for r in rows if r["estimator"] == qd.FP_CONTINUATION)
+    assert control["latent"]["difference"]["estimate"] == 0.0
+    assert json.loads((out / "results.json").read_text())["summary"]["drift"] == to_jsonable(summary["drift"])
+    assert len(qd.drift_comparisons([r for r in results if r["estimator"] != qd.FP_CONTINUATION])) == 0  # no control, no rows
 
 
 # ---------------------------------------------------------------------- the measurements

@@ -2,11 +2,13 @@
 
 * :func:`alignment` -- does the identity-STE gradient at ``q = Q(w)`` point back into the
   basin? Cosines to ``u_back``, its hill and river parts, the valley floor and a QAT
-  solution; inward component; ``chi_k``; both null models; the second-order relation.
+  solution; the inward component (normalised by ``|g|``; raw as ``inward_raw``); ``chi_k``; both
+  null models for every direction (matched random signs with z and empirical p, isotropic);
+  the second-order relation.
 * :func:`damage` -- measured vs predicted PTQ loss increase, the breakdown scale ``t_b``,
   energy and curvature shares of the hill subspace, basin widths and grid-to-basin ratios,
   recovery by a hill-only correction vs a random subspace.
-* :func:`alignment_along_qat` -- the same geometry along a QAT latent trajectory.
+* :func:`alignment_along_qat` -- the same geometry along a QAT latent trajectory, with a matched null per row.
 * :func:`valley_floor` -- R3, the loss minimised inside the hill subspace.
 * :func:`floor_alignment` -- does a QAT arm's gradient (at ``Q(w)``, a matched-noise point,
   ``SR(w)`` or ``w``) point to the valley floor below ``Q(w)``, against a matched null?

@@ -16,8 +16,8 @@ quantized tensors (``QuantMap.per_layer()``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -196,3 +196,52 @@ def prepare(
     elif basis.vectors.shape[0] != objective.dim:
         raise ValueError(f"the hill basis has vectors of dimension {basis.vectors.shape[0]}, the objective {objective.dim}")
     return Setup(theta_fp, qmap, basis.operator, basis.values, basis.vectors)
+
+
+@dataclass(frozen=True)
+class NullComparison:
+    """An observed statistic against its matched-null draws.
+
+    Attributes
+    ----------
+    observed : float or None
+    null_mean, null_sd : float or None
+    z : float or None
+        ``(observed - null_mean) / null_sd``.
+    p_value : float or None
+        Empirical one-sided ``(1 + #{null >= observed}) / (1 + n)``.
+    draws : list of float
+    """
+
+    observed: float | None
+    null_mean: float | None
+    null_sd: float | None
+    z: float | None
+    p_value: float | None
+    draws: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, observed: float | None, draws: Sequence[float | None]) -> "NullComparison":
+        """Compare ``observed`` with the non-``None`` ``draws`` (z and p need at least two and a spread)."""
+        from ..stats import empirical_p, null_z  # lazily: the statistics package is optional for the rest of gradients
+
+        clean = [d for d in draws if d is not None]
+        mean = sd = z = p = None
+        if len(clean) >= 2:
+            mean = sum(clean) / len(clean)
+            sd = math.sqrt(sum((c - mean) ** 2 for c in clean) / (len(clean) - 1))
+            if observed is not None:
+                p = empirical_p(observed, clean, alternative="greater")
+                z = null_z(observed, clean) if sd > 0 else None
+        return cls(observed, mean, sd, z, p, list(draws))
+
+    def to_dict(self, *, draws: bool = False) -> dict:
+        """The fields as a JSON-friendly dict (non-finite floats become ``None``; ``draws`` only when asked)."""
+        out = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        if not draws:
+            out.pop("draws")
+        return out
+
+    def summary(self, prefix: str) -> dict:
+        """``{prefix}_mean``, ``{prefix}_sd``, ``{prefix}_z``, ``{prefix}_p``: the flat fields of a result dataclass."""
+        return {f"{prefix}_mean": self.null_mean, f"{prefix}_sd": self.null_sd, f"{prefix}_z": self.z, f"{prefix}_p": self.p_value}

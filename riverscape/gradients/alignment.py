@@ -9,7 +9,10 @@ floor ``u_floor = Pi_floor(q) - q`` and, if given, a QAT solution ``u_qat = thet
 
 Two null models (always both): the isotropic ``1/sqrt(d)`` (beaten by *any* perturbation
 of a minimum, since ``cos(-grad L(w + delta), -delta) ~ delta^T H delta / (|H delta||delta|) > 0``)
-and the matched perturbation ``delta' = delta * eps`` (random signs, same magnitudes).
+and the matched perturbation ``delta' = delta * eps`` (random signs, same magnitudes). The matched
+null covers every direction: each draw ``q' = w_ref + delta'`` gets its own ``u_back``, hill part,
+valley floor ``Pi_floor(q') - q'`` and ``theta_qat - q'``; along QAT the rounded point is the latent
+``w_t`` and the draws are ``w_t + delta_t * eps`` (docs/theory.md §7.4, §7.7).
 
 Coordinates: see :mod:`riverscape.gradients._common` (build the Objective with ``params``
 selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2)).
@@ -17,9 +20,8 @@ selecting the quantized tensors for ``d = dim theta_Q`` (docs/theory.md §1.2)).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +31,7 @@ from ..objective import Objective
 from ..quant import QParams
 from ._common import (
     HillBasis,
+    NullComparison,
     Quantizer,
     cosine,
     dot,
@@ -46,16 +49,22 @@ __all__ = ["AlignmentResult", "alignment", "matched_null", "NullSample", "QATAli
 
 
 def _direction_metrics(g_q: Tensor, u_back: Tensor, vectors: Tensor) -> dict:
-    """Alignment of ``-g_Q`` with ``u_back`` and its hill/river parts; gradient subspace energy."""
+    """Alignment of ``-g_Q`` with ``u_back`` and its hill/river parts; inward component; gradient subspace energy.
+
+    ``inward`` is the normalised inward component ``I / |g_Q| = cos(-g_Q, u_hill)`` (the same number as
+    ``cosine_hill``); ``inward_raw`` is ``I = -g_Q^T u_hill / |u_hill|`` in loss per unit length.
+    """
     _, u_hill, u_river = split(u_back, vectors)
     g_coords, g_hill, g_river = split(g_q, vectors)
     hill_norm = math.sqrt(sq_norm(u_hill))
     grad_sq = sq_norm(g_q)
+    cosine_hill = cosine(-g_q, u_hill)
     return {
         "cosine_to_fp": cosine(-g_q, u_back),
-        "cosine_hill": cosine(-g_q, u_hill),
+        "cosine_hill": cosine_hill,
         "cosine_river": cosine(-g_q, u_river),
-        "inward": None if hill_norm == 0.0 else -dot(g_q, u_hill) / hill_norm,
+        "inward": cosine_hill,
+        "inward_raw": None if hill_norm == 0.0 else -dot(g_q, u_hill) / hill_norm,
         "chi_k": safe_ratio(sq_norm(g_coords), grad_sq),
         "grad_hill_norm": math.sqrt(sq_norm(g_hill)),
         "grad_river_norm": math.sqrt(sq_norm(g_river)),
@@ -66,20 +75,29 @@ def _direction_metrics(g_q: Tensor, u_back: Tensor, vectors: Tensor) -> dict:
 class NullSample:
     """Matched-perturbation null draws (one entry per sign pattern).
 
+    With ``q' = w_ref + delta'`` (``delta' = delta * eps``), ``g' = grad L(q')`` and the target ``t``
+    (default ``w_ref``):
+
     Attributes
     ----------
     cosines : list of float
-        ``A' = cos(-grad L(w_ref + delta'), -delta')``.
+        ``A' = cos(-g', t - q')`` (``= cos(-g', -delta')`` for the default target).
     inward : list of float
-        ``I' = -grad L(w_ref + delta')^T u_hill' / |u_hill'|`` with ``u_hill' = V_k V_k^T (-delta')``
+        Normalised inward component ``cos(-g', u_hill')`` with ``u_hill' = V_k V_k^T (t - q')``
         (empty when no vectors were given).
     loss_increases : list of float
         ``L(w_ref + delta') - L(w_ref)``.
+    inward_raw : list of float
+        ``-g'^T u_hill' / |u_hill'|`` (loss per unit length; empty without vectors).
+    directions : dict of str to list of float
+        ``cos(-g', u(q'))`` for every extra direction builder ``u`` passed to :func:`matched_null`.
     """
 
     cosines: list[float]
     inward: list[float]
     loss_increases: list[float]
+    inward_raw: list[float] = field(default_factory=list)
+    directions: dict = field(default_factory=dict)
 
 
 def matched_null(
@@ -89,6 +107,8 @@ def matched_null(
     signs: Tensor,
     *,
     vectors: Tensor | None = None,
+    target: Tensor | None = None,
+    directions: Mapping[str, Callable[[Tensor], Tensor | None]] | None = None,
     progress: bool = False,
 ) -> NullSample:
     """Evaluate the matched-perturbation null for given sign patterns.
@@ -97,48 +117,49 @@ def matched_null(
     ----------
     objective : Objective
     reference : Tensor, shape (D,)
-        ``w_ref``.
+        The point that was rounded: ``w_ref`` (or a latent QAT iterate ``w_t``).
     delta : Tensor, shape (D,)
-        The perturbation ``q - w_ref``.
+        Its rounding perturbation ``q - w_ref``.
     signs : Tensor, shape (n, D)
         Sign patterns ``eps`` (entries +-1): ``delta' = delta * eps``.
     vectors : Tensor, shape (D, k), optional
         Hill frame for the inward component of each draw.
+    target : Tensor, shape (D,), optional
+        The point the basin direction ``t - q'`` aims at (default ``reference``; ``theta_fp``
+        along a QAT run).
+    directions : mapping of str to callable, optional
+        Extra directions: ``u(q')`` is built at every draw and ``cos(-g', u(q'))`` stored under its
+        name (``None`` or a zero vector gives ``None``), e.g. the valley floor below ``q'``.
     progress : bool
         Show a progress bar over the draws.
 
     Returns
     -------
     NullSample
+        One gradient per draw (plus what the direction builders cost).
     """
     reference = objective.check_theta(reference)
     delta = objective.check_theta(delta)
+    target = reference if target is None else objective.check_theta(target)
     if signs.ndim != 2 or signs.shape[1] != objective.dim:
         raise ValueError(f"signs must have shape (n, {objective.dim}), got {tuple(signs.shape)}")
+    builders = dict(directions or {})
     base = objective.loss(reference)
-    cosines, inward, increases = [], [], []
+    cosines, inward, inward_raw, increases = [], [], [], []
+    extra: dict[str, list] = {name: [] for name in builders}
     for eps in tqdm(signs, desc="matched null", leave=False, disable=not progress):
-        flipped = delta * eps.to(delta)
-        value, g = objective.value_and_grad(reference + flipped)
-        cosines.append(cosine(-g, -flipped))
+        point = reference + delta * eps.to(delta)
+        value, g = objective.value_and_grad(point)
+        cosines.append(cosine(-g, target - point))
         increases.append(value - base)
         if vectors is not None:
-            inward.append(_direction_metrics(g, -flipped, vectors)["inward"])
-    return NullSample(cosines, inward, increases)
-
-
-def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    clean = [v for v in values if v is not None]
-    if not clean:
-        return None, None
-    mean = statistics.fmean(clean)
-    return mean, (statistics.stdev(clean) if len(clean) > 1 else None)
-
-
-def _zscore(value: float | None, mean: float | None, sd: float | None) -> float | None:
-    if value is None or mean is None or not sd:
-        return None
-    return (value - mean) / sd
+            metrics = _direction_metrics(g, target - point, vectors)
+            inward.append(metrics["inward"])
+            inward_raw.append(metrics["inward_raw"])
+        for name, build in builders.items():
+            u = build(point)
+            extra[name].append(None if u is None else cosine(-g, u))
+    return NullSample(cosines, inward, increases, inward_raw, extra)
 
 
 @dataclass(frozen=True)
@@ -154,15 +175,21 @@ class AlignmentResult:
         ``A(u_back)``, ``A(u_hill)``, ``A(u_river)``, ``A(u_floor)``, ``A(theta_qat - q)``.
     random_baseline : float
         ``1/sqrt(dim)``, the rms of ``A`` for an isotropic random direction.
-    z_iso : float or None
-        ``A(u_back) * sqrt(dim)``.
+    z_iso, z_iso_floor, z_iso_qat : float or None
+        ``A * sqrt(dim)`` of ``u_back``, ``u_floor`` and ``theta_qat - q`` (isotropic null).
     inward : float or None
-        ``I = -g_Q^T u_hill / |u_hill|`` (loss per unit length; > 0 points back to the floor).
+        Normalised inward component ``I / |g_Q| = cos(-g_Q, u_hill)`` (the same number as
+        ``cosine_hill``; > 0 points back toward the floor). Its nulls are ``null_inward_*``.
+    inward_raw : float or None
+        ``I = -g_Q^T u_hill / |u_hill|`` (loss per unit length). It grows with ``|g_Q|``, i.e. with
+        how damaging ``delta`` is, so it has no null z.
     chi_k, chi_k_baseline : float
         ``|V_k^T g_Q|^2 / |g_Q|^2`` and its random baseline ``k / dim``.
-    null_mean, null_sd, null_z : float or None
-        Matched-perturbation null of ``A(u_back)`` and ``(A - mean) / sd``; likewise
-        ``null_inward_*`` for ``I`` and ``null_loss_increase_*`` for ``L(w_ref + delta') - L(w_ref)``.
+    null_mean, null_sd, null_z, null_p : float or None
+        Matched-perturbation null of ``A(u_back)``: mean, sd, ``(A - mean) / sd`` and the empirical
+        one-sided ``p = (1 + #{A' >= A}) / (1 + n)``; likewise ``null_inward_*`` for ``inward``,
+        ``null_floor_*`` for ``cosine_floor`` (a floor solve per draw) and ``null_qat_*`` for
+        ``cosine_qat``; ``null_loss_increase_*`` for ``L(w_ref + delta') - L(w_ref)``.
     second_order_cosine, second_order_relerr : float or None
         ``cos(g_Q - g_fp, H delta)`` and ``|g_Q - g_fp - H delta| / |g_Q - g_fp|`` with ``H`` at ``w_ref``.
     hessian_direction_cosine : float or None
@@ -216,6 +243,19 @@ class AlignmentResult:
     eigenvalues: list
     floor_loss: float | None
     per_layer: list = field(default_factory=list)
+    inward_raw: float | None = None
+    null_p: float | None = None
+    null_inward_p: float | None = None
+    z_iso_floor: float | None = None
+    z_iso_qat: float | None = None
+    null_floor_mean: float | None = None
+    null_floor_sd: float | None = None
+    null_floor_z: float | None = None
+    null_floor_p: float | None = None
+    null_qat_mean: float | None = None
+    null_qat_sd: float | None = None
+    null_qat_z: float | None = None
+    null_qat_p: float | None = None
 
     def to_dict(self) -> dict:
         """Flat dict of floats, ints, strings and lists (non-finite numbers become ``None``)."""
@@ -246,6 +286,11 @@ def _per_layer(layers: Sequence[tuple[str, slice]], g_q: Tensor, u_back: Tensor)
     return rows
 
 
+def _iso(value: float | None, dim: int) -> float | None:
+    """Isotropic-null z ``A sqrt(dim)``."""
+    return None if value is None else value * math.sqrt(dim)
+
+
 def alignment(
     objective: Objective,
     theta_fp: Tensor | None,
@@ -254,9 +299,10 @@ def alignment(
     theta_q: Tensor | None = None,
     basis: HillBasis | None = None,
     theta_qat: Tensor | None = None,
-    n_null: int = 8,
+    n_null: int = 50,
     floor: bool = True,
     floor_steps: int = 100,
+    floor_null: bool = True,
     per_layer: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -273,13 +319,17 @@ def alignment(
     theta_q : Tensor, shape (D,), optional
         The quantized point ``q`` (default ``Q(theta_fp)``, round to nearest).
     theta_qat : Tensor, shape (D,), optional
-        A QAT solution (latent or deployed); gives ``cosine_qat = A(theta_qat - q)``.
+        A QAT solution (latent or deployed); gives ``cosine_qat = A(theta_qat - q)`` and its null.
     n_null : int
-        Draws of the matched sign-flip null (0 to skip; one gradient each).
+        Draws of the matched sign-flip null (0 to skip; one gradient each). The empirical p-values
+        cannot go below ``1 / (n_null + 1)``.
     floor : bool
         Compute the valley floor below ``q`` for ``cosine_floor`` (a k-dim L-BFGS solve).
     floor_steps : int
-        Iterations of that solve.
+        Iterations of that solve (and of each null draw's).
+    floor_null : bool
+        With ``floor``: the matched null of ``cosine_floor``, one floor solve below every draw
+        ``q'`` (``n_null`` solves of at most ``floor_steps`` iterations).
     per_layer : bool
         Per-quantized-tensor alignment and gradient energy shares.
     seed : int
@@ -306,23 +356,39 @@ def alignment(
     u_back = -delta
     metrics = _direction_metrics(g_q, u_back, V)
 
+    def floor_direction(point: Tensor) -> Tensor:
+        return valley_floor(objective, point, V, reference=theta_fp, steps=floor_steps).point - point
+
     cosine_floor = floor_loss = None
+    builders: dict[str, Callable[[Tensor], Tensor]] = {}
     if floor:
         res = valley_floor(objective, q, V, reference=theta_fp, steps=floor_steps)
         cosine_floor, floor_loss = cosine(-g_q, res.point - q), res.loss_floor
-    cosine_qat = None if theta_qat is None else cosine(-g_q, objective.check_theta(theta_qat) - q)
+        if floor_null:
+            builders["floor"] = floor_direction
+    cosine_qat = None
+    if theta_qat is not None:
+        theta_qat = objective.check_theta(theta_qat)
+        cosine_qat = cosine(-g_q, theta_qat - q)
+        builders["qat"] = lambda point: theta_qat - point
 
     gen = torch.Generator().manual_seed(seed)
-    null = matched_null(objective, theta_fp, delta, rademacher((n_null, dim), gen, delta), vectors=V, progress=progress)
-    null_mean, null_sd = _mean_sd(null.cosines)
-    inward_mean, inward_sd = _mean_sd(null.inward)
-    increase_mean, increase_sd = _mean_sd(null.loss_increases)
+    null = matched_null(objective, theta_fp, delta, rademacher((n_null, dim), gen, delta), vectors=V, directions=builders,
+                        progress=progress)
+    a = metrics["cosine_to_fp"]
+    back = NullComparison.of(a, null.cosines)
+    inward = NullComparison.of(metrics["inward"], null.inward)
+    increase = NullComparison.of(loss_q - loss_fp, null.loss_increases)
+    nulls = {}
+    if "floor" in builders:
+        nulls.update(NullComparison.of(cosine_floor, null.directions["floor"]).summary("null_floor"))
+    if "qat" in builders:
+        nulls.update(NullComparison.of(cosine_qat, null.directions["qat"]).summary("null_qat"))
 
     h_delta = op.torch_matvec(delta)
     bias = g_q - g_fp
     coords = V.T @ delta
     restoring = (V.T @ bias).double() / (lam.to(coords.device) * coords.double())
-    a = metrics["cosine_to_fp"]
     metric_fp = objective.metric(theta_fp)
     return AlignmentResult(
         k=k,
@@ -346,20 +412,16 @@ def alignment(
         cosine_floor=cosine_floor,
         cosine_qat=cosine_qat,
         random_baseline=1.0 / math.sqrt(dim),
-        z_iso=None if a is None else a * math.sqrt(dim),
+        z_iso=_iso(a, dim),
         inward=metrics["inward"],
         chi_k=metrics["chi_k"],
         chi_k_baseline=k / dim,
         n_null=n_null,
-        null_mean=null_mean,
-        null_sd=null_sd,
-        null_z=_zscore(a, null_mean, null_sd),
-        null_inward_mean=inward_mean,
-        null_inward_sd=inward_sd,
-        null_inward_z=_zscore(metrics["inward"], inward_mean, inward_sd),
+        **back.summary("null"),
+        **inward.summary("null_inward"),
         loss_increase=loss_q - loss_fp,
-        null_loss_increase_mean=increase_mean,
-        null_loss_increase_sd=increase_sd,
+        null_loss_increase_mean=increase.null_mean,
+        null_loss_increase_sd=increase.null_sd,
         second_order_cosine=cosine(bias, h_delta),
         second_order_relerr=safe_ratio(math.sqrt(sq_norm(bias - h_delta)), math.sqrt(sq_norm(bias))),
         hessian_direction_cosine=cosine(g_q, h_delta),
@@ -367,7 +429,19 @@ def alignment(
         eigenvalues=lam.tolist(),
         floor_loss=floor_loss,
         per_layer=_per_layer(qmap.per_layer(), g_q, u_back) if per_layer else [],
+        inward_raw=metrics["inward_raw"],
+        z_iso_floor=_iso(cosine_floor, dim),
+        z_iso_qat=_iso(cosine_qat, dim),
+        **nulls,
     )
+
+
+#: per-row series of :class:`QATAlignment` that hold a measurement (not a label or a null)
+_QAT_SERIES = ("loss_q", "metric_q", "delta_norm", "hill_fraction", "curvature_share", "distance_to_fp", "hill_distance_to_fp",
+               "river_distance_to_fp", "cosine_to_fp", "cosine_hill", "cosine_river", "cosine_latent", "inward", "chi_k", "grad_norm_q",
+               "inward_raw")
+#: the statistics along QAT with a matched null: (series, prefix of its null fields)
+_QAT_NULLS = (("cosine_to_fp", "null"), ("inward", "null_inward"), ("cosine_latent", "null_latent"))
 
 
 @dataclass(frozen=True)
@@ -390,8 +464,16 @@ class QATAlignment:
         ``|q_t - w_ref|`` and its hill / river parts.
     cosine_to_fp, cosine_hill, cosine_river, cosine_latent : list of float
         ``A(u_back)``, ``A(u_hill)``, ``A(u_river)``, ``A(w_t - q_t)``.
-    inward, chi_k : list of float
-    grad_norm_q : list of float
+    inward, inward_raw : list of float
+        Normalised inward component ``cos(-g_Q, u_hill)`` (= ``cosine_hill``) and the raw ``I``.
+    chi_k, grad_norm_q : list of float
+    n_null : int
+        Matched-null draws per row (0: no null).
+    null_z, null_p : list of float
+        Matched null of ``cosine_to_fp`` at every row: the draws ``q' = w_t + delta_t * eps`` (the
+        latent point's rounding magnitudes with random signs), the statistic ``cos(-grad L(q'), w_ref - q')``;
+        z and empirical one-sided p. Likewise ``null_inward_*`` (``u_hill' = V_k V_k^T (w_ref - q')``)
+        and ``null_latent_*`` (``cos(-grad L(q'), w_t - q')``) with their means ``null_*_mean``.
     """
 
     steps: list
@@ -414,6 +496,17 @@ class QATAlignment:
     dim: int
     random_baseline: float
     chi_k_baseline: float
+    inward_raw: list = field(default_factory=list)
+    n_null: int = 0
+    null_mean: list = field(default_factory=list)
+    null_z: list = field(default_factory=list)
+    null_p: list = field(default_factory=list)
+    null_inward_mean: list = field(default_factory=list)
+    null_inward_z: list = field(default_factory=list)
+    null_inward_p: list = field(default_factory=list)
+    null_latent_mean: list = field(default_factory=list)
+    null_latent_z: list = field(default_factory=list)
+    null_latent_p: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Flat dict of lists (JSON-friendly)."""
@@ -433,11 +526,12 @@ def alignment_along_qat(
     steps: Sequence[int] | None = None,
     basis: HillBasis | None = None,
     qparams: Sequence[QParams] | None = None,
+    n_null: int = 50,
     seed: int = 0,
     progress: bool = True,
     **map_options,
 ) -> QATAlignment:
-    """Track alignment and hill/river geometry along a QAT run (docs/theory.md §7.7).
+    """Track alignment and hill/river geometry along a QAT run, with a matched null per row (docs/theory.md §7.7).
 
     Parameters
     ----------
@@ -454,14 +548,19 @@ def alignment_along_qat(
     qparams : list of QParams, optional
         Frozen quantization parameters (e.g. ``qmap.qparams(theta_fp)``); default: recomputed
         from each ``w_t``.
+    n_null : int
+        Matched-null draws per row (0 skips the null; one gradient each): ``w_t + delta_t * eps``.
     seed : int
+        Seeds Lanczos (when the basis is computed) and the sign patterns (one stream over the rows).
     progress : bool
 
     Returns
     -------
     QATAlignment
-        One gradient, one loss and one HVP per row.
+        One gradient, one loss and one HVP per row, plus ``n_null`` gradients.
     """
+    if n_null < 0:
+        raise ValueError("n_null must be non-negative")
     theta_fp, qmap, op, lam, V = prepare(
         objective, theta_fp, quantizer, basis=basis, seed=seed, map_options=map_options
     )
@@ -471,7 +570,9 @@ def alignment_along_qat(
     labels = list(range(trajectory.shape[0])) if steps is None else [int(s) for s in steps]
     if len(labels) != trajectory.shape[0]:
         raise ValueError(f"{len(labels)} step labels for {trajectory.shape[0]} trajectory rows")
-    series: dict[str, list] = {name: [] for name in QATAlignment.__dataclass_fields__ if name not in ("steps", "k", "dim", "random_baseline", "chi_k_baseline")}
+    series: dict[str, list] = {name: [] for name in _QAT_SERIES}
+    nulls: dict[str, list] = {f"{prefix}_{part}": [] for _, prefix in _QAT_NULLS for part in ("mean", "z", "p")} if n_null else {}
+    gen = torch.Generator().manual_seed(seed)
     for w in tqdm(trajectory, desc="QAT alignment", leave=False, disable=not progress):
         q = qmap(w, qparams)
         loss_q, g_q = objective.value_and_grad(q)
@@ -491,15 +592,25 @@ def alignment_along_qat(
             "river_distance_to_fp": math.sqrt(sq_norm(disp_river)),
             "cosine_latent": cosine(-g_q, w - q),
             "grad_norm_q": math.sqrt(sq_norm(g_q)),
-            **{key: metrics[key] for key in ("cosine_to_fp", "cosine_hill", "cosine_river", "inward", "chi_k")},
+            **{key: metrics[key] for key in ("cosine_to_fp", "cosine_hill", "cosine_river", "inward", "inward_raw", "chi_k")},
         }
         for key, value in row.items():
             series[key].append(value)
+        if n_null:
+            null = matched_null(objective, w, delta, rademacher((n_null, objective.dim), gen, delta), vectors=V, target=theta_fp,
+                                directions={"latent": lambda point, w=w: w - point})
+            draws = {"cosine_to_fp": null.cosines, "inward": null.inward, "cosine_latent": null.directions["latent"]}
+            for key, prefix in _QAT_NULLS:
+                for name, value in NullComparison.of(row[key], draws[key]).summary(prefix).items():
+                    if not name.endswith("_sd"):
+                        nulls[name].append(value)
     return QATAlignment(
         steps=labels,
         k=V.shape[1],
         dim=objective.dim,
         random_baseline=1.0 / math.sqrt(objective.dim),
         chi_k_baseline=V.shape[1] / objective.dim,
+        n_null=n_null,
         **series,
+        **nulls,
     )

@@ -26,8 +26,7 @@ is along ``-V V^T grad L(Q(w))``, so the STE arm is favoured by construction (do
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -36,7 +35,7 @@ from torch import Tensor
 from ..objective import Objective
 from ..quant import QParams, QuantMap
 from ..quant.estimators import GRADIENT_POINT_ARMS, matched_noise, random_signs, stochastic_rounding
-from ._common import cosine, finite_or_none
+from ._common import NullComparison, cosine, finite_or_none
 from .floor import valley_floor
 
 __all__ = ["ARM_POINTS", "gradient_point", "NullComparison", "FloorAlignment", "floor_alignment"]
@@ -75,50 +74,6 @@ def gradient_point(qmap: QuantMap, theta: Tensor, qparams: Sequence[QParams], ar
         return stochastic_rounding(w, qparams[i], uniforms=u, binary=binary)
 
     return qmap.map_targets(theta, point)
-
-
-@dataclass(frozen=True)
-class NullComparison:
-    """An observed statistic against its matched-null draws.
-
-    Attributes
-    ----------
-    observed : float or None
-    null_mean, null_sd : float or None
-    z : float or None
-        ``(observed - null_mean) / null_sd``.
-    p_value : float or None
-        Empirical one-sided ``(1 + #{null >= observed}) / (1 + n)``.
-    draws : list of float
-    """
-
-    observed: float | None
-    null_mean: float | None
-    null_sd: float | None
-    z: float | None
-    p_value: float | None
-    draws: list = field(default_factory=list, repr=False)
-
-    @classmethod
-    def of(cls, observed: float | None, draws: Sequence[float | None]) -> "NullComparison":
-        """Compare ``observed`` with the non-``None`` ``draws`` (z and p need at least two and a spread)."""
-        from ..stats import empirical_p, null_z  # lazily: the statistics package is optional for the rest of gradients
-
-        clean = [d for d in draws if d is not None]
-        mean = sd = z = p = None
-        if len(clean) >= 2:
-            mean = sum(clean) / len(clean)
-            sd = math.sqrt(sum((c - mean) ** 2 for c in clean) / (len(clean) - 1))
-            if observed is not None:
-                p = empirical_p(observed, clean, alternative="greater")
-                z = null_z(observed, clean) if sd > 0 else None
-        return cls(observed, mean, sd, z, p, list(draws))
-
-    def to_dict(self, *, draws: bool = False) -> dict:
-        out = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        if not draws:
-            out.pop("draws")
-        return out
 
 
 @dataclass(frozen=True)
