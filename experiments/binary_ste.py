@@ -18,8 +18,8 @@ difference binary - FP with percentile bootstrap intervals that resample the rep
 (d, alpha) cell and refit; recurrence counts with a t interval over seeds. Per-replica values are in
 ``results.json`` (cells) and under its ``summary``.
 
-    python experiments/binary_ste.py --out runs/binary_ste          # full: ~3 min on 2 cores
-    python experiments/binary_ste.py --quick --out /tmp/binary      # ~10 s
+    python experiments/binary_ste.py --out runs/binary_ste          # full: ~110 s CPU (21 min wall on a shared, loaded 2-core machine)
+    python experiments/binary_ste.py --quick --out /tmp/binary      # ~6 s CPU
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ the plateau-vs-R slope fitted per seed (seed i shares teacher and initialisation
 interval over seeds; the d-exponent of the spread with a percentile bootstrap over the seeds of each
 d. The per-seed curves are in ``results.json`` (cells), the per-seed values under ``summary``.
 
-    python experiments/ste_dynamics.py --out runs/ste_dynamics          # full: ~3-4 min on 2 cores
-    python experiments/ste_dynamics.py --quick --out /tmp/ste           # ~15 s
+    python experiments/ste_dynamics.py --out runs/ste_dynamics          # full: ~110 s CPU (21 min wall on a shared, loaded 2-core machine)
+    python experiments/ste_dynamics.py --quick --out /tmp/ste           # ~6 s CPU
 """
 from __future__ import annotations
 
