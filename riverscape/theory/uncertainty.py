@@ -253,7 +253,7 @@ def replica_plateaus(taus, eps, *, fraction: float = 0.1) -> np.ndarray:
     return np.array([plateau_length(t, row, fraction) for row in e])
 
 
-def spread_rms(eps, axis: int = -1) -> np.ndarray | float:
+def spread_rms(eps) -> np.ndarray | float:
     """Root mean square over time of the standard deviation (ddof=1) of ``eps`` across replicas.
 
     ``eps`` has shape ``(..., replicas, T)``; the result drops the last two axes. Two or more
