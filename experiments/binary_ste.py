@@ -11,13 +11,19 @@ needed to reach a target error (and exact recovery of w*) as a function of d, wi
 exponent; with label noise, the Hamming distance of sign(w_t) to w* over training (recurrence:
 repeated returns to 0 followed by escapes).
 
-    python experiments/binary_ste.py --out runs/binary_ste          # full: ~3 min on 2 cores
-    python experiments/binary_ste.py --quick --out /tmp/binary      # ~10 s
+Uncertainty (every replica is an independent teacher, data set and initialisation; the binary and
+full-precision students of a cell share them, so they are paired): per (d, alpha) mean, Student t
+95% CI and n (P(exact): Wilson interval); samples needed per d, the fitted exponents and the paired
+difference binary - FP with percentile bootstrap intervals that resample the replicas within each
+(d, alpha) cell and refit; recurrence counts with a t interval over seeds. Per-replica values are in
+``results.json`` (cells) and under its ``summary``.
+
+    python experiments/binary_ste.py --out runs/binary_ste          # full: ~110 s CPU (21 min wall on a shared, loaded 2-core machine)
+    python experiments/binary_ste.py --quick --out /tmp/binary      # ~6 s CPU
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import matplotlib
@@ -30,8 +36,10 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from riverscape import sweep as sw
+from riverscape.ptq_study import format_interval
 from riverscape.report.theme import PALETTE, base_layout, mpl_style
 from riverscape.theory import binary_perceptron as bp
+from riverscape.theory import uncertainty as uq
 
 NAME = "binary_ste"
 STUDENTS = ("binary", "full_precision")
@@ -66,18 +74,8 @@ def run_cell(cell: dict, dtype: torch.dtype) -> dict:
     out = {"error": res.error, "overlap": res.overlap, "best_error": res.best_error, "exact": res.exact, "train_error": res.train_error,
            "mean_error": float(np.mean(res.error)), "mean_overlap": float(np.mean(res.overlap)), "p_exact": float(np.mean(res.exact))}
     if cell["kind"] == "noise":
-        out.update({"record_steps": res.record_steps, "hamming": res.hamming, **recurrence_stats(res.record_steps, res.hamming)})
+        out.update({"record_steps": res.record_steps, "hamming": res.hamming})
     return out
-
-
-def recurrence_stats(steps: list[int], hamming: list[list[float]], burn_in: int = 200) -> dict:
-    """After ``burn_in`` steps: share of time at Hamming distance 0, returns to 0, largest escape after a hit."""
-    h = np.asarray(hamming)[:, np.asarray(steps) >= burn_in]
-    at_zero = h == 0
-    returns = (at_zero[:, 1:] & ~at_zero[:, :-1]).sum(1)
-    escapes = [float(row[np.argmax(z):].max()) if z.any() else None for row, z in zip(h, at_zero)]
-    return {"time_at_zero": float(at_zero.mean()), "returns": returns.tolist(), "max_escape_after_hit": escapes,
-            "mean_hamming": float(h.mean())}
 
 
 # ---------------------------------------------------------------------- analysis
@@ -87,38 +85,25 @@ def curve(records: list[dict], dim: int, student: str, key: str) -> tuple[np.nda
     return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
 
 
-def crossing(alphas: np.ndarray, values: np.ndarray, level: float, *, decreasing: bool = True) -> float:
-    """First alpha where ``values`` crosses ``level`` (log-linear interpolation), nan if never."""
-    ok = values <= level if decreasing else values >= level
-    if not ok.any():
-        return float("nan")
-    i = int(np.argmax(ok))
-    if i == 0:
-        return float(alphas[0])
-    a0, a1, v0, v1 = math.log(alphas[i - 1]), math.log(alphas[i]), values[i - 1], values[i]
-    return float(math.exp(a0 + (level - v0) / (v1 - v0) * (a1 - a0)))
+def replica_table(records: list[dict], dims: list[int], alphas: list[float]) -> tuple[list[dict], list[list[np.ndarray]]]:
+    """Per (d, alpha): mean, 95% CI and n of each student's error and overlap, P(exact) (Wilson), and the replica rows.
 
-
-def sample_complexity(records: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
-    rows, fits = [], []
-    targets = [("binary", "mean_error", cfg["target_error"], True, f"binary: error <= {cfg['target_error']}"),
-               ("full_precision", "mean_error", cfg["target_error"], True, f"FP: error <= {cfg['target_error']}"),
-               ("binary", "p_exact", 0.5, False, "binary: P(exact recovery) >= 0.5")]
-    for student, key, level, decreasing, what in targets:
-        ns = []
-        for d in cfg["dims"]:
-            a, v = curve(records, d, student, key)
-            alpha_star = crossing(a, v, level, decreasing=decreasing)
-            ns.append(alpha_star * d)
-            rows.append({"target": what, "dim": d, "alpha_star": alpha_star, "n_star": alpha_star * d})
-        ns = np.asarray(ns)
-        ok = np.isfinite(ns)
-        if ok.sum() >= 2:
-            slope, intercept = np.polyfit(np.log(np.asarray(cfg["dims"], float)[ok]), np.log(ns[ok]), 1)
-            fits.append({"target": what, "dims_used": int(ok.sum()), "exponent": float(slope), "prefactor": float(math.exp(intercept))})
-        else:
-            fits.append({"target": what, "dims_used": int(ok.sum()), "exponent": None, "prefactor": None})
-    return rows, fits
+    The two students of a cell share the cell's seed, hence teacher, data and initialisation, so
+    replica i of the binary student and replica i of the full-precision one form a pair.
+    """
+    rows, replicas = [], []
+    for d in dims:
+        per_d = []
+        for a in alphas:
+            res = {r["params"]["student"]: r["result"] for r in records
+                   if r["params"]["kind"] == "alpha" and r["params"]["dim"] == d and r["params"]["alpha"] == a}
+            binary, full = res["binary"], res["full_precision"]
+            rows.append({"dim": d, "alpha": a, "err_bin": uq.replica_summary(binary["error"]), "best_err_bin": uq.replica_summary(binary["best_error"]),
+                         "p_exact": uq.proportion_summary(binary["exact"]), "err_fp": uq.replica_summary(full["error"]),
+                         "m_bin": uq.replica_summary(binary["overlap"]), "m_fp": uq.replica_summary(full["overlap"])})
+            per_d.append(np.column_stack([binary["error"], full["error"], np.asarray(binary["exact"], dtype=float)]))
+        replicas.append(per_d)
+    return rows, replicas
 
 
 # ---------------------------------------------------------------------- figures
@@ -143,23 +128,27 @@ def alpha_figure(records: list[dict], cfg: dict) -> tuple[go.Figure, Figure]:
     return fig, mfig
 
 
-def complexity_figure(rows: list[dict], fits: list[dict]) -> tuple[go.Figure, Figure]:
+def complexity_figure(samples: list[dict], exponents: list[dict]) -> tuple[go.Figure, Figure]:
     fig = go.Figure()
     mfig = Figure(figsize=(6.5, 4.5))
     with matplotlib.rc_context(mpl_style()):
         ax = mfig.subplots()
-        for i, fit in enumerate(fits):
-            pts = [(r["dim"], r["n_star"]) for r in rows if r["target"] == fit["target"] and r["n_star"] is not None and np.isfinite(r["n_star"])]
+        for i, fit in enumerate(e for e in exponents if any(r["target"] == e["target"] for r in samples)):
+            pts = [(r["dim"], r["n_star"]) for r in samples if r["target"] == fit["target"] and np.isfinite(r["n_star"].estimate)]
             if not pts:
                 continue
-            d, n = np.array(pts, dtype=float).T
+            d = np.array([p[0] for p in pts], dtype=float)
+            n = np.array([p[1].estimate for p in pts])
+            low = n - np.array([p[1].low for p in pts])
+            high = np.array([p[1].high for p in pts]) - n
             color = PALETTE[i % len(PALETTE)]
-            name = fit["target"] + ("" if fit["exponent"] is None else f" (n ~ d^{fit['exponent']:.2f})")
-            fig.add_trace(go.Scatter(x=d, y=n, mode="markers+lines", marker=dict(color=color, size=9), line=dict(color=color), name=name))
-            ax.loglog(d, n, "o-", color=color, label=name)
-        ax.set(xlabel="d", ylabel="samples n needed", title="samples to target vs dimension")
-        ax.legend(fontsize=7)
-    fig.update_layout(**base_layout("Samples needed to reach the target vs dimension d"))
+            name = f"{fit['target']} (n ~ d^{format_interval(fit['exponent'].to_dict(), '{:.2f}')})"
+            fig.add_trace(go.Scatter(x=d, y=n, mode="markers+lines", marker=dict(color=color, size=9), line=dict(color=color), name=name,
+                                     error_y=dict(type="data", symmetric=False, array=high, arrayminus=low)))
+            ax.errorbar(d, n, yerr=np.nan_to_num(np.vstack([low, high])), fmt="o-", color=color, label=name)
+        ax.set(xscale="log", yscale="log", xlabel="d", ylabel="samples n needed", title="samples to target vs dimension (95% bootstrap CI)")
+        ax.legend(fontsize=6)
+    fig.update_layout(**base_layout("Samples needed to reach the target vs dimension d (percentile bootstrap over replicas, 95%)"))
     fig.update_xaxes(type="log", title_text="d")
     fig.update_yaxes(type="log", title_text="samples n")
     return fig, mfig
@@ -196,33 +185,35 @@ def main(argv: list[str] | None = None) -> dict:
     alpha_records = [r for r in records if r["params"]["kind"] == "alpha"]
     noise_records = [r for r in records if r["params"]["kind"] == "noise"]
 
-    table = []
-    for d in cfg["dims"]:
-        for a in cfg["alphas"]:
-            row = {"dim": d, "alpha": a}
-            for student, short in (("binary", "bin"), ("full_precision", "fp")):
-                res = next(r["result"] for r in alpha_records if r["params"]["dim"] == d and r["params"]["alpha"] == a and r["params"]["student"] == student)
-                row.update({f"err_{short}": res["mean_error"], f"m_{short}": res["mean_overlap"]})
-                if student == "binary":
-                    row.update({"best_err_bin": float(np.mean(res["best_error"])), "p_exact": res["p_exact"]})
-            table.append(row)
-    md = [sw.print_table(table, {"dim": "d", "alpha": "alpha", "err_bin": "error 1-bit STE", "best_err_bin": "best-iterate error 1-bit",
-                                 "p_exact": "P(exact)", "err_fp": "error FP", "m_bin": "overlap 1-bit", "m_fp": "overlap FP"},
-                         title="Final-iterate generalisation error and overlap vs alpha (mean over seeds)")]
-    rows, fits = sample_complexity(alpha_records, cfg)
-    md.append(sw.print_table(rows, ["target", "dim", "alpha_star", "n_star"], title="Samples to reach the target"))
-    md.append(sw.print_table(fits, ["target", "dims_used", "exponent", "prefactor"], title="Fit n* = prefactor * d^exponent"))
-    noise_rows = [{"label_noise": r["params"]["label_noise"], "time_at_zero": r["result"]["time_at_zero"],
-                   "returns": str(r["result"]["returns"]), "mean_hamming": r["result"]["mean_hamming"],
-                   "max_escape_after_hit": str([None if e is None else round(e, 3) for e in r["result"]["max_escape_after_hit"]])}
+    ci = lambda interval, fmt="{:.3g}": format_interval(interval, fmt)  # noqa: E731
+    table, replicas = replica_table(alpha_records, cfg["dims"], cfg["alphas"])
+    keys = ("err_bin", "best_err_bin", "p_exact", "err_fp", "m_bin", "m_fp")
+    md = [sw.print_table([{**row, **{k: ci(row[k]) for k in keys}} for row in table],
+                         {"dim": "d", "alpha": "alpha", "err_bin": "error 1-bit STE", "best_err_bin": "best-iterate error 1-bit",
+                          "p_exact": "P(exact) [Wilson]", "err_fp": "error FP", "m_bin": "overlap 1-bit", "m_fp": "overlap FP"},
+                         title="Final-iterate generalisation error and overlap vs alpha: mean [95% CI] n over seeds (Student t; P(exact): Wilson)")]
+    complexity = bp.sample_complexity(cfg["dims"], cfg["alphas"], replicas, target_error=cfg["target_error"], seed=opts.seed)
+    samples, exponents = complexity["samples"], complexity["exponents"]
+    md.append(sw.print_table([{**r, "n_star": ci(r["n_star"].to_dict(), "{:.4g}"), "valid": f"{r['n_star'].valid}/{r['n_star'].n_boot}"} for r in samples],
+                             {"target": "target", "dim": "d", "alpha_star": "alpha*", "n_star": "n* = alpha* d [95% CI] n", "valid": "resamples defined"},
+                             title="Samples to reach the target (mean curve over seeds crossed; percentile bootstrap over seeds within each (d, alpha))"))
+    md.append(sw.print_table([{**f, "exponent": ci(f["exponent"].to_dict()), "valid": f"{f['exponent'].valid}/{f['exponent'].n_boot}"} for f in exponents],
+                             {"target": "target", "dims_used": "d used", "exponent": "exponent p [95% CI] n", "valid": "resamples defined"},
+                             title="Fit n* ~ d^p (least squares on logs); binary - FP paired on the same resamples (the students share seeds)"))
+    recurrence = [{"label_noise": r["params"]["label_noise"], **bp.recurrence_statistics(r["result"]["record_steps"], r["result"]["hamming"])}
                   for r in noise_records]
-    md.append(sw.print_table(noise_rows, ["label_noise", "time_at_zero", "returns", "max_escape_after_hit", "mean_hamming"],
-                             title=f"Recurrence: d={cfg['noise']['dim']}, alpha={cfg['noise']['alpha']}, after step 200 (per seed)"))
+    md.append(sw.print_table([{"label_noise": r["label_noise"], "returns": ci(r["returns_summary"]), "time_at_zero": ci(r["time_at_zero_summary"]),
+                               "per_seed": str(r["returns"]), "escape": str([None if e is None else round(e, 3) for e in r["max_escape_after_hit"]]),
+                               "mean_hamming": float(np.mean(r["mean_hamming"]))} for r in recurrence],
+                             {"label_noise": "label noise", "returns": "returns to w*: mean [95% CI] n", "time_at_zero": "time at w* [95% CI] n",
+                              "per_seed": "returns per seed", "escape": "max escape after a hit", "mean_hamming": "mean Hamming"},
+                             title=f"Recurrence: d={cfg['noise']['dim']}, alpha={cfg['noise']['alpha']}, after step 200 (Student t over seeds)"))
 
-    for name, (fig, mfig) in {"error_vs_alpha": alpha_figure(alpha_records, cfg), "samples_vs_dim": complexity_figure(rows, fits),
+    for name, (fig, mfig) in {"error_vs_alpha": alpha_figure(alpha_records, cfg), "samples_vs_dim": complexity_figure(samples, exponents),
                               "recurrence": recurrence_figure(noise_records)}.items():
         sw.write_figure(fig, opts.out / name, static=mfig)
-    summary = {"table": table, "sample_complexity": rows, "fits": fits, "recurrence": noise_rows}
+    summary = {"table": table, "sample_complexity": samples, "fits": exponents, "replicas": complexity["replicas"], "recurrence": recurrence}
+    sweep.summary = summary
     sw.write_text_atomic(opts.out / "tables.md", "\n\n".join(md) + "\n")
     sw.write_text_atomic(opts.out / "summary.json", json.dumps(sw.to_jsonable(summary), indent=1))
     print(f"runtime {sweep.runtime_seconds:.1f} s wall, {sweep.cpu_seconds:.1f} s CPU; wrote {opts.out}/results.json, tables.md, *.html, *.png", flush=True)

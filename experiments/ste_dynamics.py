@@ -14,8 +14,14 @@ Shows: (1) eps(tau) = plateau, then drop; final error = the dithering fixed poin
 range R (slope vs the drift-only escape time R / (2 eta (2^(b-1) - 1)) and a noisy-escape
 prediction); (3) trajectories concentrate on the PDE as d grows (spread over seeds ~ 1/sqrt d).
 
-    python experiments/ste_dynamics.py --out runs/ste_dynamics          # full: ~3-4 min on 2 cores
-    python experiments/ste_dynamics.py --quick --out /tmp/ste           # ~15 s
+Uncertainty (every seed of a cell is an independent run; docs/statistics.md §1): per configuration
+the final error and the plateau length of each seed's own curve, with mean, Student t 95% CI and n;
+the plateau-vs-R slope fitted per seed (seed i shares teacher and initialisation across R) with a t
+interval over seeds; the d-exponent of the spread with a percentile bootstrap over the seeds of each
+d. The per-seed curves are in ``results.json`` (cells), the per-seed values under ``summary``.
+
+    python experiments/ste_dynamics.py --out runs/ste_dynamics          # full: ~110 s CPU (21 min wall on a shared, loaded 2-core machine)
+    python experiments/ste_dynamics.py --quick --out /tmp/ste           # ~6 s CPU
 """
 from __future__ import annotations
 
@@ -32,8 +38,10 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from riverscape import sweep as sw
+from riverscape.ptq_study import format_interval
 from riverscape.report.theme import PALETTE, base_layout, mpl_style
 from riverscape.theory import teacher_student as ts
+from riverscape.theory import uncertainty as uq
 
 NAME = "ste_dynamics"
 
@@ -137,37 +145,57 @@ def is_base(p: dict) -> bool:
     return p["quantizer"] == "mid_tread" and p["estimator"] == "identity" and p["teacher"] == "binary"
 
 
-def plateau_fits(curves: list[dict], lr: float) -> list[dict]:
+def config_rows(curves: list[dict]) -> list[dict]:
+    """Per configuration: per-seed final error and plateau (mean, t 95% CI, n, raw values) next to the PDE and predictions."""
     rows = []
-    for bits in (2, 3):
-        pts = [(c["params"]["range"], c["result"]) for c in curves if c["params"]["bits"] == bits and is_base(c["params"])]
-        for source in ("sim", "pde"):
-            xy = [(r, res[f"plateau_{source}"]) for r, res in pts if res[f"plateau_{source}"] is not None]
-            if len(xy) < 2:
-                continue
-            x, y = np.array(xy).T
-            slope, intercept = np.polyfit(x, y, 1)
-            resid = y - (slope * x + intercept)
-            r2 = 1.0 - resid.var() / y.var() if y.var() > 0 else float("nan")
-            rows.append({"bits": bits, "source": source, "points": len(x), "slope": float(slope), "intercept": float(intercept),
-                         "r2": float(r2), "drift_slope": 1.0 / (2 * lr * (2 ** (bits - 1) - 1))})
+    for c in curves:
+        res = c["result"]
+        rows.append({"config": label(c["params"]), "params": c["params"],
+                     "final": uq.replica_summary(uq.replica_final_errors(res["taus"], res["eps"])),
+                     "plateau": uq.replica_summary(uq.replica_plateaus(res["taus"], res["eps"])),
+                     **{k: res[k] for k in ("final_pde", "dithering", "rounding", "plateau_pde", "plateau_noisy_escape",
+                                            "escape_time", "pde_mass_error")}})
     return rows
 
 
-def concentration_rows(records: list[dict]) -> tuple[list[dict], dict]:
+def plateau_fits(rows: list[dict], lr: float) -> list[dict]:
+    """Plateau length vs R: per-seed least-squares slopes (seeds share teacher and init across R), t interval over seeds."""
+    fits = []
+    for bits in (2, 3):
+        pts = sorted((r for r in rows if r["params"]["bits"] == bits and is_base(r["params"]) and r["plateau"]["n"] > 0),
+                     key=lambda r: r["params"]["range"])  # R where eps never moves (w* on a threshold) has no plateau
+        if len(pts) < 2:
+            continue
+        ranges = np.array([r["params"]["range"] for r in pts])
+        per_seed = np.array([r["plateau"]["values"] for r in pts])  # (R values, seeds)
+        mean_curve = np.nanmean(per_seed, axis=1)
+        slope, intercept = np.polyfit(ranges, mean_curve, 1)
+        resid = mean_curve - (slope * ranges + intercept)
+        deterministic = {key: float(uq.seed_slopes(ranges, np.array([[r[key]] for r in pts]))[0])
+                         for key in ("plateau_pde", "plateau_noisy_escape")}
+        fits.append({"bits": bits, "ranges": ranges.tolist(), "slope_seeds": uq.replica_summary(uq.seed_slopes(ranges, per_seed)),
+                     "slope_mean_curve": float(slope), "intercept": float(intercept),
+                     "r2": float(1.0 - resid.var() / mean_curve.var()) if mean_curve.var() > 0 else float("nan"),
+                     "slope_pde": deterministic["plateau_pde"], "slope_noisy_escape": deterministic["plateau_noisy_escape"],
+                     "drift_slope": 1.0 / (2 * lr * (2 ** (bits - 1) - 1))})
+    return fits
+
+
+def concentration_rows(records: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """Spread of eps over seeds per d (bootstrap over replicas within d) and its d-exponent with a CI."""
+    dims = [rec["params"]["dim"] for rec in records]
+    fit = uq.spread_exponent(dims, [rec["result"]["eps"] for rec in records], seed=seed)
     rows = []
-    for rec in records:
-        res, p = rec["result"], rec["params"]
+    for rec, spread in zip(records, fit["spread"]):
+        res, d = rec["result"], rec["params"]["dim"]
         eps = np.asarray(res["eps"])
-        pde = np.asarray(res["eps_pde"])
-        std = eps.std(axis=0, ddof=1)
-        rows.append({"dim": p["dim"], "replicas": p["replicas"], "spread_rms": float(np.sqrt(np.mean(std**2))),
-                     "spread_max": float(std.max()), "mean_vs_pde_max": float(np.abs(eps.mean(0) - pde).max()),
-                     "spread_rms_x_sqrt_d": float(np.sqrt(np.mean(std**2)) * math.sqrt(p["dim"]))})
-    d = np.log([r["dim"] for r in rows])
-    s = np.log([r["spread_rms"] for r in rows])
-    slope, _ = np.polyfit(d, s, 1)
-    return rows, {"spread_exponent": float(slope), "expected": -0.5}
+        rows.append({"dim": d, "replicas": rec["params"]["replicas"], "spread_rms": spread.to_dict(),
+                     "spread_max": float(eps.std(axis=0, ddof=1).max()),
+                     "mean_vs_pde_max": float(np.abs(eps.mean(0) - np.asarray(res["eps_pde"])).max()),
+                     "spread_rms_x_sqrt_d": spread.estimate * math.sqrt(d)})
+    exponent = fit["exponent"]
+    return rows, {"spread_exponent": exponent.estimate, "spread_exponent_ci": exponent.to_dict(),
+                  "spread_exponent_regression": fit["exponent_regression"], "expected": -0.5}
 
 
 # ---------------------------------------------------------------------- figures
@@ -202,31 +230,33 @@ def curves_figure(curves: list[dict]) -> tuple[go.Figure, Figure]:
     return fig, mfig
 
 
-def plateau_figure(curves: list[dict], lr: float) -> tuple[go.Figure, Figure]:
+def plateau_figure(rows: list[dict], lr: float) -> tuple[go.Figure, Figure]:
     fig = go.Figure()
     mfig = Figure(figsize=(6.5, 4.5))
     with matplotlib.rc_context(mpl_style()):
         ax = mfig.subplots()
         for i, bits in enumerate((2, 3)):
-            pts = sorted(((c["params"]["range"], c["result"]) for c in curves if c["params"]["bits"] == bits and is_base(c["params"])),
-                         key=lambda p: p[0])
+            pts = sorted((r for r in rows if r["params"]["bits"] == bits and is_base(r["params"])), key=lambda r: r["params"]["range"])
             if not pts:
                 continue
-            r = np.array([p[0] for p in pts])
-            get = lambda key: np.array([np.nan if p[1][key] is None else p[1][key] for p in pts])  # noqa: E731
+            r = np.array([p["params"]["range"] for p in pts])
+            get = lambda key: np.array([np.nan if p[key] is None else p[key] for p in pts])  # noqa: E731
+            mean = np.array([p["plateau"]["estimate"] for p in pts])
+            low, high = mean - np.array([p["plateau"]["low"] for p in pts]), np.array([p["plateau"]["high"] for p in pts]) - mean
             color = PALETTE[i]
-            fig.add_trace(go.Scatter(x=r, y=get("plateau_sim"), mode="markers", marker=dict(color=color, size=9), name=f"{bits}-bit simulation"))
+            fig.add_trace(go.Scatter(x=r, y=mean, mode="markers", marker=dict(color=color, size=9), name=f"{bits}-bit simulation (mean, 95% CI)",
+                                     error_y=dict(type="data", symmetric=False, array=high, arrayminus=low)))
             fig.add_trace(go.Scatter(x=r, y=get("plateau_pde"), mode="lines", line=dict(color=color), name=f"{bits}-bit PDE"))
             fig.add_trace(go.Scatter(x=r, y=get("plateau_noisy_escape"), mode="lines", line=dict(color=color, dash="dash"), name=f"{bits}-bit noisy escape"))
             fig.add_trace(go.Scatter(x=r, y=r / (2 * lr * (2 ** (bits - 1) - 1)), mode="lines", line=dict(color=color, dash="dot"),
                                      name=f"{bits}-bit drift only R/(2 eta (2^(b-1)-1))"))
-            ax.plot(r, get("plateau_sim"), "o", color=color, label=f"{bits}-bit sim")
+            ax.errorbar(r, mean, yerr=np.nan_to_num(np.vstack([low, high])), fmt="o", color=color, label=f"{bits}-bit sim (95% CI)")
             ax.plot(r, get("plateau_pde"), "-", color=color, label=f"{bits}-bit PDE")
             ax.plot(r, get("plateau_noisy_escape"), "--", color=color, label=f"{bits}-bit noisy escape")
             ax.plot(r, r / (2 * lr * (2 ** (bits - 1) - 1)), ":", color=color, label=f"{bits}-bit drift only")
         ax.set(xlabel="quantization range R", ylabel="plateau length (10 % of the change)", title="Plateau length vs range")
         ax.legend(fontsize=7)
-    fig.update_layout(**base_layout("Plateau length (time to 10 % of the total change of eps) vs quantization range R"))
+    fig.update_layout(**base_layout("Plateau length (time to 10 % of the total change of eps) vs quantization range R; simulation: mean over seeds, 95% CI"))
     fig.update_xaxes(title_text="range R")
     fig.update_yaxes(title_text="plateau length tau")
     return fig, mfig
@@ -249,11 +279,15 @@ def concentration_figure(records: list[dict], rows: list[dict]) -> tuple[go.Figu
         ax.set(xlabel="tau = t/d", ylabel="eps", title="trajectories concentrate on the PDE")
         ax.legend(fontsize=7)
         d = np.array([r["dim"] for r in rows], dtype=float)
-        s = np.array([r["spread_rms"] for r in rows])
+        s = np.array([r["spread_rms"]["estimate"] for r in rows])
+        low = s - np.array([r["spread_rms"]["low"] for r in rows])
+        high = np.array([r["spread_rms"]["high"] for r in rows]) - s
         ref = s[0] * np.sqrt(d[0] / d)
-        fig.add_trace(go.Scatter(x=d, y=s, mode="markers+lines", name="rms sd over seeds"), row=1, col=2)
+        fig.add_trace(go.Scatter(x=d, y=s, mode="markers+lines", name="rms sd over seeds (95% bootstrap CI)",
+                                 error_y=dict(type="data", symmetric=False, array=high, arrayminus=low)), row=1, col=2)
         fig.add_trace(go.Scatter(x=d, y=ref, mode="lines", line=dict(dash="dot", color="gray"), name="∝ 1/sqrt(d)"), row=1, col=2)
-        ax2.loglog(d, s, "o-", label="rms sd over seeds")
+        ax2.errorbar(d, s, yerr=np.nan_to_num(np.vstack([low, high])), fmt="o-", label="rms sd over seeds (95% CI)")
+        ax2.set(xscale="log", yscale="log")
         ax2.loglog(d, ref, ":", color="gray", label="∝ 1/sqrt(d)")
         ax2.set(xlabel="d", ylabel="spread of eps over seeds", title="spread vs d")
         ax2.legend()
@@ -273,23 +307,38 @@ def main(argv: list[str] | None = None) -> dict:
     curves = sweep.run(curve_cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.progress), desc="curves")
     conc = sweep.run(concentration_cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.progress), desc="concentration")
 
-    final_rows = [{"config": label(c["params"]), **{k: c["result"][k] for k in ("final_sim", "final_pde", "dithering", "rounding",
-                   "plateau_sim", "plateau_pde", "plateau_noisy_escape", "escape_time", "pde_mass_error")}} for c in curves]
-    md = [sw.print_table(final_rows, {"config": "config", "final_sim": "eps final (sim)", "final_pde": "eps final (PDE)",
-                                      "dithering": "dithering pred.", "rounding": "rounding (RTN)", "plateau_sim": "plateau sim",
-                                      "plateau_pde": "plateau PDE", "plateau_noisy_escape": "noisy-escape pred.",
-                                      "escape_time": "drift-only escape", "pde_mass_error": "PDE |mass-1|"},
-                          title=f"STE teacher-student, d = {cfg['dim']}, eta = {cfg['lr']}, {cfg['replicas']} seeds")]
-    fits = plateau_fits(curves, cfg["lr"])
-    md.append(sw.print_table(fits, ["bits", "source", "points", "slope", "intercept", "r2", "drift_slope"], title="Plateau length = intercept + slope * R"))
-    conc_rows, exponent = concentration_rows(conc)
-    md.append(sw.print_table(conc_rows, ["dim", "replicas", "spread_rms", "spread_max", "spread_rms_x_sqrt_d", "mean_vs_pde_max"],
-                             title=f"Concentration (b=2, R={cfg['concentration']['range']}): spread ~ d^{exponent['spread_exponent']:.2f} (expected d^-0.5)"))
+    rows = config_rows(curves)
+    ci = lambda interval: format_interval(interval, "{:.4g}")  # noqa: E731
+    table = [{"config": r["config"], "final": ci(r["final"]), "plateau": ci(r["plateau"]),
+              **{k: r[k] for k in ("final_pde", "dithering", "rounding", "plateau_pde", "plateau_noisy_escape", "escape_time", "pde_mass_error")}}
+             for r in rows]
+    md = [sw.print_table(table, {"config": "config", "final": "eps final sim: mean [95% CI] n", "final_pde": "eps final (PDE)",
+                                 "dithering": "dithering pred.", "rounding": "rounding (RTN)", "plateau": "plateau sim: mean [95% CI] n",
+                                 "plateau_pde": "plateau PDE", "plateau_noisy_escape": "noisy-escape pred.",
+                                 "escape_time": "drift-only escape", "pde_mass_error": "PDE |mass-1|"},
+                         title=f"STE teacher-student, d = {cfg['dim']}, eta = {cfg['lr']}; sim: mean over seeds, Student t 95% CI, n = seeds")]
+    fits = plateau_fits(rows, cfg["lr"])
+    md.append(sw.print_table([{**f, "ranges": " ".join(f"{r:g}" for r in f["ranges"]), "slope_seeds": ci(f["slope_seeds"])} for f in fits],
+                             {"bits": "bits", "ranges": "R", "slope_seeds": "slope sim: mean [95% CI] n", "slope_pde": "slope PDE",
+                              "slope_noisy_escape": "slope noisy-escape pred.", "drift_slope": "slope drift-only",
+                              "intercept": "intercept (mean curve)", "r2": "R^2 (mean curve)"},
+                             title="Plateau length = intercept + slope * R; sim slope fitted per seed, Student t 95% CI over seeds"))
+    conc_rows, exponent = concentration_rows(conc, opts.seed)
+    exp_ci = exponent["spread_exponent_ci"]
+    md.append(sw.print_table([{**r, "spread_rms": ci(r["spread_rms"])} for r in conc_rows],
+                             {"dim": "d", "replicas": "seeds", "spread_rms": "rms sd over seeds [95% CI] n", "spread_max": "max sd",
+                              "spread_rms_x_sqrt_d": "rms sd * sqrt(d)", "mean_vs_pde_max": "max |mean - PDE|"},
+                             title=(f"Concentration (b=2, R={cfg['concentration']['range']}): spread ~ d^{exponent['spread_exponent']:.3f} "
+                                    f"[{exp_ci['low']:.3f}, {exp_ci['high']:.3f}] (expected d^-0.5; percentile bootstrap over seeds within each d, "
+                                    f"{exp_ci['valid']}/{exp_ci['n_boot']} resamples defined, n = {exp_ci['n']} seeds; regression t interval over "
+                                    f"the {len(conc_rows)} d: {format_interval(exponent['spread_exponent_regression'])})")))
 
-    for name, (fig, mfig) in {"curves": curves_figure(curves), "plateau": plateau_figure(curves, cfg["lr"]),
+    for name, (fig, mfig) in {"curves": curves_figure(curves), "plateau": plateau_figure(rows, cfg["lr"]),
                               "concentration": concentration_figure(conc, conc_rows)}.items():
         sw.write_figure(fig, opts.out / name, static=mfig)
-    summary = {"plateau_fits": fits, "concentration": conc_rows, **exponent}
+    summary = {"configs": rows,
+               "plateau_fits": fits, "concentration": conc_rows, **exponent}
+    sweep.summary = summary
     sw.write_text_atomic(opts.out / "tables.md", "\n\n".join(md) + "\n")
     sw.write_text_atomic(opts.out / "summary.json", json.dumps(sw.to_jsonable(summary), indent=1))
     print(f"runtime {sweep.runtime_seconds:.1f} s wall, {sweep.cpu_seconds:.1f} s CPU; wrote {opts.out}/results.json, tables.md, *.html, *.png", flush=True)

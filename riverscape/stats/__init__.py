@@ -8,12 +8,14 @@ from __future__ import annotations
 from .intervals import CI_METHODS, Interval, bootstrap_ci, mean_ci
 from .nulls import ALTERNATIVES, empirical_p, holm, null_z, stouffer
 from .paired import PairedComparison, paired_comparison
+from .resampling import stratified_bootstrap
 from .survival import LogRankResult, kaplan_meier, logrank
 
 __all__ = [
     "Interval",
     "mean_ci",
     "bootstrap_ci",
+    "stratified_bootstrap",
     "PairedComparison",
     "paired_comparison",
     "empirical_p",
