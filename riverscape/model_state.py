@@ -48,41 +48,20 @@ from .quant import UniformQuantizer
 from .quant.estimators import random_signs
 from .training import train
 
-__all__ = [
-    "StateModel",
-    "STATE_MODELS",
-    "state_model",
-    "StateReference",
-    "load_state",
-    "state_cell",
-    "EFFECTS",
-    "summary_rows",
-    "sharpness_correlations",
-    "state_contrasts",
-]
-
-#: effects whose relation to sharpness the study reports (record key -> label)
-EFFECTS = {
-    "damage_ratio": "PTQ ΔL / L_fp",
-    "measured_loss_increase": "PTQ ΔL",
-    "measured_over_predicted": "measured / predicted ΔL",
-    "align_z": "alignment z (to θ_fp)",
-    "floor_z": "alignment z (to floor)",
-}
-#: the sharpness measures (record key -> label)
-SHARPNESS = {"top_eigenvalue": "λ_max", "trace": "tr H"}
+__all__ = ["StateModel", "STATE_MODELS", "state_model", "StateReference", "load_state", "state_cell", "EFFECTS", "summary_rows",
+           "sharpness_correlations", "state_contrasts"]
 
 
 @dataclass(frozen=True)
 class StateModel:
-    """A built-in model, its data and the budgets of the model-state study.
+    """What the model-state study trains and where it measures.
 
     Attributes
     ----------
     key : str
-        Short name used in results (``"digits_mlp"``).
+        The ``model`` field of every record (e.g. ``"digits_mlp"``).
     model, data : str
-        Built-in model and dataset (:func:`riverscape.build_model`, :func:`riverscape.load_dataset`).
+        Names for :func:`riverscape.build_model` and :func:`riverscape.load_dataset`.
     train_samples : int or None
         Training rows used for full-batch gradient descent and for every curvature, damage and
         alignment measurement (``None``: the whole training split).
@@ -281,6 +260,15 @@ def state_cell(state: StateReference, bits: int, range_method: str, *, n_null: i
 
 
 # ---------------------------------------------------------------------- statistics
+#: effects whose relation to sharpness the study reports (record key -> label)
+EFFECTS = {
+    "damage_ratio": "PTQ ΔL / L_fp",
+    "measured_loss_increase": "PTQ ΔL",
+    "measured_over_predicted": "measured / predicted ΔL",
+    "align_z": "alignment z (to θ_fp)",
+    "floor_z": "alignment z (to floor)",
+}
+
 _AXES = ("weight_decay", "lr", "steps")
 
 
@@ -322,13 +310,21 @@ def summary_rows(records: Iterable[Mapping], *, level: float = 0.95,
     return rows
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of the rows of ``x`` and ``y`` (shape ``(..., n)``; average ranks for ties): the Pearson
+    correlation of the ranks, ``nan`` for a row with a non-finite entry or without spread."""
+    from scipy.stats import rankdata
 
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return math.nan
-    return float(spearmanr(x[ok], y[ok]).statistic)
+    x, y = np.atleast_2d(x), np.atleast_2d(y)
+    bad = ~(np.isfinite(x).all(-1) & np.isfinite(y).all(-1))
+    rx = rankdata(np.where(np.isfinite(x), x, 0.0), axis=-1)
+    ry = rankdata(np.where(np.isfinite(y), y, 0.0), axis=-1)
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    denominator = np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rx * ry).sum(-1) / denominator
+    rho[bad | (denominator == 0) | (x.shape[-1] < 3)] = np.nan
+    return rho
 
 
 def sharpness_correlations(records: Iterable[Mapping], *, sharpness: str = "top_eigenvalue", effects: Sequence[str] = tuple(EFFECTS),
@@ -357,14 +353,14 @@ def sharpness_correlations(records: Iterable[Mapping], *, sharpness: str = "top_
         draws = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
         for effect in effects:
             y = matrix(effect)
-            rho = _spearman(np.nanmean(x, 1), np.nanmean(y, 1))
-            boot = np.array([_spearman(np.nanmean(x[:, d], 1), np.nanmean(y[:, d], 1)) for d in draws])
+            rho = float(_spearman(np.nanmean(x, 1), np.nanmean(y, 1))[0])
+            boot = _spearman(np.nanmean(x[:, draws], 2).T, np.nanmean(y[:, draws], 2).T)  # (n_boot,)
             boot = boot[np.isfinite(boot)]
             low, high = (np.quantile(boot, [alpha, 1 - alpha]).tolist() if boot.size else (math.nan, math.nan))
-            per_seed = [_spearman(x[:, j], y[:, j]) for j in range(len(seeds))]
+            per_seed = _spearman(x.T, y.T)  # one rho per seed, across states
             rows.append({"model": model, "bits": bits, "range": range_method, "sharpness": sharpness, "effect": effect, "rho": rho,
                          "low": low, "high": high, "level": level, "n_states": len(keys), "n_seeds": len(seeds),
-                         "per_seed": seed_interval([r for r in per_seed if math.isfinite(r)], level)})
+                         "per_seed": seed_interval(per_seed[np.isfinite(per_seed)].tolist(), level)})
     return rows
 
 
