@@ -38,7 +38,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return {"seeds": 5, "bits": [2], "ranges": ["minmax", "mse"], "n_null": 24, "floor_steps": 20,
                 "models": {"digits_mlp": {"weight_decays": [0.0, 1e-4, 1e-3], "lrs": [0.2, 2.0], "lengths": [200, 1000], "overrides": {}},
-                           "mnist1d_cnn": {"weight_decays": [0.0, 1e-3], "lrs": [0.05, 0.2], "lengths": [150, 600],
+                           "mnist1d_cnn": {"weight_decays": [0.0, 1e-3], "lrs": [0.05, 0.2], "lengths": [100, 400],
                                            "overrides": {"k": 5}}}}
     return {"seeds": 10, "bits": [2], "ranges": ["minmax", "mse"], "n_null": 60, "floor_steps": 30,
             "models": {"digits_mlp": {"weight_decays": [0.0, 1e-4, 1e-3], "lrs": [0.2, 2.0], "lengths": [200, 1000, 3000], "overrides": {}},

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -38,11 +39,11 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_dataset
-from .gradients import floor_alignment, matched_null
+from .gradients import damage, floor_alignment, matched_null
 from .gradients.arms import NullComparison
 from .landscape.curvature import hessian_eigs, hessian_trace
 from .models import build_model
-from .pipeline import HILL_K, Reference, alignment_at, build_reference, cap_samples, damage_at, measure_ptq
+from .pipeline import HILL_K, Reference, alignment_at, build_reference, cap_samples, measure_ptq
 from .ptq_study import seed_interval
 from .quant import UniformQuantizer
 from .quant.estimators import random_signs
@@ -70,7 +71,7 @@ class StateModel:
     dtype : str
         ``"float64"`` or ``"float32"`` of the objectives (training runs in float32).
     k : int
-        Hill subspace size (top-``k`` eigenpairs at ``theta_fp``: damage split, basin widths, floor frame).
+        Hill subspace size (top-``k`` eigenpairs at ``theta_fp``: hill fraction of the damage, floor frame).
     trace_matvecs : int
         Hutch++ budget of ``tr H``.
     """
@@ -164,7 +165,7 @@ def load_state(spec: StateModel, weight_decay: float, lr: float, steps: int, len
     """The :class:`StateReference` of ``theta_fp`` after ``steps`` of the run ``(spec, weight_decay, lr, seed)`` to ``max(lengths)``.
 
     The last state is memoised in-process, so the cells of one state (bits, ranges) share its
-    eigenpairs, widths and sharpness; one state at a time is kept (its Hessian graph is large).
+    eigenpairs and sharpness; one state at a time is kept (its Hessian graph is large).
     """
     if steps not in lengths:
         raise ValueError(f"steps={steps} is not one of the recorded lengths {list(lengths)}")
@@ -231,7 +232,7 @@ def state_cell(state: StateReference, bits: int, range_method: str, *, n_null: i
         :meth:`StateReference.sharpness`; ``train_loss_fp`` (the GD training set), ``test_loss_fp``,
         ``test_accuracy_fp``; at the PTQ point ``ptq_train_loss``, ``ptq_test_loss``, ``ptq_test_accuracy``,
         ``measured_loss_increase``, ``predicted_loss_increase``, ``damage_ratio``, ``measured_over_predicted``,
-        ``hill_fraction``, ``breakdown_scale``, ``rho_max``, ``delta_norm``; the static alignment
+        ``hill_fraction``, ``breakdown_scale``, ``delta_norm``; the static alignment
         (``align_cosine, align_null_mean, align_null_sd, align_z, align_p``, hill and river cosines) and the
         floor alignment (``floor_cosine, floor_null_mean, floor_z, floor_p``); ``n_null``.
     """
@@ -242,7 +243,9 @@ def state_cell(state: StateReference, bits: int, range_method: str, *, n_null: i
     fp = ref.evaluate(ref.theta_fp)
     measured = measure_ptq(ref, qmap)
     point = measured.point
-    dmg = damage_at(ref, qmap, point, k=spec.k, floor=False, random_control=False, rtn_matvecs=0)
+    # no basin widths (rho): half the cost of a quick CNN cell, and not an effect of this study
+    dmg = damage(ref.analysis, ref.theta_fp, qmap, theta_q=point, basis=ref.basis(spec.k), widths=False, floor=False, random_control=False,
+                 rtn_matvecs=0, seed=ref.seed, progress=False)
     loss_fp = dmg.loss_fp
     return {
         "model": spec.key, "weight_decay": state.weight_decay, "lr": state.lr, "steps": state.steps, "bits": bits, "range": range_method,
@@ -252,7 +255,7 @@ def state_cell(state: StateReference, bits: int, range_method: str, *, n_null: i
         "measured_loss_increase": dmg.measured_loss_increase, "predicted_loss_increase": dmg.predicted_loss_increase,
         "damage_ratio": dmg.measured_loss_increase / loss_fp if loss_fp > 0 else None, "measured_over_predicted": dmg.ratio,
         "hill_fraction": dmg.hill_fraction, "breakdown_scale": dmg.breakdown_scale if math.isfinite(dmg.breakdown_scale) else None,
-        "rho_max": dmg.rho_max, "delta_norm": dmg.delta_norm,
+        "delta_norm": dmg.delta_norm,
         **_static_alignment(ref, qmap, point, n_null, state.seed),
         **_floor_alignment(ref, qmap, spec.k, n_null, floor_steps, state.seed),
         "n_null": n_null,
@@ -353,8 +356,10 @@ def sharpness_correlations(records: Iterable[Mapping], *, sharpness: str = "top_
         draws = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
         for effect in effects:
             y = matrix(effect)
-            rho = float(_spearman(np.nanmean(x, 1), np.nanmean(y, 1))[0])
-            boot = _spearman(np.nanmean(x[:, draws], 2).T, np.nanmean(y[:, draws], 2).T)  # (n_boot,)
+            with warnings.catch_warnings():  # a state whose resampled seeds all lack the effect: nan, dropped below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                rho = float(_spearman(np.nanmean(x, 1), np.nanmean(y, 1))[0])
+                boot = _spearman(np.nanmean(x[:, draws], 2).T, np.nanmean(y[:, draws], 2).T)  # (n_boot,)
             boot = boot[np.isfinite(boot)]
             low, high = (np.quantile(boot, [alpha, 1 - alpha]).tolist() if boot.size else (math.nan, math.nan))
             per_seed = _spearman(x.T, y.T)  # one rho per seed, across states
