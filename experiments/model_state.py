@@ -113,8 +113,8 @@ def figures(rows: list[dict], out_dir) -> None:
                                          marker=dict(color=PALETTE[g % len(PALETTE)], size=9), error_y=dict(type="data", array=err, visible=True)),
                               row=1, col=col + 1)
                 axes[col].errorbar(x, y, yerr=err, fmt="o", color=PALETTE[g % len(PALETTE)], label=label if col == 0 else None, ms=4)
-                axes[col].set(xscale="log", xlabel="λ_max at θ_fp", title=mst.EFFECTS[effect])
-                fig.update_xaxes(type="log", title_text="λ_max at θ_fp", row=1, col=col + 1)
+                axes[col].set(xscale="log", xlabel="λ_max at θ_fp (quantized weights)", title=mst.EFFECTS[effect])
+                fig.update_xaxes(type="log", title_text="λ_max at θ_fp (quantized weights)", row=1, col=col + 1)
         mfig.legend(loc="lower center", ncol=len(groups), fontsize=8)
         mfig.subplots_adjust(bottom=0.25, wspace=0.35)
         fig.update_layout(**base_layout(f"{model}: effects vs sharpness (one point per state, mean ± 95% t half-width)", height=460,
