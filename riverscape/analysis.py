@@ -543,13 +543,14 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
             }
             barrier = {k: v for k, v in run.barrier.to_dict().items() if not isinstance(v, (list, dict))}
             if finite and "alignment" not in skip:
-                qat_ali = alignment_along(ref, qmap, qat_result, k=k_hill)
+                qat_ali = alignment_along(ref, qmap, qat_result, k=k_hill, n_null=budget.qat_null_draws)
                 if qat_ali is None:
                     notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
         t0 = log.lap("qat", t0, f"QAT, {bits} bits", skipped=qat_result is None)
         ali = None
         if finite and "alignment" not in skip:
-            ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point, floor_steps=budget.floor_steps)
+            ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point, floor_steps=budget.floor_steps,
+                               n_null=budget.null_draws, floor_null=budget.floor_null)
         t0 = log.lap("alignment", t0, f"gradient alignment, {bits} bits", skipped=ali is None)
 
         markers: dict = {}

@@ -69,6 +69,14 @@ class Budget:
         L-BFGS iterations of each valley-floor solve.
     rtn_matvecs : int
         Hutch++ matvecs of the expected round-to-nearest damage.
+    null_draws : int
+        Matched random-sign draws of the gradient-alignment null at each quantized point
+        (docs/theory.md §7; at least 50 so the empirical p can reach 0.02).
+    floor_null : bool
+        Whether every null draw also re-solves the valley floor (the null of ``cosine_floor``):
+        ``floor_steps`` gradients per draw, so only the thorough preset does it.
+    qat_null_draws : int
+        Matched null draws at each recorded QAT iterate (0: the along-QAT alignment has no null).
     """
 
     name: str
@@ -83,6 +91,9 @@ class Budget:
     qat_steps: int
     floor_steps: int
     rtn_matvecs: int
+    null_draws: int
+    floor_null: bool
+    qat_null_draws: int
 
     def to_dict(self) -> dict:
         """The knobs as a plain dict."""
@@ -91,13 +102,17 @@ class Budget:
 
 BUDGETS: Mapping[str, Budget] = {
     "quick": Budget("quick", max_samples=256, top_k=3, trace_matvecs=30, density_steps=30, density_probes=1,
-                    layer_matvecs=10, max_layers=8, grid_steps=11, qat_steps=100, floor_steps=30, rtn_matvecs=20),
+                    layer_matvecs=10, max_layers=8, grid_steps=11, qat_steps=100, floor_steps=30, rtn_matvecs=20,
+                    null_draws=50, floor_null=False, qat_null_draws=0),
     "standard": Budget("standard", max_samples=1024, top_k=5, trace_matvecs=99, density_steps=60, density_probes=2,
-                       layer_matvecs=30, max_layers=None, grid_steps=25, qat_steps=300, floor_steps=100, rtn_matvecs=60),
+                       layer_matvecs=30, max_layers=None, grid_steps=25, qat_steps=300, floor_steps=100, rtn_matvecs=60,
+                       null_draws=50, floor_null=False, qat_null_draws=0),
     "thorough": Budget("thorough", max_samples=4096, top_k=10, trace_matvecs=300, density_steps=100, density_probes=4,
-                       layer_matvecs=60, max_layers=None, grid_steps=41, qat_steps=1000, floor_steps=200, rtn_matvecs=120),
+                       layer_matvecs=60, max_layers=None, grid_steps=41, qat_steps=1000, floor_steps=200, rtn_matvecs=120,
+                       null_draws=100, floor_null=True, qat_null_draws=50),
 }
-"""The presets, cheapest first. ``standard`` reproduces the defaults of earlier versions exactly."""
+"""The presets, cheapest first. ``standard`` reproduces the defaults of earlier versions exactly, except the
+alignment null: 50 draws (it was 8) since the nulls give empirical p-values."""
 
 
 def parse_budget(value: Union[str, float, int]) -> Union[str, float]:
@@ -197,9 +212,11 @@ def stage_costs(budget: Budget, shape: RunShape, skip: tuple[str, ...] = ()) -> 
         "ptq": (0.0, bits * 2.0 * shape.n_ptq_methods),
         "curvature_quantized": (bits * hvp * (_eig_matvecs(budget.top_k) + budget.trace_matvecs + density), 0.0),
         "damage": (0.0, 0.0) if "damage" in skip else (bits * (6.0 * budget.floor_steps + hvp * budget.rtn_matvecs), bits * 20.0),
-        "qat": (0.0, 0.0) if "qat" in skip else (bits * budget.qat_steps * 2.0 * shape.qat_batch_fraction + bits * 20 * (1.0 + hvp),
+        "qat": (0.0, 0.0) if "qat" in skip else (bits * budget.qat_steps * 2.0 * shape.qat_batch_fraction
+                                                  + bits * 20 * (1.0 + hvp + budget.qat_null_draws),
                                                   bits * (2.0 * budget.qat_steps + 25.0)),
-        "alignment": (0.0, 0.0) if "alignment" in skip else (bits * (8.0 + 3.0 * budget.floor_steps + 5.0), 0.0),
+        "alignment": (0.0, 0.0) if "alignment" in skip else (bits * (budget.null_draws * (1.0 + (3.0 * budget.floor_steps if budget.floor_null else 0.0))
+                                                              + 3.0 * budget.floor_steps + 5.0), 0.0),
         # L(Q(.)) points re-calibrate the quantizer at every point (the MSE range search): about 2 evaluations each
         "slices": (0.0, 0.0) if "slices" in skip else (0.0, bits * 3.0 * budget.grid_steps**2),
         "paths": (0.0, 0.0) if "paths" in skip else (0.0, bits * 330.0),

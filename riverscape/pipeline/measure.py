@@ -175,18 +175,18 @@ def alignment_at(ref: Reference, qmap: QuantMap, point: Tensor, *, k: int = HILL
                      progress=False, **options)
 
 
-def alignment_along(ref: Reference, qmap: QuantMap, run: QATResult, *, k: int = HILL_K) -> Optional[QATAlignment]:
+def alignment_along(ref: Reference, qmap: QuantMap, run: QATResult, *, k: int = HILL_K, n_null: int = 50) -> Optional[QATAlignment]:
     """Alignment at every recorded QAT iterate, quantized with QAT's own grid; ``None`` with learned step sizes.
 
     With frozen scales every latent iterate is quantized with the grid QAT used, not one
     recomputed from the iterate; with learned (LSQ) scales the grid of each iterate is not
-    stored, so nothing is measured.
+    stored, so nothing is measured. ``n_null`` matched null draws per recorded iterate (0: none).
     """
     if run.scale_mode == "learned":
         return None
     frozen = run.qparams if run.scale_mode == "frozen" else None
     return alignment_along_qat(ref.analysis, ref.theta_fp, qmap, run.latent_trajectory, steps=run.trajectory_steps, basis=ref.basis(k),
-                               qparams=frozen, seed=ref.seed, progress=False)
+                               qparams=frozen, seed=ref.seed, n_null=n_null, progress=False)
 
 
 # ---------------------------------------------------------------------- planes
