@@ -245,7 +245,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- analyze
 
 
-def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
+def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path, *, cache: Any = None) -> dict:
     """Analyse (:func:`riverscape.analysis.analyze`), draw the report into ``out_dir``, return the metrics.
 
     Parameters
@@ -256,6 +256,8 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     options : AnalyzeOptions
     out_dir : Path
         Temporary directory that becomes the report directory if this returns.
+    cache : StageCache, optional
+        Finished stages of an interrupted run (:func:`riverscape.analysis.run_analysis`).
 
     Returns
     -------
@@ -265,7 +267,7 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     from .analysis import analyze
     from .report.analysis_page import write_report
 
-    result = analyze(loaded, data, options, progress=_progress(), emit=_stage_line)
+    result = analyze(loaded, data, options, progress=_progress(), emit=_stage_line, cache=cache)
     name = Path(str(loaded.path)).name if loaded.path else "model"
     write_report(result, out_dir, title=f"riverscape report: {name}")
     return result.metrics()
@@ -302,7 +304,9 @@ def _analyze_options(args: argparse.Namespace) -> Any:
         bits=tuple(_int_list(args.bits, "--bits")),
         include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()),
+        params=tuple(args.params or ()),
         skip=tuple(args.skip or ()),
+        memory_limit=_memory_limit(args),
     )
     return AnalyzeOptions(**values)
 
@@ -316,7 +320,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .outdir import check_output_dir
 
     options = _analyze_options(args)
-    limit = _memory_limit(args)
+    limit = options.memory_limit
     out = Path(args.out) if args.out else Path(DEFAULT_REPORT_ROOT) / Path(args.checkpoint).stem
     inputs = (Path(args.checkpoint),)
     check_output_dir(out, args.force, inputs=inputs)
@@ -341,59 +345,41 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         _note(note)
     check_model_data(loaded.model, data.train, loaded.loss)
     requested = None
-    if args.params:
-        requested = {"params": list(args.params), "include": list(options.include), "exclude": list(options.exclude),
+    if options.params:
+        requested = {"params": list(options.params), "include": list(options.include), "exclude": list(options.exclude),
                      "keep_first_last": options.keep_first_last}
-        options = _narrow_to_params(options, args.params, loaded, data)
-    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs, selection=requested)
+    cache = _stage_cache(args, out, loaded, data) if options.resume else None
+    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs, selection=requested,
+                    cache=cache)
     return EXIT_OK
 
 
-def _narrow_to_params(options: Any, patterns: list[str], loaded: Any, data: Any) -> Any:
-    """``--params``: the tensors the selection quantizes on the whole model, narrowed to those matching ``patterns``.
+def _stage_cache(args: argparse.Namespace, out: Path, loaded: Any, data: Any) -> Any:
+    """The :class:`~riverscape.stage_cache.StageCache` of this run in ``out``, keyed by the bytes of every input file and the specs."""
+    from .stage_cache import StageCache, file_digest
 
-    The analysis coordinates are the quantized tensors (everything else stays at full
-    precision), so restricting curvature, slices, alignment and QAT to a block is narrowing the
-    quantized set. Unlike ``--include``, which quantizes every tensor it names (also biases and
-    normalisation scales), ``--params`` keeps the default choice of weights and only intersects it:
-    ``--include``/``--exclude``/``--keep-first-last`` are applied on the whole model first, then
-    only the tensors whose name, layer name or glob matches a ``--params`` pattern are kept.
-    The returned options name exactly those tensors (``include``), with nothing left to exclude.
-    """
-    import dataclasses
-    import glob
-
-    from .objective import Objective
-    from .pipeline import cap_samples
-    from .quant import LayerSelection
-
-    patterns = [p for item in patterns for p in item.split(",") if p.strip()]
-    probe = Objective(loaded.model, loaded.loss, cap_samples(data.train, 1))  # the layout, on one sample
-    chosen, _ = options.selection().select(probe.layout)
-    for pattern in patterns:
-        try:
-            LayerSelection(include=pattern).select(chosen)
-        except ValueError:
-            shown = ", ".join(s.name for s in chosen[:6]) + (", ..." if len(chosen) > 6 else "")
-            raise InputError(f"--params {pattern!r} matches none of the {len(chosen)} quantized tensors ({shown})") from None
-    narrowed, _ = LayerSelection(include=patterns).select(chosen)
-    _note(f"--params {' '.join(patterns)}: analysing {len(narrowed)} of {len(chosen)} quantized tensors "
-          f"({sum(s.numel for s in narrowed):,} of {sum(s.numel for s in chosen):,} weights); everything else stays at full precision")
-    return dataclasses.replace(options, include=tuple(glob.escape(s.name) for s in narrowed), exclude=(), keep_first_last=False)
+    files = {"checkpoint": args.checkpoint, "quantized_weights": args.quantized_weights}
+    for option in ("model", "data"):  # a factory file (path/to/file.py:fn) or a text corpus (text:FILE)
+        value = getattr(args, option) or ""
+        path = value.partition(":")[2] if value.startswith("text:") else value.rpartition(":")[0]
+        files[option] = path if path and Path(path).is_file() else None
+    inputs = {name: file_digest(path) for name, path in files.items() if path is not None}
+    return StageCache(out, {"files": inputs, "model": loaded.model_spec, "data": data.spec, "loss": loaded.loss})
 
 
 def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = (),
-                    selection: Optional[dict] = None) -> dict:
+                    selection: Optional[dict] = None, cache: Any = None) -> dict:
     """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``.
 
     ``selection`` (with ``--params``) is the layer selection as the user gave it, recorded as
-    ``run.selection`` beside the resolved options (which name the narrowed tensors exactly).
+    ``run.selection``. ``cache`` (a :class:`~riverscape.stage_cache.StageCache` in ``out``) keeps
+    the finished stages until the report replaces ``out``.
     """
     from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        metrics = dict(run_analysis(loaded, data, options, tmp))
+        metrics = dict(run_analysis(loaded, data, options, tmp, cache=cache))
         resolved = metrics.pop("options", None) or options.to_dict()  # with the budget's values filled in
         payload = to_jsonable(
             {
@@ -485,7 +471,8 @@ def _add_model_data(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     group.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"), help="loss (default: the checkpoint's, else the data's)")
     group.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
                        help="refuse models, data and checkpoint tensors that would need more memory than this, "
-                       "checked before allocating (default %(default)s, 0 = no limit)")
+                       "checked before allocating; analysis data from a loader that would exceed it are streamed "
+                       "(re-read on every evaluation) instead of held (default %(default)s, 0 = no limit)")
 
 
 def _subcommand(sub: Any, name: str, summary: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -568,11 +555,16 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
     a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
     a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")
+    a.add_argument("--chunk-size", type=int, metavar="N",
+                   help="points evaluated together by the slices, loss paths and basin scan: memory grows with N (default: automatic)")
     a.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm running statistics on the analysis data first (use when the check says they do not match)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")
     o.add_argument("--force", action="store_true", help="replace an existing report directory")
     o.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    o.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="neither load nor keep finished stages (by default each finished stage is kept in DIR/.riverscape-work "
+                        "until the report is complete, and a re-run of an interrupted command resumes from them)")
     _add_common(p)
     p.set_defaults(func=_cmd_analyze)
 
