@@ -80,7 +80,11 @@ torch.save(model.state_dict(), path). A factory named inside a checkpoint is imp
 if you name it again (--model/--data) or pass --trust-checkpoint.
 
 The report directory (report.html, metrics.json, figures) is written atomically: a failed
-or interrupted run leaves no partial directory. An existing directory is kept unless --force.
+or interrupted run leaves no partial report. An existing directory is kept unless --force.
+Finished stages are kept in DIR/.riverscape-work until the report is complete: running the
+same command again after an interrupt loads them instead of computing them (the stage line
+says 'cached'); any change of checkpoint, data, options or riverscape version starts afresh.
+--no-resume neither loads nor keeps them.
 """
 
 

@@ -34,7 +34,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -203,9 +202,11 @@ class StageCache:
         return record.get("key") if isinstance(record, dict) else None
 
     def _clear(self) -> None:
+        """Delete the entries of another run (only files named as this module names them)."""
         with signals_deferred():
             for item in self.folder.iterdir():
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                if item.is_file() and not item.is_symlink() and item.name.endswith((".json", ".safetensors", ".tmp")):
+                    item.unlink()
 
     def _paths(self, stage: str) -> tuple[Path, Path]:
         if not stage or not all(c.isalnum() or c in "-_" for c in stage):
@@ -219,6 +220,7 @@ class StageCache:
         record_path, tensor_path = self._paths(stage)
         if not record_path.is_file():
             return None
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
@@ -227,8 +229,8 @@ class StageCache:
                 return None
             tensors = load_file(str(tensor_path)) if record.get("tensors") else {}
             values = decode(record["values"], tensors)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError):
-            return None  # a damaged entry is recomputed
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, SafetensorError):
+            return None  # a damaged or foreign entry is recomputed
         self.loaded.append(stage)
         return values
 

@@ -125,6 +125,8 @@ def test_changed_inputs_or_options_invalidate_the_cache(tmp_path):
     same = StageCache(tmp_path / "out", {"files": {"checkpoint": "aa"}}).start({"seed": 0})
     loaded = same.load("ptq-2")
     assert torch.equal(loaded["point"], values["point"]) and loaded["metrics"] == values["metrics"] and same.loaded == ["ptq-2"]
+    (tmp_path / "out" / WORK_DIR / "ptq-2.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert StageCache(tmp_path / "out", {"files": {"checkpoint": "aa"}}).start({"seed": 0}).load("ptq-2") is None  # recomputed
     for inputs, options in (({"files": {"checkpoint": "ab"}}, {"seed": 0}), ({"files": {"checkpoint": "aa"}}, {"seed": 1})):
         other = StageCache(tmp_path / "out", inputs).start(options)
         assert other.load("ptq-2") is None and other.stages() == []
