@@ -70,13 +70,20 @@ def _written_files(directory: Path) -> list[str]:
 
 
 def _write_marker(directory: Path, kind: str, files: Optional[list[str]] = None) -> None:
-    """The marker of ``directory`` listing ``files`` (default: everything in it now), written atomically."""
+    """The marker of ``directory`` listing ``files`` (default: everything in it now).
+
+    With ``files`` (a folder in use, :func:`claim_files`) it is written to a temporary name and
+    renamed, so a reader never sees half a marker.
+    """
     from . import __version__
 
     listed = _written_files(directory) if files is None else sorted(files)
-    record = {"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": listed}
+    text = json.dumps({"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": listed}, indent=1) + "\n"
+    if files is None:  # a private temporary folder, renamed into place afterwards
+        (directory / MARKER_NAME).write_text(text)
+        return
     temporary = directory / (MARKER_NAME + ".tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, directory / MARKER_NAME)
 
 
