@@ -84,7 +84,7 @@ or interrupted run leaves no partial report. An existing directory is kept unles
 Finished stages are kept in DIR/.riverscape-work until the report is complete: running the
 same command again after an interrupt loads them instead of computing them (the stage line
 says 'cached'); any change of checkpoint, data, options or riverscape version starts afresh.
---no-resume neither loads nor keeps them.
+A run that fails with an error deletes them; --no-resume neither loads nor keeps them.
 """
 
 
@@ -377,13 +377,18 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
 
     ``selection`` (with ``--params``) is the layer selection as the user gave it, recorded as
     ``run.selection``. ``cache`` (a :class:`~riverscape.stage_cache.StageCache` in ``out``) keeps
-    the finished stages until the report replaces ``out``.
+    the finished stages until the report replaces ``out``, or until an error (not an interrupt) ends the run.
     """
     from .io.jsonable import to_jsonable
     from .outdir import MARKER_NAME, atomic_output_dir
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        metrics = dict(run_analysis(loaded, data, options, tmp, cache=cache))
+        try:
+            metrics = dict(run_analysis(loaded, data, options, tmp, cache=cache))
+        except Exception:  # an error: nothing is kept (an interrupt keeps the finished stages)
+            if cache is not None:
+                cache.discard()
+            raise
         resolved = metrics.pop("options", None) or options.to_dict()  # with the budget's values filled in
         payload = to_jsonable(
             {

@@ -43,6 +43,7 @@ __all__ = [
     "atomic_output_file",
     "signals_deferred",
     "claim_files",
+    "release_work",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -136,6 +137,17 @@ def claim_files(directory: PathLike, paths: Iterable[PathLike]) -> None:
         names |= {str(Path(*relative.parts[: i + 1])) for i in range(len(relative.parts))}  # the file and its folders
     if names != record["files"]:
         _write_marker(directory, str(record.get("kind", _WORK_KIND)), sorted(names))
+
+
+def release_work(directory: PathLike) -> None:
+    """Remove ``directory`` if riverscape made it for work files alone (kind ``"work"``) and only its marker is left."""
+    directory = Path(directory)
+    record = _marker(directory)
+    if record is None or record.get("kind") != _WORK_KIND or set(_written_files(directory)) - {MARKER_NAME + ".tmp"}:
+        return
+    for name in (MARKER_NAME, MARKER_NAME + ".tmp"):
+        (directory / name).unlink(missing_ok=True)
+    directory.rmdir()
 
 
 def _only_work(directory: Path) -> bool:

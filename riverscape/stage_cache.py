@@ -24,7 +24,9 @@ Ownership
     every file in it is listed in the output folder's marker (:mod:`riverscape.outdir`) *before*
     it is written, so ``--force`` and the next run recognise it as riverscape's own. An output
     folder that holds only a work folder is used without ``--force``; when the report is
-    complete it replaces the whole output folder, work folder included.
+    complete it replaces the whole output folder, work folder included. A run that fails with an
+    error (not an interrupt) deletes its work folder (:meth:`StageCache.discard`): a failed run
+    leaves nothing behind, an interrupted one its finished stages.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from .outdir import claim_files, signals_deferred
+from .outdir import claim_files, release_work, signals_deferred
 
 __all__ = ["WORK_DIR", "StageCache", "file_digest", "encode", "decode"]
 
@@ -207,6 +209,18 @@ class StageCache:
             for item in self.folder.iterdir():
                 if item.is_file() and not item.is_symlink() and item.name.endswith((".json", ".safetensors", ".tmp")):
                     item.unlink()
+
+    def discard(self) -> None:
+        """Delete the work folder (a run that failed keeps nothing), and the output folder if it was made for it alone."""
+        if not self.folder.is_dir():
+            return
+        with signals_deferred():
+            self._clear()
+            try:
+                self.folder.rmdir()
+            except OSError:
+                return  # not empty: something riverscape did not write
+            release_work(self.output)
 
     def _paths(self, stage: str) -> tuple[Path, Path]:
         if not stage or not all(c.isalnum() or c in "-_" for c in stage):

@@ -108,13 +108,14 @@ def test_interrupted_run_resumes_from_its_cached_stages_with_identical_metrics(t
     assert _stable(metrics) == _stable(expected)
 
 
-def test_no_resume_leaves_nothing_behind_after_an_interrupt(tmp_path, checkpoint, no_figures, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("extra, failure, code", [(["--no-resume"], KeyboardInterrupt, 130), ([], ZeroDivisionError, 1)])
+def test_an_interrupt_with_no_resume_or_an_error_leaves_nothing_behind(tmp_path, checkpoint, no_figures, monkeypatch, extra, failure, code):
+    def failing(*args, **kwargs):
+        raise failure
 
-    monkeypatch.setattr(analysis_module, "damage_at", interrupted)
-    assert cli.main(["analyze", str(checkpoint), *ARGS, "--no-resume", "--out", str(tmp_path / "report")]) == 130
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(analysis_module, "damage_at", failing)  # after four finished stages
+    assert cli.main(["analyze", str(checkpoint), *ARGS, *extra, "--out", str(tmp_path / "sub" / "report")]) == code
+    assert list(tmp_path.iterdir()) == []  # neither the report folder, nor its work folder, nor the parent made for it
 
 
 def test_changed_inputs_or_options_invalidate_the_cache(tmp_path):
