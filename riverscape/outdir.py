@@ -70,16 +70,18 @@ def _written_files(directory: Path) -> list[str]:
     return sorted(n for n in names if n != MARKER_NAME)
 
 
-def _write_marker(directory: Path, kind: str, files: Optional[list[str]] = None) -> None:
+def _write_marker(directory: Path, kind: str, files: Optional[list[str]] = None, *, created: bool = False) -> None:
     """The marker of ``directory`` listing ``files`` (default: everything in it now).
 
     With ``files`` (a folder in use, :func:`claim_files`) it is written to a temporary name and
-    renamed, so a reader never sees half a marker.
+    renamed, so a reader never sees half a marker. ``created`` records that riverscape made
+    ``directory`` for work files (:func:`release_work` may then remove it).
     """
     from . import __version__
 
     listed = _written_files(directory) if files is None else sorted(files)
-    text = json.dumps({"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": listed}, indent=1) + "\n"
+    record = {"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": listed, **({"created": True} if created else {})}
+    text = json.dumps(record, indent=1) + "\n"
     if files is None:  # a private temporary folder, renamed into place afterwards
         (directory / MARKER_NAME).write_text(text)
         return
@@ -125,29 +127,31 @@ def claim_files(directory: PathLike, paths: Iterable[PathLike]) -> None:
         ``directory`` is not empty and riverscape did not write it (no valid marker).
     """
     directory = Path(directory)
-    make_parents(directory)
+    created = bool(make_parents(directory))
     record = _marker(directory)
     if record is None:
         if any(directory.iterdir()):
             raise InputError(f"{str(directory)!r} is not empty and riverscape did not write it (no {MARKER_NAME})")
-        record = {"kind": _WORK_KIND, "files": set()}
+        record = {"kind": _WORK_KIND, "files": set(), "created": created}
     names = set(record["files"])
     for path in paths:
         relative = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(directory)))
         names |= {str(Path(*relative.parts[: i + 1])) for i in range(len(relative.parts))}  # the file and its folders
     if names != record["files"]:
-        _write_marker(directory, str(record.get("kind", _WORK_KIND)), sorted(names))
+        _write_marker(directory, str(record.get("kind", _WORK_KIND)), sorted(names), created=record.get("created") is True)
 
 
 def release_work(directory: PathLike) -> None:
-    """Remove ``directory`` if riverscape made it for work files alone (kind ``"work"``) and only its marker is left."""
+    """Undo :func:`claim_files` once its work files are gone: a ``"work"`` marker holding nothing is removed,
+    and so is ``directory`` if riverscape created it (a folder the user made stays, empty as it was)."""
     directory = Path(directory)
     record = _marker(directory)
     if record is None or record.get("kind") != _WORK_KIND or set(_written_files(directory)) - {MARKER_NAME + ".tmp"}:
         return
     for name in (MARKER_NAME, MARKER_NAME + ".tmp"):
         (directory / name).unlink(missing_ok=True)
-    directory.rmdir()
+    if record.get("created") is True:
+        directory.rmdir()
 
 
 def _only_work(directory: Path) -> bool:

@@ -172,6 +172,12 @@ def test_an_output_folder_holding_only_work_files_is_reused_without_force(tmp_pa
         check_output_dir(out, force=False)
     with pytest.raises(InputError, match="riverscape did not write"):
         check_output_dir(out, force=True)
+    mine = tmp_path / "mine"  # an empty folder the user made: a failed run's clean-up leaves it as it was
+    mine.mkdir()
+    cache = StageCache(mine, {}).start({})
+    cache.save("ptq-2", {"x": 1})
+    cache.discard()
+    assert mine.is_dir() and list(mine.iterdir()) == []
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "a.txt").write_text("x")
