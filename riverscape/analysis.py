@@ -51,6 +51,7 @@ from .pipeline import (
 from .precision import resolve_precision
 from .quant import QuantMap, WeightStatus
 from .quant.mixed_precision import layer_sensitivities, plan_bits, verify_plan
+from .stage_cache import StageCache
 from .stage_log import StageLog, format_seconds
 from .threads import threads_for
 
@@ -286,6 +287,7 @@ def run_analysis(
     eval_split: str = "test",
     progress: bool = True,
     emit: Optional[Callable[[str], None]] = None,
+    cache: Optional[StageCache] = None,
     stored_dtype: Optional[str] = None,
 ) -> AnalysisResult:
     """Analyse a trained model at every bit-width of ``options``.
@@ -308,6 +310,11 @@ def run_analysis(
         Receives the plan (budget, timed gradient and forward, estimated duration) before the
         heavy work and one line per finished stage with the estimated time left
         (:class:`riverscape.stage_log.StageLog`); the command line prints them to stderr.
+    cache : StageCache, optional
+        With ``options.resume``, every finished stage is stored there and the stages a
+        previous run with the same inputs and resolved options stored are loaded instead of
+        computed (their stage line says ``cached``; ``plan["resumed"]`` lists them). The
+        numbers do not change.
     stored_dtype : str, optional
         The checkpoint's dtype (``"bfloat16"``) when ``model`` was loaded in a wider one; with
         ``options.dtype="native"`` the model then runs in it (:func:`riverscape.precision.resolve_precision`).
@@ -319,7 +326,7 @@ def run_analysis(
     precision = resolve_precision(model, options.dtype, stored_dtype).objective_kwargs()
     with threads_for(model):
         return _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, torch.device(options.device), emit,
-                    precision)
+                    cache, precision)
 
 
 def _largest_layers(qmap: QuantMap, limit: Optional[int]) -> list[str]:
@@ -338,7 +345,8 @@ def _choose_preset(model, loss, train_data, options, device, log: StageLog, prec
         return options.resolve(BUDGETS[options.budget])
     # time on the smallest preset's sample cap (or on all samples when the user asked for all) and scale linearly
     probe_n = None if options.max_samples == 0 else (options.max_samples or BUDGETS["quick"].max_samples)
-    probe = Objective(model, loss, cap_samples(train_data, probe_n), device=device, **precision)
+    probe = Objective(model, loss, cap_samples(train_data, probe_n), device=device, memory_limit=options.memory_limit,
+                      chunk_size=options.chunk_size, **precision)
     measured = _time(probe)
     shape = _shape(options, probe, len(options.bits), 10)
     fits_any, chosen, seconds = False, BUDGETS["quick"], math.inf
@@ -431,27 +439,103 @@ def _external_point(options, names: list[str]):
 PER_BITS_STAGES = ("ptq", "curvature_quantized", "damage", "qat", "alignment", "slices", "paths")
 
 
-def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device, emit=None, precision=None) -> AnalysisResult:
+class _Stages:
+    """Runs the stages of one analysis, each loaded from the stage cache when an interrupted run finished it.
+
+    ``run(stage, key, label, compute)`` returns ``compute()``'s dict of values, or the same
+    values stored by a previous run with the same inputs (:class:`~riverscape.stage_cache.StageCache`,
+    ``key`` names the entry: the stage and its bit-width), and emits the stage line.
+    """
+
+    def __init__(self, log: StageLog, cache: Optional[StageCache]) -> None:
+        self.log = log
+        self.cache = cache
+        self.since = time.perf_counter()
+
+    def run(self, stage: str, key: str, label: str, compute: Callable[[], dict], *, skipped: Callable[[dict], bool] = lambda v: False) -> dict:
+        values = self.cache.load(key) if self.cache is not None else None
+        cached = values is not None
+        if values is None:
+            values = compute()
+            if self.cache is not None:
+                self.cache.save(key, values)
+        is_skipped = skipped(values)
+        self.since = self.log.lap(stage, self.since, label, skipped=is_skipped, cached=cached and not is_skipped)
+        return values
+
+
+def _params_selection(model, loss, data, options, device, log: StageLog):
+    """``options.params``: the tensors the selection quantizes on the whole model, narrowed to those matching the patterns.
+
+    The analysis coordinates are the quantized tensors (everything else stays at full
+    precision), so restricting curvature, slices, alignment and QAT to a block is narrowing the
+    quantized set. Unlike ``include``, which quantizes every tensor it names (also biases and
+    normalisation scales), ``params`` keeps the default choice of weights and only intersects it:
+    ``include``/``exclude``/``keep_first_last`` are applied on the whole model first, then only
+    the tensors whose name, layer name or glob matches a ``params`` pattern are kept. Returns the
+    :class:`~riverscape.quant.LayerSelection` naming exactly those tensors (``options.selection()``
+    without ``params``).
+    """
+    import glob
+
+    from .quant import LayerSelection
+
+    if not options.params:
+        return options.selection()
+    probe = Objective(model, loss, cap_samples(data, 1), device=device, memory_limit=options.memory_limit)  # the layout, on one sample
+    chosen, _ = options.selection().select(probe.layout)
+    for pattern in options.params:
+        try:
+            LayerSelection(include=pattern).select(chosen)
+        except ValueError:
+            shown = ", ".join(s.name for s in chosen[:6]) + (", ..." if len(chosen) > 6 else "")
+            raise InputError(f"--params {pattern!r} matches none of the {len(chosen)} quantized tensors ({shown})") from None
+    narrowed, _ = LayerSelection(include=list(options.params)).select(chosen)
+    log.say(f"note: --params {' '.join(options.params)}: analysing {len(narrowed)} of {len(chosen)} quantized tensors "
+            f"({sum(s.numel for s in narrowed):,} of {sum(s.numel for s in chosen):,} weights); everything else stays at full precision")
+    return LayerSelection(include=[glob.escape(s.name) for s in narrowed])
+
+
+def _streaming_note(obj: Objective, options) -> list[str]:
+    """A note when the analysis set is read from its loader on every pass (over ``options.memory_limit``)."""
+    if not obj.streaming:
+        return []
+    from .limits import format_bytes
+
+    return [f"the analysis data are read from their loader on every evaluation ({obj.n_batches} batches): held in memory they "
+            f"would exceed the memory limit of {format_bytes(options.memory_limit)} (--memory-limit)"]
+
+
+def _cache_options(options) -> dict:
+    """The resolved options that decide the numbers (the stage cache's key): all but ``resume`` and ``json``."""
+    return {k: v for k, v in options.to_dict().items() if k not in ("resume", "json")}
+
+
+def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, progress, device, emit=None,
+         cache: Optional[StageCache] = None, precision: Optional[dict] = None) -> AnalysisResult:
     precision = precision or {}
     started = time.perf_counter()
     log = StageLog(emit)
     options = _choose_preset(model, loss, train_data, options, device, log, precision)
     budget, skip = options.preset, set(options.skip)
+    cache = cache.start(_cache_options(options)) if cache is not None and options.resume else None
 
     train_data = cap_samples(train_data, options.sample_cap)
     eval_data = cap_samples(eval_data, options.sample_cap)
+    selection = _params_selection(model, loss, train_data, options, device, log)
     model, run_notes, run_warnings = batchnorm_preflight(model, train_data, recalibrate=options.bn_recalibrate)
     # several processes (torchrun, srun): each holds a strided shard of the analysis and evaluation sets, and QAT
     # and PTQ calibration run on all of the training data in every process (see riverscape.distributed)
     all_train, train_data, eval_data = train_data, shard(train_data), shard(eval_data)
     # the tensors are chosen once, on the full model; every map of the reference uses exactly them
     ref, chosen = build_reference(model, loss, train_data, eval_data, quantizer=options.quantizer(min(options.bits)),
-                                  selection=options.selection(), trajectory=trajectory, device=device, seed=options.seed,
+                                  selection=selection, trajectory=trajectory, device=device, seed=options.seed,
+                                  memory_limit=options.memory_limit, chunk_size=options.chunk_size,
                                   training_data=None if train_data is all_train else all_train, **precision)
     data_parallel(ref.analysis), data_parallel(ref.evaluation)
     obj, eval_obj, fp, names = ref.analysis, ref.evaluation, ref.theta_fp, list(ref.names)
     external = _external_point(options, names)
-    run_notes += [*obj.notes, *ensure_twice_differentiable(obj)]
+    run_notes += [*obj.notes, *_streaming_note(obj, options), *ensure_twice_differentiable(obj)]
     fp_metrics = ref.evaluate(fp)
     fp_loss, fp_train_loss = fp_metrics["loss"], fp_metrics["train_loss"]
     if not math.isfinite(fp_loss) or not math.isfinite(fp_train_loss):
@@ -463,131 +547,56 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     estimates = estimate(budget, _shape(options, obj, len(options.bits), k_hill), timing, options.skip)
     log = StageLog(emit, estimates, {stage: len(options.bits) for stage in PER_BITS_STAGES})
     log.say(_plan_line(options, obj, timing, estimates["total"]))
+    if cache is not None and cache.stages():
+        log.say(f"resuming: {len(cache.stages())} finished stage(s) of an interrupted run are in {cache.folder}")
     plan = {"budget": budget.to_dict(), "skip": list(options.skip), "timing": timing.to_dict(),
             "estimated_seconds": {k: round(v, 3) for k, v in estimates.items()}}
+    stages = _Stages(log, cache)
 
-    t0 = time.perf_counter()
-    op_fp = ref.fp_operator()
-    values, vectors = ref.hill(k_hill)
-    hessian_fp, density_fp = _curvature_summary(obj, fp, options.top_k, op_fp, options.seed, values, budget=budget, density="density" not in skip)
-    t0 = log.lap("curvature_fp", t0, "curvature at θ_fp")
-    curvature_rows = []
-    if "layers" not in skip:
+    def curvature_fp() -> dict:
+        values, vectors = ref.hill(k_hill)
+        hessian, density = _curvature_summary(obj, fp, options.top_k, ref.fp_operator(), options.seed, values, budget=budget,
+                                              density="density" not in skip)
+        return {"values": values, "vectors": vectors, "hessian": hessian, "density": density}
+
+    done = stages.run("curvature_fp", "curvature_fp", "curvature at θ_fp", curvature_fp)
+    ref.restore_hill(k_hill, done["values"], done["vectors"])
+    vectors, hessian_fp, density_fp = done["vectors"], done["hessian"], done["density"]
+
+    def per_layer() -> dict:
         probe_qmap = ref.quant_map(options.quantizer(options.bits[0]))
         layer_names = _largest_layers(probe_qmap, budget.max_layers)
-        curvature_rows = [c.to_dict() for c in layer_curvature(obj, fp, names=layer_names, trace_matvecs=budget.layer_matvecs,
-                                                               operator=op_fp, seed=options.seed, progress=progress)]
-        if len(layer_names) < len(probe_qmap.targets):
-            run_notes.append(f"per-layer curvature on the {len(layer_names)} largest of {len(probe_qmap.targets)} quantized tensors (budget {budget.name})")
-    t0 = log.lap("layer_curvature", t0, "per-layer curvature", skipped="layers" in skip)
+        rows = [c.to_dict() for c in layer_curvature(obj, fp, names=layer_names, trace_matvecs=budget.layer_matvecs,
+                                                     operator=ref.fp_operator(), seed=options.seed, progress=progress)]
+        notes = ([f"per-layer curvature on the {len(layer_names)} largest of {len(probe_qmap.targets)} quantized tensors (budget {budget.name})"]
+                 if len(layer_names) < len(probe_qmap.targets) else [])
+        return {"rows": rows, "notes": notes}
+
+    done = stages.run("layer_curvature", "layer_curvature", "per-layer curvature",
+                      per_layer if "layers" not in skip else lambda: {"rows": [], "notes": []}, skipped=lambda v: "layers" in skip)
+    curvature_rows = done["rows"]
+    run_notes += done["notes"]
     mixed = None
     if options.bits_budget is not None:
-        mixed = _mixed_precision(ref, options, budget)
+        mixed = stages.run("mixed_precision", "mixed_precision", "mixed-precision plan",
+                           lambda: {"plan": _mixed_precision(ref, options, budget)})["plan"]
         log.say(_mixed_precision_line(mixed))
-        t0 = log.lap("mixed_precision", t0, "mixed-precision plan")
-    ref.widths(k_hill, TAU)
-    t0 = log.lap("basin_widths", t0, "basin widths")
+    done = stages.run("basin_widths", "basin_widths", "basin widths", lambda: {"widths": ref.widths(k_hill, TAU)})
+    ref.restore_widths(k_hill, TAU, done["widths"])
     river_path = river(ref.trajectory) if ref.trajectory is not None else None
 
     results = []
     bar = tqdm(options.bits, desc="bit-widths", disable=not progress, leave=False)
     for bits in bar:
         bar.set_postfix_str(f"{bits} bits")
-        quantizer = options.quantizer(bits)
-        qmap = ref.quant_map(quantizer)
-        methods = [*([external] if external is not None else []), *options.ptq_methods]
-        try:
-            measured = measure_ptq(ref, qmap, method=methods[0], calibration=ref.training)
-        except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
-            if external is None:
-                raise
-            raise InputError(f"--quantized-weights {options.quantized_weights}: {exc}") from None
-        q, ptq_metrics = measured.point, dict(measured.metrics)
-        compared = {ptq_metrics["ptq_method"]: ptq_metrics}
-        for method in methods[1:]:
-            compared[method] = dict(measure_ptq(ref, qmap, method=method, calibration=ref.training).metrics)
-        t0 = log.lap("ptq", t0, f"PTQ, {bits} bits")
-        notes: list[str] = []
-        finite = measured.finite
-        op_q = obj.hessian(q)
-        hessian_q, density_q = (_curvature_summary(obj, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
-                                if finite else ({}, None))
-        op_q.release()
-        t0 = log.lap("curvature_quantized", t0, f"curvature at Q(θ), {bits} bits")
-        dmg = None
-        if not finite:
-            notes.append(f"the loss at Q(theta) is {ptq_metrics['train_loss']}: damage, alignment and curvature at the quantized point were skipped")
-        elif "damage" not in skip:
-            dmg = damage_at(ref, qmap, q, k=k_hill, floor_steps=budget.floor_steps, rtn_matvecs=budget.rtn_matvecs)
-        t0 = log.lap("damage", t0, f"second-order damage, {bits} bits", skipped=dmg is None)
-
-        qat_metrics = qat_result = qat_ali = barrier = None
-        qat_point = None
-        if options.qat_steps > 0:
-            run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress)
-            qat_result, qat_point = run.result, run.point
-            qat_metrics = {
-                "loss": run.metrics["loss"],
-                "accuracy": run.metrics["accuracy"],
-                **({"perplexity": run.metrics["perplexity"]} if "perplexity" in run.metrics else {}),
-                "train_loss": qat_result.last_loss,
-                "best_train_loss": qat_result.best_loss,
-                "best_step": qat_result.best_step,
-                "hit_step": qat_result.hit_step,
-                "steps": options.qat_steps,
-                "estimator": qat_result.estimator,
-                "scale_mode": qat_result.scale_mode,
-                "total_grid_flips": int(sum(qat_result.grid_flips)),
-                "distance_to_fp": run.metrics["delta_norm"],
-                "distance_ptq_to_fp": ptq_metrics["delta_norm"],
-            }
-            barrier = {k: v for k, v in run.barrier.to_dict().items() if not isinstance(v, (list, dict))}
-            if finite and "alignment" not in skip:
-                qat_ali = alignment_along(ref, qmap, qat_result, k=k_hill, n_null=budget.qat_null_draws)
-                if qat_ali is None:
-                    notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
-        t0 = log.lap("qat", t0, f"QAT, {bits} bits", skipped=qat_result is None)
-        ali = None
-        if finite and "alignment" not in skip:
-            ali = alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point, floor_steps=budget.floor_steps,
-                               n_null=budget.null_draws, floor_null=budget.floor_null)
-        t0 = log.lap("alignment", t0, f"gradient alignment, {bits} bits", skipped=ali is None)
-
-        markers: dict = {}
-        land = None
-        if "slices" not in skip:
-            plane = analysis_plane(ref, qmap, q, qat_point)
-            markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": tuple(plane.coordinates(q))}
-            trajectories = {}
-            if qat_point is not None:
-                markers["QAT Q(θ_T)"] = tuple(plane.coordinates(qat_point))
-                trajectories["QAT iterates Q(θ_t)"] = qat_result.quantized_trajectory
-            reach = max(max(abs(x), abs(y)) for x, y in markers.values()) or 1.0
-            land = plane_landscape(ref, qmap, plane, markers, paths=trajectories, span=options.grid_span * 1.3 * reach,
-                                   steps=options.grid_steps, clip=False, progress=progress)
-        t0 = log.lap("slices", t0, f"2D slices, {bits} bits", skipped=land is None)
-
-        profiles = {}
-        if "paths" not in skip:
-            profiles["θ_fp → Q(θ_fp)"] = path_losses(obj, LinearPath(fp, q), n=33, quantizer=qmap, progress=False)
-            if qat_point is not None:
-                profiles["θ_fp → QAT Q(θ_T)"] = path_losses(obj, LinearPath(fp, qat_point), n=33, quantizer=qmap, progress=False)
-            if river_path is not None:
-                profiles["river (FP training)"] = path_losses(obj, river_path, n=41, quantizer=qmap, progress=False)
-        t0 = log.lap("paths", t0, f"loss along paths, {bits} bits", skipped=not profiles)
-
-        rows = _layer_rows(qmap, q - fp, vectors, curvature_rows, dmg, ali)
-        results.append(
-            BitsResult(bits, quantizer.describe(), ptq_metrics, hessian_q, density_q, dmg, ali, qat_metrics, qat_result, qat_ali,
-                       None if land is None else land.fp_slice, None if land is None else land.quantized_slice,
-                       land.markers if land is not None else markers, land.paths if land is not None else {}, profiles, barrier, rows,
-                       notes, compared)
-        )
+        results.append(_analyse_bits(ref, options, bits, external, k_hill, vectors, curvature_rows, river_path, stages, progress))
     ref.release()
     timings = dict(log.timings)
     if "perplexity" in fp_metrics:
         run_notes.append(_perplexity_note(fp_metrics, results, eval_split))
     timings["total"] = time.perf_counter() - started
+    if cache is not None:
+        plan["resumed"] = list(cache.loaded)
     return AnalysisResult(
         n_params=sum(p.numel() for p in model.parameters()),
         n_quantized=obj.dim,
@@ -611,6 +620,120 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
     )
 
 
+def _analyse_bits(ref, options, bits: int, external, k_hill: int, vectors: Tensor, curvature_rows: list, river_path,
+                  stages: _Stages, progress: bool) -> BitsResult:
+    """Every per-bit-width stage at ``bits``: PTQ, curvature at Q(θ), damage, QAT, alignment, slices, paths."""
+    obj, fp, budget, skip = ref.analysis, ref.theta_fp, options.preset, set(options.skip)
+    quantizer = options.quantizer(bits)
+    qmap = ref.quant_map(quantizer)
+
+    def ptq() -> dict:
+        methods = [*([external] if external is not None else []), *options.ptq_methods]
+        try:
+            measured = measure_ptq(ref, qmap, method=methods[0], calibration=ref.training)
+        except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
+            if external is None:
+                raise
+            raise InputError(f"--quantized-weights {options.quantized_weights}: {exc}") from None
+        metrics = dict(measured.metrics)
+        compared = {metrics["ptq_method"]: metrics}
+        for method in methods[1:]:
+            compared[method] = dict(measure_ptq(ref, qmap, method=method, calibration=ref.training).metrics)
+        return {"point": measured.point, "metrics": metrics, "compared": compared, "finite": measured.finite}
+
+    done = stages.run("ptq", f"ptq-{bits}", f"PTQ, {bits} bits", ptq)
+    q, ptq_metrics, compared, finite = done["point"], done["metrics"], done["compared"], done["finite"]
+    notes: list[str] = []
+
+    def curvature_q() -> dict:
+        if not finite:
+            return {"hessian": {}, "density": None}
+        op_q = obj.hessian(q)
+        hessian_q, density_q = _curvature_summary(obj, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
+        op_q.release()
+        return {"hessian": hessian_q, "density": density_q}
+
+    done = stages.run("curvature_quantized", f"curvature_quantized-{bits}", f"curvature at Q(θ), {bits} bits", curvature_q)
+    hessian_q, density_q = done["hessian"], done["density"]
+    if not finite:
+        notes.append(f"the loss at Q(theta) is {ptq_metrics['train_loss']}: damage, alignment and curvature at the quantized point were skipped")
+    dmg = stages.run("damage", f"damage-{bits}", f"second-order damage, {bits} bits",
+                     lambda: {"damage": damage_at(ref, qmap, q, k=k_hill, floor_steps=budget.floor_steps, rtn_matvecs=budget.rtn_matvecs)
+                              if finite and "damage" not in skip else None},
+                     skipped=lambda v: v["damage"] is None)["damage"]
+
+    def qat_stage() -> dict:
+        if options.qat_steps <= 0:
+            return {"metrics": None, "result": None, "alignment": None, "barrier": None, "point": None, "notes": []}
+        run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress)
+        result = run.result
+        metrics = {
+            "loss": run.metrics["loss"],
+            "accuracy": run.metrics["accuracy"],
+            **({"perplexity": run.metrics["perplexity"]} if "perplexity" in run.metrics else {}),
+            "train_loss": result.last_loss,
+            "best_train_loss": result.best_loss,
+            "best_step": result.best_step,
+            "hit_step": result.hit_step,
+            "steps": options.qat_steps,
+            "estimator": result.estimator,
+            "scale_mode": result.scale_mode,
+            "total_grid_flips": int(sum(result.grid_flips)),
+            "distance_to_fp": run.metrics["delta_norm"],
+            "distance_ptq_to_fp": ptq_metrics["delta_norm"],
+        }
+        barrier = {k: v for k, v in run.barrier.to_dict().items() if not isinstance(v, (list, dict))}
+        along, qat_notes = None, []
+        if finite and "alignment" not in skip:
+            along = alignment_along(ref, qmap, result, k=k_hill, n_null=budget.qat_null_draws)
+            if along is None:
+                qat_notes.append("alignment along QAT was skipped: with learned step sizes (LSQ) the grid of each recorded iterate is not stored")
+        return {"metrics": metrics, "result": result, "alignment": along, "barrier": barrier, "point": run.point, "notes": qat_notes}
+
+    done = stages.run("qat", f"qat-{bits}", f"QAT, {bits} bits", qat_stage, skipped=lambda v: v["result"] is None)
+    qat_metrics, qat_result, qat_ali, barrier, qat_point = done["metrics"], done["result"], done["alignment"], done["barrier"], done["point"]
+    notes += done["notes"]
+    ali = stages.run("alignment", f"alignment-{bits}", f"gradient alignment, {bits} bits",
+                     lambda: {"alignment": alignment_at(ref, qmap, q, k=k_hill, theta_qat=qat_point, floor_steps=budget.floor_steps,
+                                                         n_null=budget.null_draws, floor_null=budget.floor_null)
+                              if finite and "alignment" not in skip else None},
+                     skipped=lambda v: v["alignment"] is None)["alignment"]
+
+    def slices() -> dict:
+        if "slices" in skip:
+            return {"land": None, "markers": {}}
+        plane = analysis_plane(ref, qmap, q, qat_point)
+        markers = {"θ_fp": (0.0, 0.0), "Q(θ_fp) (PTQ)": tuple(plane.coordinates(q))}
+        trajectories = {}
+        if qat_point is not None:
+            markers["QAT Q(θ_T)"] = tuple(plane.coordinates(qat_point))
+            trajectories["QAT iterates Q(θ_t)"] = qat_result.quantized_trajectory
+        reach = max(max(abs(x), abs(y)) for x, y in markers.values()) or 1.0
+        land = plane_landscape(ref, qmap, plane, markers, paths=trajectories, span=options.grid_span * 1.3 * reach,
+                               steps=options.grid_steps, clip=False, progress=progress)
+        return {"land": land, "markers": markers}
+
+    done = stages.run("slices", f"slices-{bits}", f"2D slices, {bits} bits", slices, skipped=lambda v: v["land"] is None)
+    land, markers = done["land"], done["markers"]
+
+    def paths() -> dict:
+        profiles = {}
+        if "paths" not in skip:
+            profiles["θ_fp → Q(θ_fp)"] = path_losses(obj, LinearPath(fp, q), n=33, quantizer=qmap, progress=False)
+            if qat_point is not None:
+                profiles["θ_fp → QAT Q(θ_T)"] = path_losses(obj, LinearPath(fp, qat_point), n=33, quantizer=qmap, progress=False)
+            if river_path is not None:
+                profiles["river (FP training)"] = path_losses(obj, river_path, n=41, quantizer=qmap, progress=False)
+        return {"profiles": profiles}
+
+    profiles = stages.run("paths", f"paths-{bits}", f"loss along paths, {bits} bits", paths, skipped=lambda v: not v["profiles"])["profiles"]
+    rows = _layer_rows(qmap, q - fp, vectors, curvature_rows, dmg, ali)
+    return BitsResult(bits, quantizer.describe(), ptq_metrics, hessian_q, density_q, dmg, ali, qat_metrics, qat_result, qat_ali,
+                      None if land is None else land.fp_slice, None if land is None else land.quantized_slice,
+                      land.markers if land is not None else markers, land.paths if land is not None else {}, profiles, barrier, rows,
+                      notes, compared)
+
+
 def _perplexity_note(fp: dict, results: list, split: str) -> str:
     """One line with the perplexities ``exp(loss)`` of a language model (FP, PTQ and QAT per bit-width)."""
 
@@ -624,7 +747,7 @@ def _perplexity_note(fp: dict, results: list, split: str) -> str:
 
 
 def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = None,
-            emit: Optional[Callable[[str], None]] = None) -> AnalysisResult:
+            emit: Optional[Callable[[str], None]] = None, cache: Optional[StageCache] = None) -> AnalysisResult:
     """Analyse a loaded checkpoint: :func:`run_analysis` on its model, data and trajectory.
 
     Parameters
@@ -636,6 +759,8 @@ def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = 
         Progress bars (default: only when stderr is a terminal).
     emit : callable, optional
         Plan and stage lines, see :func:`run_analysis`.
+    cache : StageCache, optional
+        Finished stages of an interrupted run, see :func:`run_analysis`.
 
     Returns
     -------
@@ -656,6 +781,7 @@ def analyze(loaded: Any, data: Any, options: Any, *, progress: Optional[bool] = 
         eval_split="test" if data.test is not None else "train",
         progress=progress,
         emit=emit,
+        cache=cache,
         stored_dtype=loaded.checkpoint_dtype,
     )
     precision = resolve_precision(loaded.model, options.dtype, loaded.checkpoint_dtype).describe()

@@ -13,6 +13,7 @@ import torch
 
 from .budget import BUDGETS, SKIPPABLE_STAGES, Budget, parse_budget
 from .errors import InputError
+from .limits import DEFAULT_MEMORY_LIMIT
 from .precision import PRECISIONS
 from .quant.estimators import ESTIMATORS as QAT_ESTIMATORS
 from .quant.quantizers import MAX_BITS, RANGE_METHODS
@@ -78,6 +79,12 @@ class AnalyzeOptions:
         split.
     keep_first_last : bool
         Keep the first and last quantized layers in full precision.
+    params : tuple of str
+        Names or globs (``"transformer.h.3.*"``) narrowing the tensors ``include``/``exclude``/
+        ``keep_first_last`` quantize on the whole model to those that match (empty: no
+        narrowing). Curvature, slices, alignment and QAT are then taken on that block while
+        everything else stays at full precision; unlike ``include`` it never widens the choice
+        (biases and normalisation scales stay FP). Comma-separated strings are split.
     top_k : int or None
         Number of top Hessian eigenpairs (1 .. :data:`MAX_TOP_K`, and fewer than the
         number of quantized parameters, checked when the model is known). ``None``: the budget's.
@@ -128,6 +135,19 @@ class AnalyzeOptions:
         A state dict (``.pt``/``.safetensors``) of the same model's weights quantized elsewhere and
         dequantized: analysed as the PTQ point (method ``external``, docs/ptq_methods.md §6), with the
         ``ptq_methods`` compared against it. Needs exactly one bit-width (the one it was quantized to).
+    chunk_size : int or None
+        Points evaluated together in one batched (``vmap``) pass by the slices, loss paths and
+        basin-width scan, and points built at once by the scan: memory for points and
+        activations grows with it. ``None``: automatic (an activation budget, and for slices and
+        paths a timed choice between one point and a batch). A positive integer.
+    memory_limit : int or None
+        Bytes the analysis data may occupy when materialised; a loader of batches over it is
+        streamed instead (re-read on every evaluation, see :class:`riverscape.Objective`'s
+        ``stream=None``). ``None``: no limit. The command line's ``--memory-limit GB``.
+    resume : bool
+        Cache every finished stage in the output's work folder and load the stages a previous,
+        interrupted run with the same inputs finished (:mod:`riverscape.stage_cache`). Does
+        not change any number.
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -155,6 +175,10 @@ class AnalyzeOptions:
     bits_budget: Optional[float] = None
     group_size: Optional[int] = None
     quantized_weights: Optional[str] = None
+    params: tuple[str, ...] = ()
+    chunk_size: Optional[int] = None
+    memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT
+    resume: bool = field(default=True, compare=False)
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,6 +196,7 @@ class AnalyzeOptions:
         object.__setattr__(self, "ptq_methods", _ptq_methods(self.ptq_methods))
         object.__setattr__(self, "include", _names(self.include, "include"))
         object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        object.__setattr__(self, "params", _names(self.params, "params"))
         for name, low, high in (("top_k", 1, MAX_TOP_K), ("grid_steps", 3, 401), ("qat_steps", 0, None), ("seed", 0, None), ("max_samples", 0, None)):
             value = getattr(self, name)
             if value is None and name != "seed":
@@ -200,7 +225,12 @@ class AnalyzeOptions:
                 raise InputError(f"quantized_weights must be a file path, got {self.quantized_weights!r}")
             if len(self.bits) != 1:
                 raise InputError("--quantized-weights analyses one quantized point: give the one bit-width it was quantized to, e.g. --bits 4")
-        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "json"):
+        for name, what in (("chunk_size", "a positive integer (points per batched evaluation)"),
+                           ("memory_limit", "a positive number of bytes, or None for no limit")):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise InputError(f"{name} must be {what}, got {value!r}")
+        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "resume", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()

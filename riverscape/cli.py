@@ -85,7 +85,11 @@ torch.save(model.state_dict(), path). A factory named inside a checkpoint is imp
 if you name it again (--model/--data) or pass --trust-checkpoint.
 
 The report directory (report.html, metrics.json, figures) is written atomically: a failed
-or interrupted run leaves no partial directory. An existing directory is kept unless --force.
+or interrupted run leaves no partial report. An existing directory is kept unless --force.
+Finished stages are kept in DIR/.riverscape-work until the report is complete: running the
+same command again after an interrupt loads them instead of computing them (the stage line
+says 'cached'); any change of checkpoint, data, options or riverscape version starts afresh.
+A run that fails with an error deletes them; --no-resume neither loads nor keeps them.
 """
 
 
@@ -250,7 +254,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- analyze
 
 
-def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
+def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path, *, cache: Any = None) -> dict:
     """Analyse (:func:`riverscape.analysis.analyze`), draw the report into ``out_dir``, return the metrics.
 
     Parameters
@@ -261,6 +265,8 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     options : AnalyzeOptions
     out_dir : Path
         Temporary directory that becomes the report directory if this returns.
+    cache : StageCache, optional
+        Finished stages of an interrupted run (:func:`riverscape.analysis.run_analysis`).
 
     Returns
     -------
@@ -270,7 +276,7 @@ def run_analysis(loaded: Any, data: Any, options: Any, out_dir: Path) -> dict:
     from .analysis import analyze
     from .report.analysis_page import write_report
 
-    result = analyze(loaded, data, options, progress=_progress(), emit=_stage_line)
+    result = analyze(loaded, data, options, progress=_progress(), emit=_stage_line, cache=cache)
     name = Path(str(loaded.path)).name if loaded.path else "model"
     write_report(result, out_dir, title=f"riverscape report: {name}")
     return result.metrics()
@@ -307,7 +313,9 @@ def _analyze_options(args: argparse.Namespace) -> Any:
         bits=tuple(_int_list(args.bits, "--bits")),
         include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()),
+        params=tuple(args.params or ()),
         skip=tuple(args.skip or ()),
+        memory_limit=_memory_limit(args),
     )
     return AnalyzeOptions(**values)
 
@@ -324,7 +332,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if init() is not None and not is_main():  # torchrun/srun: process 0 prints and writes, the others only their errors
         only_errors()
     options = _analyze_options(args)
-    limit = _memory_limit(args)
+    limit = options.memory_limit
     out = Path(args.out) if args.out else Path(DEFAULT_REPORT_ROOT) / Path(args.checkpoint).stem
     inputs = (Path(args.checkpoint),)
     check_output_dir(out, args.force, inputs=inputs)
@@ -349,53 +357,35 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         _note(note)
     check_model_data(loaded.model, data.train, loaded.loss)
     requested = None
-    if args.params:
-        requested = {"params": list(args.params), "include": list(options.include), "exclude": list(options.exclude),
+    if options.params:
+        requested = {"params": list(options.params), "include": list(options.include), "exclude": list(options.exclude),
                      "keep_first_last": options.keep_first_last}
-        options = _narrow_to_params(options, args.params, loaded, data)
-    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs, selection=requested)
+    cache = _stage_cache(args, out, loaded, data) if options.resume else None
+    _write_analysis(loaded, data, options, out, force=args.force, checkpoint=str(args.checkpoint), inputs=inputs, selection=requested,
+                    cache=cache)
     return EXIT_OK
 
 
-def _narrow_to_params(options: Any, patterns: list[str], loaded: Any, data: Any) -> Any:
-    """``--params``: the tensors the selection quantizes on the whole model, narrowed to those matching ``patterns``.
+def _stage_cache(args: argparse.Namespace, out: Path, loaded: Any, data: Any) -> Any:
+    """The :class:`~riverscape.stage_cache.StageCache` of this run in ``out``, keyed by the bytes of every input file and the specs."""
+    from .stage_cache import StageCache, file_digest
 
-    The analysis coordinates are the quantized tensors (everything else stays at full
-    precision), so restricting curvature, slices, alignment and QAT to a block is narrowing the
-    quantized set. Unlike ``--include``, which quantizes every tensor it names (also biases and
-    normalisation scales), ``--params`` keeps the default choice of weights and only intersects it:
-    ``--include``/``--exclude``/``--keep-first-last`` are applied on the whole model first, then
-    only the tensors whose name, layer name or glob matches a ``--params`` pattern are kept.
-    The returned options name exactly those tensors (``include``), with nothing left to exclude.
-    """
-    import dataclasses
-    import glob
-
-    from .objective import Objective
-    from .pipeline import cap_samples
-    from .quant import LayerSelection
-
-    patterns = [p for item in patterns for p in item.split(",") if p.strip()]
-    probe = Objective(loaded.model, loaded.loss, cap_samples(data.train, 1))  # the layout, on one sample
-    chosen, _ = options.selection().select(probe.layout)
-    for pattern in patterns:
-        try:
-            LayerSelection(include=pattern).select(chosen)
-        except ValueError:
-            shown = ", ".join(s.name for s in chosen[:6]) + (", ..." if len(chosen) > 6 else "")
-            raise InputError(f"--params {pattern!r} matches none of the {len(chosen)} quantized tensors ({shown})") from None
-    narrowed, _ = LayerSelection(include=patterns).select(chosen)
-    _note(f"--params {' '.join(patterns)}: analysing {len(narrowed)} of {len(chosen)} quantized tensors "
-          f"({sum(s.numel for s in narrowed):,} of {sum(s.numel for s in chosen):,} weights); everything else stays at full precision")
-    return dataclasses.replace(options, include=tuple(glob.escape(s.name) for s in narrowed), exclude=(), keep_first_last=False)
+    files = {"checkpoint": args.checkpoint, "quantized_weights": args.quantized_weights}
+    for option in ("model", "data"):  # a factory file (path/to/file.py:fn) or a text corpus (text:FILE)
+        value = getattr(args, option) or ""
+        path = value.partition(":")[2] if value.startswith("text:") else value.rpartition(":")[0]
+        files[option] = path if path and Path(path).is_file() else None
+    inputs = {name: file_digest(path) for name, path in files.items() if path is not None}
+    return StageCache(out, {"files": inputs, "model": loaded.model_spec, "data": data.spec, "loss": loaded.loss})
 
 
 def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: bool, checkpoint: str, inputs: tuple = (),
-                    selection: Optional[dict] = None) -> dict:
+                    selection: Optional[dict] = None, cache: Any = None) -> dict:
     """Run the analysis into a temporary directory, add ``metrics.json``, rename it to ``out``.
 
     ``selection`` (with ``--params``) is the layer selection as the user gave it, recorded as
-    ``run.selection`` beside the resolved options (which name the narrowed tensors exactly).
+    ``run.selection``. ``cache`` (a :class:`~riverscape.stage_cache.StageCache` in ``out``) keeps
+    the finished stages until the report replaces ``out``, or until an error (not an interrupt) ends the run.
     """
     from .analysis import analyze
     from .distributed import is_main, world_size
@@ -407,7 +397,12 @@ def _write_analysis(loaded: Any, data: Any, options: Any, out: Path, *, force: b
         analyze(loaded, data, options, progress=False)
         return {}
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        metrics = dict(run_analysis(loaded, data, options, tmp))
+        try:
+            metrics = dict(run_analysis(loaded, data, options, tmp, cache=cache))
+        except Exception:  # an error: nothing is kept (an interrupt keeps the finished stages)
+            if cache is not None:
+                cache.discard()
+            raise
         resolved = metrics.pop("options", None) or options.to_dict()  # with the budget's values filled in
         payload = to_jsonable(
             {
@@ -502,7 +497,8 @@ def _add_model_data(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     group.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"), help="loss (default: the checkpoint's, else the data's)")
     group.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
                        help="refuse models, data and checkpoint tensors that would need more memory than this, "
-                       "checked before allocating (default %(default)s, 0 = no limit)")
+                       "checked before allocating; analysis data from a loader that would exceed it are streamed "
+                       "(re-read on every evaluation) instead of held (default %(default)s, 0 = no limit)")
 
 
 def _subcommand(sub: Any, name: str, summary: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -589,11 +585,16 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--dtype", choices=PRECISIONS, default=d["dtype"].default,
                    help="precision: auto (half-precision weights in float32, others as stored), native (bf16/fp16 in their own "
                         "dtype, float32 accumulation), float32 or float64 (default %(default)s)")
+    a.add_argument("--chunk-size", type=int, metavar="N",
+                   help="points evaluated together by the slices, loss paths and basin scan: memory grows with N (default: automatic)")
     a.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm running statistics on the analysis data first (use when the check says they do not match)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")
     o.add_argument("--force", action="store_true", help="replace an existing report directory")
     o.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    o.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="neither load nor keep finished stages (by default each finished stage is kept in DIR/.riverscape-work "
+                        "until the report is complete, and a re-run of an interrupted command resumes from them)")
     _add_common(p)
     p.set_defaults(func=_cmd_analyze)
 

@@ -169,6 +169,10 @@ class Objective:
     memory_limit : int or None
         Bytes the materialised batches may occupy when ``stream=None`` (default 8 GiB,
         :data:`riverscape.limits.DEFAULT_MEMORY_LIMIT`); ``None`` for no limit.
+    chunk_size : int or None
+        Points evaluated together by :meth:`evaluate` (and by the slices, paths and basin scans
+        built on it) when no ``chunk_size`` is passed there: bounds the memory of batched point
+        evaluation. ``None``: :meth:`default_chunk_size`'s activation budget.
     params : None, str, list of str, or callable, optional
         Which parameters form ``theta``: ``None`` for all trainable parameters, names or
         glob patterns (``"*.weight"``), or a predicate ``(name, tensor) -> bool``.
@@ -253,6 +257,7 @@ class Objective:
         reuse_max_batches: int = 32,
         stream: bool | None = None,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+        chunk_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,6 +265,9 @@ class Objective:
             raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
         if stream not in (None, True, False):
             raise ValueError(f"stream must be True, False or None (automatic), got {stream!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.loss_spec: ResolvedLoss = resolve_objective_loss(loss_fn, model)
         # the (outputs, targets) callable where there is one; "model" and LossOnBatch as given
         self.loss_fn = loss_fn if self.loss_spec.name in ("model", "batch") else resolve_loss(loss_fn)
@@ -761,7 +769,9 @@ class Objective:
         return self.evaluate(thetas, chunk_size=chunk_size)[0]
 
     def default_chunk_size(self) -> int:
-        """Points per vmap call: bounded by a rough activation budget."""
+        """Points per vmap call: the Objective's ``chunk_size``, else bounded by a rough activation budget."""
+        if self.chunk_size is not None:
+            return self.chunk_size
         largest = self._largest_numel  # the largest of every process's batches when data-parallel
         budget = 2e7 / max(1, largest * 8)
         return int(max(1, min(64, math.floor(budget))))

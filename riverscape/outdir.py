@@ -13,6 +13,12 @@ folder that holds one of the run's input files (see :func:`check_output_dir`). T
 of an old directory for the new one runs with SIGINT and SIGTERM deferred, so an
 interrupt leaves the old report or the new one in place, never neither, and no hidden
 ``.NAME.*.old`` / ``.partial`` folders behind.
+
+A run that caches its finished stages (:mod:`riverscape.stage_cache`) writes them into a work
+folder inside the output directory, each file listed in the marker before it is written
+(:func:`claim_files`; the marker's kind is ``"work"`` when the output directory held nothing
+else). An output directory holding only such a work folder is used without ``force`` (it is
+what an interrupted run leaves), and the finished report replaces it.
 """
 from __future__ import annotations
 
@@ -36,11 +42,14 @@ __all__ = [
     "atomic_output_dir",
     "atomic_output_file",
     "signals_deferred",
+    "claim_files",
+    "release_work",
 ]
 
 PathLike = Union[str, os.PathLike]
 MARKER_NAME = ".riverscape-output.json"
 _MARKER_WRITER = "riverscape"
+_WORK_KIND = "work"
 
 
 def _real(path: PathLike) -> Path:
@@ -61,15 +70,28 @@ def _written_files(directory: Path) -> list[str]:
     return sorted(n for n in names if n != MARKER_NAME)
 
 
-def _write_marker(directory: Path, kind: str) -> None:
+def _write_marker(directory: Path, kind: str, files: Optional[list[str]] = None, *, created: bool = False) -> None:
+    """The marker of ``directory`` listing ``files`` (default: everything in it now).
+
+    With ``files`` (a folder in use, :func:`claim_files`) it is written to a temporary name and
+    renamed, so a reader never sees half a marker. ``created`` records that riverscape made
+    ``directory`` for work files (:func:`release_work` may then remove it).
+    """
     from . import __version__
 
-    record = {"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": _written_files(directory)}
-    (directory / MARKER_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    listed = _written_files(directory) if files is None else sorted(files)
+    record = {"writer": _MARKER_WRITER, "version": __version__, "kind": kind, "files": listed, **({"created": True} if created else {})}
+    text = json.dumps(record, indent=1) + "\n"
+    if files is None:  # a private temporary folder, renamed into place afterwards
+        (directory / MARKER_NAME).write_text(text)
+        return
+    temporary = directory / (MARKER_NAME + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, directory / MARKER_NAME)
 
 
-def _marker_files(directory: Path) -> Optional[set[str]]:
-    """The files a valid riverscape marker in ``directory`` lists; ``None`` without one."""
+def _marker(directory: Path) -> Optional[dict]:
+    """A valid riverscape marker record of ``directory`` (``files`` as a set); ``None`` without one."""
     marker = directory / MARKER_NAME
     if not marker.is_file() or marker.is_symlink():
         return None
@@ -79,7 +101,63 @@ def _marker_files(directory: Path) -> Optional[set[str]]:
         return None
     if not isinstance(record, dict) or record.get("writer") != _MARKER_WRITER or not isinstance(record.get("files"), list):
         return None
-    return {str(f) for f in record["files"]}
+    return {**record, "files": {str(f) for f in record["files"]}}
+
+
+def _marker_files(directory: Path) -> Optional[set[str]]:
+    """The files a valid riverscape marker in ``directory`` lists; ``None`` without one."""
+    record = _marker(directory)
+    return None if record is None else record["files"]
+
+
+def _foreign_files(directory: Path, listed: set[str]) -> list[str]:
+    """Files below ``directory`` its marker does not list (the marker's own temporary file excepted)."""
+    return sorted(set(_written_files(directory)) - listed - {MARKER_NAME + ".tmp"})
+
+
+def claim_files(directory: PathLike, paths: Iterable[PathLike]) -> None:
+    """List ``paths`` (inside ``directory``) in ``directory``'s marker before they are written.
+
+    ``directory`` and its missing parents are created. A new or empty directory gets a marker
+    of kind ``"work"``; an existing marker keeps its kind and gains the new names.
+
+    Raises
+    ------
+    InputError
+        ``directory`` is not empty and riverscape did not write it (no valid marker).
+    """
+    directory = Path(directory)
+    created = bool(make_parents(directory))
+    record = _marker(directory)
+    if record is None:
+        if any(directory.iterdir()):
+            raise InputError(f"{str(directory)!r} is not empty and riverscape did not write it (no {MARKER_NAME})")
+        record = {"kind": _WORK_KIND, "files": set(), "created": created}
+    names = set(record["files"])
+    for path in paths:
+        relative = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(directory)))
+        names |= {str(Path(*relative.parts[: i + 1])) for i in range(len(relative.parts))}  # the file and its folders
+    if names != record["files"]:
+        _write_marker(directory, str(record.get("kind", _WORK_KIND)), sorted(names), created=record.get("created") is True)
+
+
+def release_work(directory: PathLike) -> None:
+    """Undo :func:`claim_files` once its work files are gone: a ``"work"`` marker holding nothing is removed,
+    and so is ``directory`` if riverscape created it (a folder the user made stays, empty as it was)."""
+    directory = Path(directory)
+    record = _marker(directory)
+    if record is None or record.get("kind") != _WORK_KIND or set(_written_files(directory)) - {MARKER_NAME + ".tmp"}:
+        return
+    for name in (MARKER_NAME, MARKER_NAME + ".tmp"):
+        (directory / name).unlink(missing_ok=True)
+    if record.get("created") is True:
+        directory.rmdir()
+
+
+def _only_work(directory: Path) -> bool:
+    """Whether ``directory`` holds nothing but riverscape's work files (an interrupted run's, see :func:`claim_files`)."""
+    record = _marker(directory)
+    return record is not None and record.get("kind") == _WORK_KIND and not _foreign_files(directory, record["files"])
 
 
 def _protected_reason(target: Path, inputs: Iterable[PathLike]) -> Optional[str]:
@@ -133,8 +211,8 @@ def check_output_dir(path: PathLike, force: bool = False, *, inputs: Iterable[Pa
     reason = _protected_reason(_real(path), inputs)
     if reason is not None:
         raise InputError(f"riverscape never replaces {str(path)!r}: {reason}; choose another --out")
-    if not any(path.iterdir()):
-        return path  # an empty folder is as good as none
+    if not any(path.iterdir()) or _only_work(path):
+        return path  # an empty folder, or the work folder of an interrupted run, is as good as none
     if not force:
         raise InputError(f"output directory {str(path)!r} already exists; pass --force to replace it or choose another --out")
     listed = _marker_files(path)
@@ -143,7 +221,7 @@ def check_output_dir(path: PathLike, force: bool = False, *, inputs: Iterable[Pa
             f"--force does not replace {str(path)!r}: it is not empty and riverscape did not write it "
             f"(no {MARKER_NAME}); choose another --out or remove it yourself"
         )
-    foreign = sorted(set(_written_files(path)) - listed)
+    foreign = _foreign_files(path, listed)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise InputError(

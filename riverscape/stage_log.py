@@ -7,7 +7,9 @@ printer) one line each time a stage finishes::
     riverscape: [3/12] curvature at Q(θ), 4 bits: 12.4 s (estimated 9.8 s); about 2.3 min left
 
 The time left is the estimate of the stages not yet run (:func:`riverscape.budget.estimate`),
-scaled by how far the finished stages ran over or under their own estimates.
+scaled by how far the finished stages ran over or under their own estimates. A stage loaded
+from the stage cache of an interrupted run (:mod:`riverscape.stage_cache`) says ``cached``
+and does not count towards that ratio.
 """
 from __future__ import annotations
 
@@ -60,7 +62,9 @@ class StageLog:
         self.timings: dict[str, float] = {}
         self._done_estimate = 0.0
         self._done_actual = 0.0
+        self._skipped_estimate = 0.0
         self._count = 0
+        self.cached: list[str] = []
         self._total = sum(self.repeats.get(name, 1) for name in self.estimates) or None
 
     def say(self, message: str) -> None:
@@ -68,18 +72,22 @@ class StageLog:
         if self.emit is not None:
             self.emit(message)
 
-    def done(self, stage: str, seconds: float, label: Optional[str] = None, *, skipped: bool = False) -> None:
-        """Record that one run of ``stage`` took ``seconds`` (or was ``skipped``) and emit its line."""
+    def done(self, stage: str, seconds: float, label: Optional[str] = None, *, skipped: bool = False, cached: bool = False) -> None:
+        """Record that one run of ``stage`` took ``seconds`` (or was ``skipped``, or loaded from the cache) and emit its line."""
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         self._count += 1
         expected = self.estimates.get(stage, 0.0) / max(1, self.repeats.get(stage, 1))
-        self._done_estimate += expected
-        self._done_actual += seconds
+        if cached:
+            self.cached.append(stage)
+            self._skipped_estimate += expected
+        else:
+            self._done_estimate += expected
+            self._done_actual += seconds
         if self.emit is None:
             return
         counter = f"[{self._count}/{self._total}] " if self._total else ""
-        line = f"{counter}{label or stage}: " + ("skipped" if skipped else format_seconds(seconds))
-        if expected > 0 and not skipped:
+        line = f"{counter}{label or stage}: " + ("skipped" if skipped else "cached" if cached else format_seconds(seconds))
+        if expected > 0 and not skipped and not cached:
             line += f" (estimated {format_seconds(expected)})"
         left = self.seconds_left()
         if self._total and self._count >= self._total:
@@ -92,12 +100,12 @@ class StageLog:
         """Estimated seconds of the stages not run yet, scaled by the observed/estimated ratio so far."""
         if not self.estimates:
             return None
-        remaining = max(0.0, sum(self.estimates.values()) - self._done_estimate)
+        remaining = max(0.0, sum(self.estimates.values()) - self._done_estimate - self._skipped_estimate)
         ratio = self._done_actual / self._done_estimate if self._done_estimate > 0 else 1.0
         return remaining * min(max(ratio, 0.1), 10.0)
 
-    def lap(self, stage: str, since: float, label: Optional[str] = None, *, skipped: bool = False) -> float:
+    def lap(self, stage: str, since: float, label: Optional[str] = None, *, skipped: bool = False, cached: bool = False) -> float:
         """:meth:`done` with the time since ``since`` (a ``time.perf_counter()`` value); returns now."""
         now = time.perf_counter()
-        self.done(stage, now - since, label, skipped=skipped)
+        self.done(stage, now - since, label, skipped=skipped, cached=cached)
         return now

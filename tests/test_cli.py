@@ -249,7 +249,7 @@ sys.exit(main(sys.argv[1:]))
 _FAKE_SLOW_ANALYSIS = """
 import sys, time
 import riverscape.cli as cli
-def analyze(loaded, data, options, out_dir):
+def analyze(loaded, data, options, out_dir, cache=None):
     (out_dir / "report.html").write_text("<html>half written</html>")
     print("READY", flush=True)
     time.sleep(300)
@@ -300,7 +300,7 @@ def test_interrupted_analysis_leaves_no_partial_report(tmp_path, inputs, signum,
 def test_analyze_calls_the_analysis_and_writes_metrics_atomically(tmp_path, inputs, monkeypatch, capsys):
     seen = {}
 
-    def analyze(loaded, data, options, out_dir):
+    def analyze(loaded, data, options, out_dir, cache=None):
         seen.update(loaded=loaded, data=data, options=options, out_dir=out_dir)
         (out_dir / "report.html").write_text("<html></html>")
         return {"ptq": {"2": {"loss": 1.5, "accuracy": float("nan")}}, "eigenvalues": torch.tensor([3.0, 1.0])}
@@ -323,7 +323,7 @@ def test_analyze_calls_the_analysis_and_writes_metrics_atomically(tmp_path, inpu
 
 
 def test_failing_analysis_leaves_nothing_and_points_to_debug(tmp_path, inputs, monkeypatch, capsys):
-    def analyze(loaded, data, options, out_dir):
+    def analyze(loaded, data, options, out_dir, cache=None):
         (out_dir / "report.html").write_text("half")
         raise ZeroDivisionError("boom")
 
@@ -341,7 +341,7 @@ def test_failing_analysis_leaves_nothing_and_points_to_debug(tmp_path, inputs, m
 
 
 def test_force_replaces_an_existing_report(tmp_path, inputs, monkeypatch):
-    monkeypatch.setattr(cli, "run_analysis", lambda *a: {"x": 1})
+    monkeypatch.setattr(cli, "run_analysis", lambda *a, **k: {"x": 1})
     out = tmp_path / "report"
     out.mkdir()
     assert cli.main(["analyze", str(inputs["ckpt"]), "--out", str(out)]) == 0  # an empty folder is fine

@@ -29,6 +29,7 @@ from riverscape import cli
 from riverscape.checkpoint import load_checkpoint
 from riverscape.errors import InputError
 from riverscape.outdir import MARKER_NAME, atomic_output_dir
+from riverscape.stage_cache import WORK_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -358,7 +359,9 @@ def test_signals_give_one_exit_code_at_every_moment(ckpt, tmp_path, signum, code
     else:
         assert proc.returncode == code, stderr
         assert stderr.strip().splitlines() == [f"riverscape: {said}"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # no report; an interrupt after a finished stage keeps that stage for a re-run (riverscape.stage_cache), nothing else
+    assert left == [] or (left == ["r"] and sorted(p.name for p in (tmp_path / "r").iterdir()) == [MARKER_NAME, WORK_DIR])
 
 
 # ------------------------------------------------------------------------- 7. exit codes

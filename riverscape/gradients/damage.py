@@ -59,14 +59,14 @@ def breakdown_scale(t: Sequence[float], measured: Sequence[float], quadratic: Se
 
 POINTS_BYTES = 2**28
 """Memory for the points of one batched evaluation along directions (256 MiB): a scan of 2k x 29 points
-of an 11M-parameter model would otherwise ask for 26 GB at once."""
+of an 11M-parameter model would otherwise ask for 26 GB at once. An Objective's ``chunk_size`` bounds it further."""
 
 
 def _losses_along(objective: Objective, theta: Tensor, dirs: Tensor, t: Tensor) -> Tensor:
     """``L(theta + t[r, j] * dirs[r])`` as a float64 CPU tensor of ``t``'s shape, built and evaluated in bounded chunks."""
     rows, cols = t.shape
     flat_t = t.reshape(-1)
-    chunk = max(1, min(rows * cols, POINTS_BYTES // max(1, theta.numel() * theta.element_size())))
+    chunk = max(1, min(rows * cols, POINTS_BYTES // max(1, theta.numel() * theta.element_size()), objective.chunk_size or rows * cols))
     out = torch.empty(rows * cols, dtype=torch.float64)
     for start in range(0, rows * cols, chunk):
         index = torch.arange(start, min(start + chunk, rows * cols))

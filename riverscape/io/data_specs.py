@@ -121,25 +121,17 @@ def resolve_data(
     return _from_factory_output(value, spec)
 
 
-def _describe(value: Any) -> str:
-    """``(8, 5) float32`` for a tensor, ``{input_ids: (8, 12) int64, ...}`` for a mapping of them."""
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, Tensor):
-        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    return type(value).__name__
+def _first_batch(data: Any, size: int) -> Any:
+    """The first ``size`` samples of the first batch (a tensor pair is cut directly)."""
+    from ..batching import take_samples
 
-
-def _first_batch(data: Any, size: int) -> tuple[Any, Any]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(v, Tensor) for v in data):
         return data[0][:size], data[1][:size]
     try:
         batch = next(iter(data))
     except StopIteration:
         raise InputError("the data are empty (no batches)") from None
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise InputError(f"each data batch must be an (inputs, targets) pair, got a {type(batch).__name__}")
-    return batch[0], batch[1]
+    return take_samples(batch, size)
 
 
 def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *, samples: int = 8) -> float:
@@ -151,7 +143,11 @@ def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *,
         Evaluated under ``torch.no_grad`` in its current mode (riverscape-owned modules are
         in eval mode; the module is not modified).
     data : (inputs, targets) or iterable of batches
-    loss : str or callable
+        Batches as the :class:`~riverscape.objective.Objective` takes them: tuples
+        ``(inputs, targets)``, tensors, or dicts (Hugging Face style, passed to the model as
+        keyword arguments; see :mod:`riverscape.batching`).
+    loss : str, callable or LossOnBatch
+        As the Objective takes it (``"model"``: the model's own ``outputs.loss``).
     samples : int
         Samples of the first batch to use.
 
@@ -165,14 +161,16 @@ def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *,
     InputError
         "data shape does not fit the model: ...", an output/target mismatch, or a non-finite loss.
     """
-    from ..batching import call_model, logits_of, take_samples
-    from ..objective import resolve_loss
+    from ..batching import call_model, logits_of, move, resolve_objective_loss, split_batch
 
-    inputs, targets = _first_batch(data, samples)
-    inputs, targets = take_samples(inputs, samples), take_samples(targets, samples)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if isinstance(inputs, Tensor) and inputs.is_floating_point() and dtype is not None:
-        inputs = inputs.to(dtype)  # as the Objective does: data follow the model's precision
+    spec = resolve_objective_loss(loss, model)
+    try:
+        inputs, targets = split_batch(_first_batch(data, samples), keep_labels=spec.keep_labels)
+    except TypeError as exc:
+        raise InputError(str(exc)) from None
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is not None:
+        inputs = move(inputs, first.device, first.dtype)  # as the Objective does: data follow the model's precision
     described = f"input batch {_describe(inputs)}"
     with torch.no_grad():
         try:
@@ -180,12 +178,26 @@ def check_model_data(model: nn.Module, data: Any, loss: Union[str, Callable], *,
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise InputError(f"data shape does not fit the model: {described}: {_first_line(exc)}") from exc
         try:
-            value = float(resolve_loss(loss)(output, targets))
-        except (RuntimeError, ValueError, IndexError) as exc:
+            value = float(spec.value(output, inputs, targets))
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            try:
+                shown = _describe(logits_of(output))
+            except TypeError:
+                shown = type(output).__name__
             raise InputError(
-                f"model output does not fit the targets: output {_describe(logits_of(output))}, targets {tuple(targets.shape)} "
-                f"{str(targets.dtype).removeprefix('torch.')}, loss {loss!r}: {_first_line(exc)}"
+                f"model output does not fit the targets: output {shown}, targets {_describe(targets)}, loss {loss!r}: {_first_line(exc)}"
             ) from exc
     if not math.isfinite(value):
         raise InputError(f"the loss is {value} on the first batch: the weights or the data contain NaN/inf")
     return value
+
+
+def _describe(value: Any) -> str:
+    """``(8, 64) float32`` of a tensor; ``{input_ids (8, 32) int64, ...}`` of a dict; ``none`` of ``None``."""
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    return "none" if value is None else type(value).__name__

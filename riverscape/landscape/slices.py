@@ -78,7 +78,8 @@ def evaluate_points(
         Evaluate ``L(Q(theta))`` instead of ``L(theta)``.
     chunk_size : int, optional
         Points per vmapped pass; bounds memory to ``chunk_size x D`` parameters plus the
-        activations of ``chunk_size`` forward passes. Default: adaptive. The first point is
+        activations of ``chunk_size`` forward passes. Default: the Objective's ``chunk_size``,
+        and without one adaptive. The first point is
         evaluated alone (warm-up), the second alone (a plain forward, timed) and the next
         ``objective.default_chunk_size()`` points together (vmapped, timed); the faster of
         the two per point is kept (vmapped convolutions with per-point weights
@@ -93,6 +94,7 @@ def evaluate_points(
     """
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = chunk_size or objective.chunk_size  # the Objective's bound (set by the user) is not adaptive
     adaptive = chunk_size is None
     chunk = int(chunk_size or objective.default_chunk_size())
     # points built per step: a user's chunk_size bounds memory; adaptive one-by-one evaluation

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..batching import sample_count, take_samples
 from ..landscape.curvature import hessian_eigs, hessian_trace
+from ..limits import DEFAULT_MEMORY_LIMIT
 from ..objective import Objective
 from ..quant import LayerSelection, QuantMap, UniformQuantizer
 
@@ -38,18 +39,21 @@ TAU = 0.05
 def cap_samples(data: Any, max_samples: Optional[int]) -> Any:
     """At most ``max_samples`` samples of ``(inputs, targets)`` tensors or an iterable of batches.
 
-    ``None`` keeps everything. Batches are cut, not dropped, so the cap is exact.
+    Batches may be tuples ``(inputs, targets, ...)``, tensors or dicts (Hugging Face style,
+    ``input_ids``/``attention_mask``/``labels``); each keeps its kind, every tensor in it cut to
+    the same samples (see :mod:`riverscape.batching`). ``None`` keeps everything. Batches are
+    cut, not dropped, so the cap is exact.
     """
     if max_samples is None:
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
         return data[0][:max_samples], data[1][:max_samples]
     batches, seen = [], 0
-    for x, y, *_ in data:
+    for batch in data:
         if seen >= max_samples:
             break
-        take = min(sample_count(x), max_samples - seen)
-        batches.append((take_samples(x, take), take_samples(y, take)))  # inputs may be dicts of tensors (HF)
+        take = min(sample_count(batch), max_samples - seen)
+        batches.append(take_samples(batch, take))
         seen += take
     return batches
 
@@ -137,6 +141,14 @@ class Reference:
             self._cache[key] = hessian_eigs(self.analysis, self.theta_fp, k, operator=self.fp_operator(), seed=self.seed)
         return self._cache[key]
 
+    def restore_hill(self, k: int, values: Tensor, vectors: Tensor) -> None:
+        """Use ``(values, vectors)``, the :meth:`hill` pairs of an earlier run of the same inputs (a resumed run's cached stage)."""
+        self._cache[("hill", max(1, min(k, self.dim - 1)))] = (values, vectors)
+
+    def restore_widths(self, k: int, tau: float, widths: tuple[list, list]) -> None:
+        """Use ``widths``, the :meth:`widths` of an earlier run of the same inputs (a resumed run's cached stage)."""
+        self._cache[("widths", k, tau)] = widths
+
     def basis(self, k: int = HILL_K):
         """The hill subspace at ``theta_fp`` as a :class:`~riverscape.gradients.HillBasis` (cached eigenpairs, shared operator)."""
         from ..gradients import HillBasis
@@ -204,6 +216,8 @@ def build_reference(
     compute_dtype: Optional[torch.dtype] = None,
     seed: int = 0,
     batch_size: int = 512,
+    memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT,
+    chunk_size: Optional[int] = None,
 ) -> tuple[Reference, QuantMap]:
     """Choose the quantized tensors once, on the whole model, and build the :class:`Reference`.
 
@@ -228,6 +242,11 @@ def build_reference(
     seed : int
     batch_size : int
         Batch size of the restricted objectives (bounds memory; the loss is the full-data mean).
+    memory_limit : int or None
+        Bytes each objective's materialised batches may occupy before a loader is streamed
+        instead (:class:`~riverscape.objective.Objective`, ``stream=None``).
+    chunk_size : int or None
+        Points per batched evaluation of every objective (``None``: automatic).
 
     Returns
     -------
@@ -236,13 +255,13 @@ def build_reference(
         The map on the whole model that chose the tensors; ``chosen.status()`` and
         ``chosen.warnings()`` describe every parameter.
     """
-    full = Objective(model, loss, analysis_data, device=device, dtype=dtype, compute_dtype=compute_dtype)
+    common = dict(device=device, dtype=dtype, memory_limit=memory_limit, chunk_size=chunk_size, compute_dtype=compute_dtype)
+    full = Objective(model, loss, analysis_data, **common)
     chosen = QuantMap(full, quantizer, selection=selection)
     names = tuple(t.name for t in chosen.targets)
 
     def restricted(data: Any) -> Objective:
-        return Objective(model, loss, data, params=list(names), device=device, dtype=dtype, compute_dtype=compute_dtype,
-                         batch_size=batch_size)
+        return Objective(model, loss, data, params=list(names), batch_size=batch_size, **common)
 
     analysis = restricted(analysis_data)
     training = analysis if training_data is None else restricted(training_data)
