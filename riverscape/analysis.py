@@ -665,7 +665,8 @@ def _analyse_bits(ref, options, bits: int, external, k_hill: int, vectors: Tenso
     def qat_stage() -> dict:
         if options.qat_steps <= 0:
             return {"metrics": None, "result": None, "alignment": None, "barrier": None, "point": None, "notes": []}
-        run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress)
+        run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, lr=options.qat_lr, seed=options.seed,
+                          progress=progress)
         result = run.result
         metrics = {
             "loss": run.metrics["loss"],

@@ -99,6 +99,9 @@ class AnalyzeOptions:
         Steps of quantization-aware training per bit-width (0 = skip QAT; ``None``: the budget's).
     qat_estimator : {"ste", "clipped_ste", "lsq", "ewgs", "pege"}
         Gradient estimator of the QAT run.
+    qat_lr : float
+        Adam learning rate of the QAT run (> 0; default 1e-2, which suits the small built-in
+        models; large pretrained networks usually need 1e-4 to 1e-3).
     ptq_methods : tuple of str
         Registered PTQ methods (:data:`riverscape.quant.ptq.PTQ_METHODS`, e.g. ``("rtn", "gptq")``)
         measured at every bit-width; the first one gives the quantized point that the curvature,
@@ -165,6 +168,7 @@ class AnalyzeOptions:
     max_samples: Optional[int] = None
     qat_steps: Optional[int] = None
     qat_estimator: str = "ste"
+    qat_lr: float = 1e-2
     ptq_methods: tuple[str, ...] = ("rtn",)
     seed: int = 0
     device: str = "cpu"
@@ -193,6 +197,8 @@ class AnalyzeOptions:
             raise InputError(f"unknown range method {self.range_method!r}; choose one of {list(RANGE_METHODS)}")
         if self.qat_estimator not in QAT_ESTIMATORS:
             raise InputError(f"unknown QAT estimator {self.qat_estimator!r}; choose one of {list(QAT_ESTIMATORS)}")
+        if isinstance(self.qat_lr, bool) or not isinstance(self.qat_lr, (int, float)) or not math.isfinite(self.qat_lr) or self.qat_lr <= 0:
+            raise InputError(f"qat_lr must be a positive number, got {self.qat_lr!r}")
         object.__setattr__(self, "ptq_methods", _ptq_methods(self.ptq_methods))
         object.__setattr__(self, "include", _names(self.include, "include"))
         object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))

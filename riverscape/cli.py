@@ -580,6 +580,8 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--max-samples", type=int, metavar="N", help="use at most N data samples, 0 = all (default: the budget's, 1024 for standard)")
     a.add_argument("--qat-steps", type=int, help="QAT steps per bit-width, 0 = skip QAT (default: the budget's, 300 for standard)")
     a.add_argument("--qat-estimator", choices=QAT_ESTIMATORS, default=d["qat_estimator"].default, help="QAT gradient estimator (default %(default)s)")
+    a.add_argument("--qat-lr", type=float, metavar="LR", default=d["qat_lr"].default,
+                   help="Adam learning rate of QAT (default %(default)g; large pretrained networks usually want 1e-4 to 1e-3)")
     a.add_argument("--seed", type=int, default=d["seed"].default, help="seed of all random choices (default %(default)s)")
     a.add_argument("--device", default=d["device"].default, help="torch device: cpu, cuda, cuda:1, mps (default %(default)s)")
     a.add_argument("--dtype", choices=PRECISIONS, default=d["dtype"].default,

@@ -161,3 +161,23 @@ def test_check_model_data_runs_a_dict_batch_through_the_model():
     bad = [{"input_ids": first["input_ids"], "labels": first["labels"]}]  # the model needs an attention mask
     with pytest.raises(InputError, match=r"data shape does not fit the model: input batch \{input_ids \(4, 6\) int64\}"):
         check_model_data(model, bad, "causal_lm")
+
+
+def test_qat_lr_reaches_the_qat_run():
+    """A vanishing learning rate leaves QAT at the PTQ grid point (no flip, the PTQ loss); the default moves it."""
+    data = _data()
+    runs = {lr: run_analysis(tiny_mlp(), "cross_entropy", data, data, AnalyzeOptions(qat_lr=lr, **{**SMALL, "qat_steps": 20}),
+                             progress=False).metrics()
+            for lr in (1e-12, 1e-2)}
+    still, moved = runs[1e-12], runs[1e-2]
+    assert still["qat"]["total_grid_flips"] == 0 and still["qat"]["loss"] == still["ptq"]["loss"]
+    assert moved["qat"]["total_grid_flips"] > 0 and moved["qat"]["loss"] != moved["ptq"]["loss"]
+    options = cli._analyze_options(cli.build_parser().parse_args(["analyze", "x.pt", "--qat-lr", "3e-4"]))
+    assert options.qat_lr == 3e-4 and options.to_dict()["qat_lr"] == 3e-4
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan"])
+def test_bad_qat_lr_is_one_line(tmp_path, capsys, value):
+    code = cli.main(["analyze", str(tmp_path / "missing.pt"), f"--qat-lr={value}", "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err == f"riverscape: error: qat_lr must be a positive number, got {float(value)!r}\n"
+    assert not (tmp_path / "out").exists()
