@@ -45,6 +45,7 @@ from .pipeline import (
     damage_at,
     measure_ptq,
     measure_qat,
+    measurement_notes,
     plane_landscape,
 )
 from .quant import QuantMap, WeightStatus
@@ -483,7 +484,7 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         qmap = ref.quant_map(quantizer)
         methods = [*([external] if external is not None else []), *options.ptq_methods]
         try:
-            measured = measure_ptq(ref, qmap, method=methods[0])
+            measured = measure_ptq(ref, qmap, method=methods[0], **options.ptq_measure_options())
         except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
             if external is None:
                 raise
@@ -491,12 +492,13 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         q, ptq_metrics = measured.point, dict(measured.metrics)
         compared = {ptq_metrics["ptq_method"]: ptq_metrics}
         for method in methods[1:]:
-            compared[method] = dict(measure_ptq(ref, qmap, method=method).metrics)
+            compared[method] = dict(measure_ptq(ref, qmap, method=method, **options.ptq_measure_options()).metrics)
         t0 = log.lap("ptq", t0, f"PTQ, {bits} bits")
-        notes: list[str] = []
+        notes: list[str] = measurement_notes(ptq_metrics)
         finite = measured.finite
-        op_q = obj.hessian(q)
-        hessian_q, density_q = (_curvature_summary(obj, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
+        obj_q = measured.curvature_objective(ref)  # BatchNorm statistics re-estimated at Q(theta) when they were
+        op_q = obj_q.hessian(q)
+        hessian_q, density_q = (_curvature_summary(obj_q, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
                                 if finite else ({}, None))
         op_q.release()
         t0 = log.lap("curvature_quantized", t0, f"curvature at Q(θ), {bits} bits")

@@ -123,6 +123,16 @@ class AnalyzeOptions:
         A state dict (``.pt``/``.safetensors``) of the same model's weights quantized elsewhere and
         dequantized: analysed as the PTQ point (method ``external``, docs/ptq_methods.md §6), with the
         ``ptq_methods`` compared against it. Needs exactly one bit-width (the one it was quantized to).
+    bn_reestimate : bool
+        Re-estimate the BatchNorm running statistics at every PTQ point on the analysis data
+        before its loss and the curvature there are measured (default; no effect without
+        BatchNorm; docs/ptq_search.md §2). The metrics record ``ptq.bn_reestimation.samples`` and
+        the stale-statistics numbers (``ptq.stale_bn``).
+    act_bits : int or None
+        Also fake-quantize the inputs of the quantized layers to this many bits (per tensor,
+        min-max range calibrated on 128 analysis samples; ``W4A8``, docs/ptq_methods.md §7): the
+        PTQ loss and accuracy are then of weights+activations (``ptq.loss_measured``), the
+        weights-only ones under ``ptq.weights_only``. ``None``: weights only.
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -149,6 +159,8 @@ class AnalyzeOptions:
     bits_budget: Optional[float] = None
     group_size: Optional[int] = None
     quantized_weights: Optional[str] = None
+    bn_reestimate: bool = True
+    act_bits: Optional[int] = None
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -194,7 +206,9 @@ class AnalyzeOptions:
                 raise InputError(f"quantized_weights must be a file path, got {self.quantized_weights!r}")
             if len(self.bits) != 1:
                 raise InputError("--quantized-weights analyses one quantized point: give the one bit-width it was quantized to, e.g. --bits 4")
-        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "json"):
+        if self.act_bits is not None and (not _is_int(self.act_bits) or not 2 <= self.act_bits <= MAX_BITS):
+            raise InputError(f"act_bits must be an integer from 2 to {MAX_BITS}, got {self.act_bits!r}")
+        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "bn_reestimate", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()
@@ -250,6 +264,13 @@ class AnalyzeOptions:
 
         return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method,
                                 group_size=self.group_size)
+
+    def ptq_measure_options(self) -> dict:
+        """Keywords of :func:`riverscape.pipeline.measure_ptq`: ``bn_reestimate`` and ``activations`` (``act_bits``)."""
+        from .quant.ptq import ActivationQuantization
+
+        activations = None if self.act_bits is None else ActivationQuantization(self.act_bits, seed=self.seed)
+        return {"bn_reestimate": self.bn_reestimate, "activations": activations}
 
     def selection(self):
         """The :class:`~riverscape.quant.LayerSelection` of ``include``, ``exclude`` and ``keep_first_last``."""
