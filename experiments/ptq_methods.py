@@ -141,6 +141,15 @@ def tables(rows: list[dict], contrasts: list[dict], fp: dict[str, dict]) -> list
     md.append(sw.print_table(crow, {"model": "model", "grid": "granularity", "bits": "bits", "contrast": "a - b", "n": "n",
                                     "acc": "Δ test acc [95% BCa]", "acc_p": "Wilcoxon p", "loss": "Δ test loss [95% BCa]", "loss_p": "Wilcoxon p"},
                              title="Paired by seed (same FP model): a minus b"))
+    stale = [{"model": r["model"], "grid": r["granularity"], "bits": r["bits"], "method": LABELS.get(r["method"], r["method"]),
+              "acc": ps.format_interval(r["accuracy"]), "stale_acc": ps.format_interval(r["stale_bn_accuracy"]),
+              "loss": ps.format_interval(r["loss"]), "stale_loss": ps.format_interval(r["stale_bn_loss"])}
+             for r in rows if "stale_bn_accuracy" in r]
+    if stale:
+        md.append(sw.print_table(stale, {"model": "model", "grid": "granularity", "bits": "bits", "method": "method",
+                                         "acc": "test acc (BN re-estimated)", "stale_acc": "test acc (FP statistics)",
+                                         "loss": "test loss (BN re-estimated)", "stale_loss": "test loss (FP statistics)"},
+                                 title="BatchNorm models: the same points with statistics re-estimated on the calibration split vs the stale FP ones"))
     picks = [{"model": r["model"], "grid": r["granularity"], "bits": r["bits"], "selected": ", ".join(f"{m}×{k}" for m, k in r["selected"].items())}
              for r in rows if r["method"] == "best_ptq"]
     md.append(sw.print_table(picks, ["model", "grid", "bits", "selected"], title="best PTQ: method picked per seed by the loss on the validation split of the training data"))

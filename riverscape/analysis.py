@@ -512,12 +512,14 @@ def _run(model, loss, train_data, eval_data, options, trajectory, eval_split, pr
         qat_metrics = qat_result = qat_ali = barrier = None
         qat_point = None
         if options.qat_steps > 0:
-            run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress)
+            run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, seed=options.seed, progress=progress,
+                              bn_reestimate=options.bn_reestimate)
             qat_result, qat_point = run.result, run.point
             qat_metrics = {
                 "loss": run.metrics["loss"],
                 "accuracy": run.metrics["accuracy"],
                 **({"perplexity": run.metrics["perplexity"]} if "perplexity" in run.metrics else {}),
+                **({"bn_reestimation": run.metrics["bn_reestimation"]} if "bn_reestimation" in run.metrics else {}),
                 "train_loss": qat_result.last_loss,
                 "best_train_loss": qat_result.best_loss,
                 "best_step": qat_result.best_step,

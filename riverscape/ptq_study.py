@@ -297,7 +297,8 @@ def seed_interval(values: Sequence[float], level: float) -> Optional[dict]:
 def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dict]:
     """One row per (model, bits, granularity, method) with ``accuracy`` and ``loss`` intervals over seeds.
 
-    Also ``best_ptq`` rows (:data:`CONTRASTS`) with ``selected``: how often each PTQ method was picked.
+    Also ``best_ptq`` rows (:data:`CONTRASTS`) with ``selected``: how often each PTQ method was picked. Cells
+    evaluated with re-estimated BatchNorm statistics add ``stale_bn_accuracy`` and ``stale_bn_loss`` intervals.
     """
     rows = []
     for (model, bits, gran), methods in _groups(records).items():
@@ -307,6 +308,9 @@ def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dic
                    "short_name": results[0]["short_name"] if method != "best_ptq" else None}
             for key in ("accuracy", "loss"):
                 row[key] = seed_interval([res[key] for res in results], level)
+            for key in ("stale_bn_accuracy", "stale_bn_loss"):  # BatchNorm models: the same points with the FP statistics
+                if all(key in res for res in results):
+                    row[key] = seed_interval([res[key] for res in results], level)
             if method == "best_ptq":
                 picks = [res["selected"] for res in results]
                 row["selected"] = {m: picks.count(m) for m in PTQ_COMPARED if m in picks}

@@ -33,8 +33,9 @@ def bn_mlp():
     return net.eval(), (x[:200], y[:200]), test
 
 
-def _run(net, train, test, **options):
-    opts = AnalyzeOptions(bits=(2,), top_k=2, grid_steps=3, qat_steps=0, max_samples=0, budget="quick", skip=SKIPPABLE_STAGES, **options)
+def _run(net, train, test, *, qat_steps: int = 0, **options):
+    skip = [stage for stage in SKIPPABLE_STAGES if stage != "qat" or not qat_steps]
+    opts = AnalyzeOptions(bits=(2,), top_k=2, grid_steps=3, qat_steps=qat_steps, max_samples=0, budget="quick", skip=skip, **options)
     return run_analysis(net, "cross_entropy", train, test, opts, progress=False).metrics()
 
 
@@ -53,12 +54,13 @@ def test_flags_parse_into_options():
 def test_analysis_reestimates_batchnorm_at_the_ptq_point_and_says_so(bn_mlp):
     net, train, test = bn_mlp
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    fresh = _run(net, train, test)
+    fresh = _run(net, train, test, qat_steps=2)
     stale = _run(net, train, test, bn_reestimate=False)
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the user's model is untouched
     assert fresh["ptq"]["bn_reestimation"] == {"samples": 200, "batches": 1}
     assert "bn_reestimation" not in stale["ptq"] and stale["options"]["bn_reestimate"] is False
-    assert any("re-estimated at Q(theta) on 200 analysis samples" in note for note in fresh["notes"])
+    assert any("re-estimated at Q(theta) (and at the QAT point) on 200 analysis samples" in note for note in fresh["notes"])
+    assert fresh["qat"]["bn_reestimation"] == {"samples": 200, "batches": 1}
     assert fresh["ptq"]["stale_bn"]["loss"] == pytest.approx(stale["ptq"]["loss"], rel=1e-12)
     assert abs(fresh["ptq"]["loss"] - stale["ptq"]["loss"]) > 1e-4
     # by hand: Q(theta) loaded into a copy, one train-mode pass over the analysis samples, evaluated on the test split

@@ -365,9 +365,9 @@ def slice_2d(
     span=1.0,
     steps: Union[int, Sequence[int]] = 25,
     quantizer: Quantizer = None,
+    reestimate_bn: Any = None,
     chunk_size: int | None = None,
     progress: bool = True,
-    reestimate_bn: Any = None,
 ) -> Slice2D:
     """The loss on a plane, ``f(alpha, beta) = L(center + alpha * d1 + beta * d2)``.
 

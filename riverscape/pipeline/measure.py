@@ -229,8 +229,8 @@ def measurement_notes(metrics: dict) -> list[str]:
     bn = metrics.get("bn_reestimation")
     if bn is not None:
         stale = metrics.get("stale_bn", {})
-        notes.append(f"BatchNorm running statistics re-estimated at Q(theta) on {bn['samples']} analysis samples ({bn['batches']} "
-                     f"batches) before the PTQ loss and the curvature at Q(theta) were measured (loss with the stale FP statistics: "
+        notes.append(f"BatchNorm running statistics re-estimated at Q(theta) (and at the QAT point) on {bn['samples']} analysis samples "
+                     f"({bn['batches']} batches) before the PTQ loss and the curvature at Q(theta) were measured (loss with the stale FP statistics: "
                      f"{stale.get('loss', float('nan')):.4g}; --no-bn-reestimate turns this off); damage, alignment, slices and paths "
                      f"use the FP statistics")
     if metrics.get("loss_measured") == "weights+activations":
@@ -297,7 +297,8 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
     return PTQMeasurement(qmap, point, metrics, result, objectives)
 
 
-def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, **qat_options: Any) -> QATMeasurement:
+def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, bn_reestimate: bool = False,
+                **qat_options: Any) -> QATMeasurement:
     """Run QAT from ``theta_fp`` on ``ref.training`` and evaluate the deployed point.
 
     Parameters
@@ -308,6 +309,9 @@ def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, bar
     perplexity : bool
     barrier_points : int
         Points of the loss barrier ``theta_fp -> Q(theta_T)``.
+    bn_reestimate : bool
+        Evaluate the deployed point with BatchNorm statistics re-estimated there on the analysis
+        data, as :func:`measure_ptq` (QAT itself trains with the frozen FP statistics).
     **qat_options
         Keywords of :func:`riverscape.quant.qat` (``estimator``, ``steps``, ``lr``, ...);
         ``eval_objective`` defaults to ``ref.evaluation`` and ``theta0`` to ``theta_fp``.
@@ -316,7 +320,8 @@ def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, bar
     result = qat(ref.training, qmap, **qat_options)
     point = result.theta_q
     barrier = loss_barrier(ref.analysis, ref.theta_fp, point, n=barrier_points, progress=False)
-    return QATMeasurement(result, point, _point_metrics(ref, point, perplexity), barrier)
+    metrics, _ = evaluate_point(ref, qmap, point, perplexity=perplexity, bn_reestimate=bn_reestimate)
+    return QATMeasurement(result, point, metrics, barrier)
 
 
 def damage_at(ref: Reference, qmap: QuantMap, point: Tensor, *, k: int = HILL_K, tau: float = TAU, **options: Any) -> DamageResult:
