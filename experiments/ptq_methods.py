@@ -16,7 +16,7 @@ digits (``riverscape.data.digits32``); it is not in the default set (about 12 mi
 quick cells on one thread). Every deployed point (PTQ and QAT) is evaluated with BatchNorm running
 statistics re-estimated at that point on the calibration split (no effect on the models without
 BatchNorm); the cells of a BatchNorm model also record the test numbers with the stale FP
-statistics (``stale_bn_accuracy``, ``stale_bn_loss``). ``--methods`` and ``--group-sizes`` restrict
+statistics (``stale_bn_accuracy``, ``stale_bn_loss``). ``--methods``, ``--bits`` and ``--group-sizes`` restrict
 the grid (e.g. ``--methods rtn_minmax,rtn_mse,gptq,adaround,qat_ste --group-sizes none``).
 
     python experiments/ptq_methods.py --quick --out /tmp/ptq_methods   # 3 seeds, 240 cells: ~5 min (281 s CPU, one thread)
@@ -71,6 +71,7 @@ def arguments(parser) -> None:
                         help=f"comma list of models (default {','.join(DEFAULT_MODELS)}; also {ps.RESNET_STUDY.key})")
     parser.add_argument("--methods", type=_comma_list, default=None, help=f"comma list of methods (default all: {','.join(ps.METHODS)})")
     parser.add_argument("--group-sizes", type=_comma_list, default=None, help="comma list of group sizes, 'none' = per channel (default none,16)")
+    parser.add_argument("--bits", type=_comma_list, default=None, help="comma list of bit-widths (default 4,3,2)")
 
 
 def overrides(opts) -> dict:
@@ -85,6 +86,8 @@ def overrides(opts) -> dict:
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {list(ps.METHODS)}")
         out["methods"] = list(opts.methods)
+    if opts.bits is not None:
+        out["bits"] = [int(b) for b in opts.bits]
     if opts.group_sizes is not None:
         out["group_sizes"] = [None if g.lower() == "none" else int(g) for g in opts.group_sizes]
     return out
