@@ -128,7 +128,7 @@ def reestimated_evaluate(objective: Objective, thetas: Tensor, data: Any, *, bat
     The per-point counterpart of :meth:`Objective.evaluate`: point ``i`` is evaluated on
     ``objective``'s data by a private module whose statistics were re-estimated at
     ``thetas[i]`` (:func:`reestimated_module`). Cost per point: one forward pass over ``data``
-    plus one over the objective's data and two module copies; nothing is vmapped across points.
+    plus one over the objective's data and three module copies; nothing is vmapped across points.
 
     Returns
     -------
