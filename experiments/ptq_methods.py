@@ -12,8 +12,9 @@ training data, disjoint from the calibration rows) minus QAT,
 QAT-ste minus RTN-minmax, and GPTQ / AdaRound / flips minus RTN-mse (BCa interval, Wilcoxon p).
 ``--models resnet20_digits32`` (or a comma list with the default ``digits_mlp,mnist1d_cnn``) adds the
 CIFAR ResNet-20 (width 8, BatchNorm; ``riverscape.ptq_study.RESNET_STUDY``) on the CIFAR-shaped
-digits (``riverscape.data.digits32``); it is not in the default set (about 12 min per seed of
-quick cells on one thread). Every deployed point (PTQ and QAT) is evaluated with BatchNorm running
+digits (``riverscape.data.digits32``); it is not in the default set: on a shared 2-core machine
+(load ~18) one seed's FP training took 15-30 min and the 15 per-channel cells of one seed
+(5 methods x 3 bits) about 50 min, QAT (8-13 min per cell) and AdaRound (4-5 min) the largest. Every deployed point (PTQ and QAT) is evaluated with BatchNorm running
 statistics re-estimated at that point on the calibration split (no effect on the models without
 BatchNorm); the cells of a BatchNorm model also record the test numbers with the stale FP
 statistics (``stale_bn_accuracy``, ``stale_bn_loss``). ``--methods``, ``--bits`` and ``--group-sizes`` restrict
