@@ -46,7 +46,9 @@ from .pipeline import (
     damage_at,
     measure_ptq,
     measure_qat,
+    measurement_notes,
     plane_landscape,
+    point_objectives,
 )
 from .precision import resolve_precision
 from .quant import QuantMap, WeightStatus
@@ -630,7 +632,7 @@ def _analyse_bits(ref, options, bits: int, external, k_hill: int, vectors: Tenso
     def ptq() -> dict:
         methods = [*([external] if external is not None else []), *options.ptq_methods]
         try:
-            measured = measure_ptq(ref, qmap, method=methods[0], calibration=ref.training)
+            measured = measure_ptq(ref, qmap, method=methods[0], calibration=ref.training, **options.ptq_measure_options())
         except ValueError as exc:  # the external weights do not fit the model or lie on no uniform grid
             if external is None:
                 raise
@@ -638,18 +640,21 @@ def _analyse_bits(ref, options, bits: int, external, k_hill: int, vectors: Tenso
         metrics = dict(measured.metrics)
         compared = {metrics["ptq_method"]: metrics}
         for method in methods[1:]:
-            compared[method] = dict(measure_ptq(ref, qmap, method=method, calibration=ref.training).metrics)
+            compared[method] = dict(measure_ptq(ref, qmap, method=method, calibration=ref.training, **options.ptq_measure_options()).metrics)
         return {"point": measured.point, "metrics": metrics, "compared": compared, "finite": measured.finite}
 
     done = stages.run("ptq", f"ptq-{bits}", f"PTQ, {bits} bits", ptq)
     q, ptq_metrics, compared, finite = done["point"], done["metrics"], done["compared"], done["finite"]
-    notes: list[str] = []
+    notes: list[str] = measurement_notes(ptq_metrics)
 
     def curvature_q() -> dict:
         if not finite:
             return {"hessian": {}, "density": None}
-        op_q = obj.hessian(q)
-        hessian_q, density_q = _curvature_summary(obj, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
+        # BatchNorm statistics re-estimated at Q(theta) when the PTQ numbers were (weights only: curvature of the weights)
+        objectives = point_objectives(ref, qmap, q, bn_reestimate=options.bn_reestimate, calibration=ref.training)
+        obj_q = obj if objectives is None else objectives.reference.analysis
+        op_q = obj_q.hessian(q)
+        hessian_q, density_q = _curvature_summary(obj_q, q, options.top_k, op_q, options.seed, budget=budget, density="density" not in skip)
         op_q.release()
         return {"hessian": hessian_q, "density": density_q}
 
@@ -666,12 +671,13 @@ def _analyse_bits(ref, options, bits: int, external, k_hill: int, vectors: Tenso
         if options.qat_steps <= 0:
             return {"metrics": None, "result": None, "alignment": None, "barrier": None, "point": None, "notes": []}
         run = measure_qat(ref, qmap, estimator=options.qat_estimator, steps=options.qat_steps, lr=options.qat_lr, seed=options.seed,
-                          progress=progress)
+                          progress=progress, bn_reestimate=options.bn_reestimate)
         result = run.result
         metrics = {
             "loss": run.metrics["loss"],
             "accuracy": run.metrics["accuracy"],
             **({"perplexity": run.metrics["perplexity"]} if "perplexity" in run.metrics else {}),
+            **({"bn_reestimation": run.metrics["bn_reestimation"]} if "bn_reestimation" in run.metrics else {}),
             "train_loss": result.last_loss,
             "best_train_loss": result.best_loss,
             "best_step": result.best_step,

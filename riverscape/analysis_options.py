@@ -151,6 +151,16 @@ class AnalyzeOptions:
         Cache every finished stage in the output's work folder and load the stages a previous,
         interrupted run with the same inputs finished (:mod:`riverscape.stage_cache`). Does
         not change any number.
+    bn_reestimate : bool
+        Re-estimate the BatchNorm running statistics at every PTQ point on the analysis data
+        before its loss and the curvature there are measured (default; no effect without
+        BatchNorm; docs/ptq_search.md §2). The metrics record ``ptq.bn_reestimation.samples`` and
+        the stale-statistics numbers (``ptq.stale_bn``).
+    act_bits : int or None
+        Also fake-quantize the inputs of the quantized layers to this many bits (per tensor,
+        min-max range calibrated on 128 analysis samples; ``W4A8``, docs/ptq_methods.md §7): the
+        PTQ loss and accuracy are then of weights+activations (``ptq.loss_measured``), the
+        weights-only ones under ``ptq.weights_only``. ``None``: weights only.
     json : bool
         Print the metrics as JSON on stdout (machine-readable output).
     """
@@ -183,6 +193,8 @@ class AnalyzeOptions:
     chunk_size: Optional[int] = None
     memory_limit: Optional[int] = DEFAULT_MEMORY_LIMIT
     resume: bool = field(default=True, compare=False)
+    bn_reestimate: bool = True
+    act_bits: Optional[int] = None
     json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -236,7 +248,9 @@ class AnalyzeOptions:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise InputError(f"{name} must be {what}, got {value!r}")
-        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "resume", "json"):
+        if self.act_bits is not None and (not _is_int(self.act_bits) or not 2 <= self.act_bits <= MAX_BITS):
+            raise InputError(f"act_bits must be an integer from 2 to {MAX_BITS}, got {self.act_bits!r}")
+        for name in ("per_channel", "symmetric", "keep_first_last", "bn_recalibrate", "bn_reestimate", "resume", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_device()
@@ -294,6 +308,13 @@ class AnalyzeOptions:
 
         return UniformQuantizer(bits, symmetric=self.symmetric, per_channel=self.per_channel, range=self.range_method,
                                 group_size=self.group_size)
+
+    def ptq_measure_options(self) -> dict:
+        """Keywords of :func:`riverscape.pipeline.measure_ptq`: ``bn_reestimate`` and ``activations`` (``act_bits``)."""
+        from .quant.ptq import ActivationQuantization
+
+        activations = None if self.act_bits is None else ActivationQuantization(self.act_bits, seed=self.seed)
+        return {"bn_reestimate": self.bn_reestimate, "activations": activations}
 
     def selection(self):
         """The :class:`~riverscape.quant.LayerSelection` of ``include``, ``exclude`` and ``keep_first_last``."""

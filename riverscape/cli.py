@@ -562,6 +562,7 @@ def _add_analyze(sub: Any) -> None:
     q.add_argument("--ptq", dest="ptq_methods", default="rtn", metavar="M[,M...]",
                    help="PTQ methods to compare, e.g. rtn,gptq; the first is the point the landscape is analysed at (default rtn)")
     q.add_argument("--group-size", type=int, metavar="G", help="per-group scales of G input weights (W<b>g<G>), e.g. 32 or 128")
+    q.add_argument("--act-bits", type=int, metavar="B", help="also fake-quantize layer inputs to B bits, per tensor, calibrated (W4A8)")
     q.add_argument("--quantized-weights", metavar="FILE",
                    help="state dict (.pt, .safetensors) of these weights quantized elsewhere and dequantized: analysed as the PTQ point "
                         "(with --bits set to its bit-width), compared with the --ptq methods")
@@ -590,6 +591,8 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--chunk-size", type=int, metavar="N",
                    help="points evaluated together by the slices, loss paths and basin scan: memory grows with N (default: automatic)")
     a.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm running statistics on the analysis data first (use when the check says they do not match)")
+    a.add_argument("--no-bn-reestimate", dest="bn_reestimate", action="store_false",
+                   help="measure PTQ points with the FP BatchNorm statistics (default: re-estimated at each quantized point)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help=f"report directory (default {DEFAULT_REPORT_ROOT}/<checkpoint name>)")
     o.add_argument("--force", action="store_true", help="replace an existing report directory")

@@ -4,6 +4,7 @@
 name                 source
 ===================  ===================================================================
 ``digits``           ``sklearn.datasets.load_digits`` (1797 8x8 images, 10 classes)
+``digits32``         the same digits as CIFAR-shaped 3x32x32 colour images (:func:`digits32`)
 ``mnist1d``          ``mnist1d.data.make_dataset`` (procedural 1-D digits, length 40)
 ``teacher_linear``   linear teacher ``y = w*.x / sqrt(d) + noise``, Gaussian inputs
 ``teacher_sign``     sign-perceptron teacher ``y = sign(w*.x / sqrt(d))``, w* in {-1, +1}^d
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load_dataset", "estimated_bytes", "digits", "mnist1d", "teacher_student", "stdlib_text", "DATASET_NAMES"]
+__all__ = ["Dataset", "load_dataset", "estimated_bytes", "digits", "digits32", "mnist1d", "teacher_student", "stdlib_text", "DATASET_NAMES"]
 
 
 @dataclass
@@ -105,6 +106,55 @@ def digits(*, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = t
         10,
         (64,),
         {"image_size": 8},
+    )
+
+
+def digits32(*, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
+    """sklearn's digits as CIFAR-shaped ``3 x 32 x 32`` colour images (generated, no download).
+
+    Every 8x8 digit is upsampled bilinearly to 24x24 and pasted at a random offset (0..8 pixels
+    in each direction) on a 32x32 canvas; the stroke intensity ``m`` in [0, 1] blends a
+    foreground colour into a textured background, ``x = (1 - m) * background + m * foreground``.
+    Foreground and background colours (RGB, foreground in ``[0.5, 1]``, background in
+    ``[0, 0.5]``) and the texture (8x8 Gaussian noise of standard deviation 0.1, upsampled
+    bilinearly: a smooth blotchy pattern) are drawn *per image* from a generator seeded with
+    ``seed + 1``, independently of the label, so colour, position and texture are nuisances
+    and the class is carried by the stroke shape alone (as in CIFAR-10, where colour is no
+    reliable cue). Channels are standardised with the training split's mean and standard
+    deviation. The train/test split is that of :func:`digits` with the same ``seed`` (1348 /
+    449 images). The point is a cheap CPU stand-in for the input shape of CIFAR ResNets (for
+    ``resnet20``), not CIFAR's difficulty.
+    """
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    y = raw.target.astype(np.int64)
+    n = len(y)
+    g = torch.Generator().manual_seed(seed + 1)
+    strokes = torch.as_tensor(raw.images / 16.0, dtype=torch.float64)[:, None]  # (n, 1, 8, 8)
+    strokes = F.interpolate(strokes, size=(24, 24), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    mask = torch.zeros(n, 1, 32, 32, dtype=torch.float64)
+    offsets = torch.randint(0, 9, (n, 2), generator=g)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        mask[i, :, dy : dy + 24, dx : dx + 24] = strokes[i]
+    foreground = 0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=g, dtype=torch.float64)
+    background = 0.5 * torch.rand(n, 3, 1, 1, generator=g, dtype=torch.float64)
+    texture = F.interpolate(0.1 * torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), size=(32, 32), mode="bilinear",
+                            align_corners=False)
+    images = ((1.0 - mask) * (background + texture) + mask * foreground).numpy()
+    xtr, ytr, xte, yte = _split(images, y, test_fraction, seed)
+    mean, std = xtr.mean(axis=(0, 2, 3), keepdims=True), xtr.std(axis=(0, 2, 3), keepdims=True)
+    return Dataset(
+        "digits32",
+        torch.as_tensor((xtr - mean) / std, dtype=dtype),
+        torch.as_tensor(ytr),
+        torch.as_tensor((xte - mean) / std, dtype=dtype),
+        torch.as_tensor(yte),
+        "cross_entropy",
+        10,
+        (3, 32, 32),
+        {"image_size": 32, "generator": "digits upsampled to 24x24 on a 32x32 textured colour canvas", "seed": seed},
     )
 
 
@@ -236,6 +286,7 @@ def stdlib_text(*, seq_len: int = 32, stride: int = 4, test_fraction: float = 0.
 
 _LOADERS = {
     "digits": digits,
+    "digits32": digits32,
     "mnist1d": mnist1d,
     "teacher_linear": lambda **kw: teacher_student(teacher="linear", **kw),
     "teacher_sign": lambda **kw: teacher_student(teacher="sign", **kw),
@@ -289,6 +340,8 @@ def estimated_bytes(name: str, **kwargs: object) -> int:
     """
     if name == "digits":
         return 1797 * 65 * _BYTES_PER_SAMPLE_VALUE
+    if name == "digits32":
+        return 1797 * (3 * 32 * 32 * 4 + 24 * 24) * _BYTES_PER_SAMPLE_VALUE  # mask, colours, texture, image; the resize
     if name == "mnist1d":
         return _size_arg(kwargs, "num_samples", 5000) * 41 * _BYTES_PER_SAMPLE_VALUE * 4  # templates, padding, shifts
     if name in ("teacher_linear", "teacher_sign"):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -35,14 +35,17 @@ import torch
 from torch import Tensor
 
 from .objective import Objective
-from .pipeline import measure_ptq
+from .pipeline import evaluate_point, measure_ptq
 from .quant import UniformQuantizer
+from .quant.bn_reestimate import objective_on_module
 from .quant.nearby import greedy_flip_search
 from .quant.ptq import GPTQ, RTN, AdaRound
 from .stats import mean_ci, paired_comparison
-from .studies import Study, run_qat
+from .studies import STUDY_MODELS, Study, StudyModel, run_qat, study_model
 
 __all__ = [
+    "RESNET_STUDY",
+    "experiment_model",
     "PTQ_COMPARED",
     "QAT_COMPARED",
     "METHODS",
@@ -58,6 +61,25 @@ __all__ = [
     "format_interval",
     "seed_interval",
 ]
+
+#: CIFAR ResNet-20 with BatchNorm at width 8 (68,786 parameters; width 16 costs 2.6x more per step on CPU) on the
+#: CIFAR-shaped digits (:func:`riverscape.data.digits32`). Not in :data:`riverscape.studies.STUDY_MODELS` (the other
+#: experiments run every registered model); ``experiments/ptq_methods.py --models`` adds it.
+RESNET_STUDY = StudyModel(
+    "resnet20_digits32", "resnet20", "digits32", train_steps=500, train_lr=3e-3, train_batch=128, qat_steps=150, qat_lr=1e-3,
+    qat_batch=128, analysis_samples=256, qat_samples=1024, trace_matvecs=20, floor=False, qat_record_every=50,
+    model_options=(("width", 8),),
+)
+
+
+def experiment_model(key: str, **overrides) -> StudyModel:
+    """A model of this experiment: a registered study model (:func:`~riverscape.studies.study_model`) or :data:`RESNET_STUDY`."""
+    if key == RESNET_STUDY.key:
+        return replace(RESNET_STUDY, **overrides)
+    if key not in STUDY_MODELS:
+        raise ValueError(f"unknown model {key!r}; choose from {(*STUDY_MODELS, RESNET_STUDY.key)}")
+    return study_model(key, **overrides)
+
 
 #: PTQ methods compared (cell method names)
 PTQ_COMPARED = ("rtn_minmax", "rtn_mse", "gptq", "adaround", "nearby")
@@ -146,6 +168,7 @@ def ptq_method_cell(
     flip_rounds: int = 50,
     flip_candidates: int = 16,
     flip_matvecs: int = 100,
+    bn_reestimate: bool = False,
     progress: bool = False,
 ) -> dict:
     """Quantize the study's FP model with ``method`` and evaluate the point on the test split.
@@ -166,6 +189,11 @@ def ptq_method_cell(
     flip_rounds, flip_candidates, flip_matvecs : int
         ``rounds``, ``candidates_per_round`` and ``diagonal_matvecs`` of
         :func:`~riverscape.quant.nearby.greedy_flip_search`.
+    bn_reestimate : bool
+        Evaluate every deployed point (PTQ and QAT alike) with BatchNorm running statistics
+        re-estimated there on the calibration split (docs/ptq_search.md §2); the point itself is
+        chosen as without (GPTQ/AdaRound/RTN do not look at the statistics; the flip search and
+        QAT see the FP statistics). No effect without BatchNorm.
     progress : bool
 
     Returns
@@ -177,34 +205,53 @@ def ptq_method_cell(
         ``validation_indices`` (into the training split),
         ``calibration_source`` (``"train"``) and, where defined, ``reconstruction_error_mean``,
         ``rtn_fallback``, ``flips``, ``damage_removed``, ``evaluations``, ``stop_reason``;
-        QAT methods add ``qat_steps`` and ``total_grid_flips``.
+        QAT methods add ``qat_steps`` and ``total_grid_flips``. With ``bn_reestimate`` on a
+        BatchNorm model: ``bn_reestimation`` (samples) and ``stale_bn_accuracy``/``stale_bn_loss``
+        (test, with the FP statistics).
     """
     quantizer = method_quantizer(method, bits, group_size)
     out = {"short_name": quantizer.short_name, "range": _RANGE[method]}
     start = time.perf_counter()
-    if method in QAT_COMPARED:
-        res = run_qat(study, bits, method.split("_", 1)[1], seed=seed, progress=progress, group_size=group_size)
-        out.update(study.evaluate(res.theta_q), qat_steps=study.spec.qat_steps, total_grid_flips=int(sum(res.grid_flips)))
-        return {**out, "seconds": time.perf_counter() - start}
     splits = training_splits(study, calibration_samples, validation_samples, seed)
     calibration = splits.calibration
     qmap = study.reference.quant_map(quantizer)
+    if method in QAT_COMPARED:
+        res = run_qat(study, bits, method.split("_", 1)[1], seed=seed, progress=progress, group_size=group_size)
+        out.update(_deployed(study, qmap, res.theta_q, splits, bn_reestimate, with_splits=False),
+                   qat_steps=study.spec.qat_steps, total_grid_flips=int(sum(res.grid_flips)))
+        return {**out, "seconds": time.perf_counter() - start}
     if method == "nearby":
         search = greedy_flip_search(calibration, qmap, study.theta_fp, rounds=flip_rounds, candidates_per_round=flip_candidates,
                                     diagonal_matvecs=flip_matvecs, seed=seed, progress=progress)
         point = search.theta_best
         summary = search.to_dict()
-        out.update(study.evaluate(point), flips=search.flips, damage_removed=summary["damage_removed"],
-                   evaluations=search.evaluations, stop_reason=search.stop_reason)
+        out.update(flips=search.flips, damage_removed=summary["damage_removed"], evaluations=search.evaluations,
+                   stop_reason=search.stop_reason)
     else:
         measured = measure_ptq(study.reference, qmap, method=_ptq_config(method, calibration_samples, seed, adaround_iterations),
                                perplexity=study.spec.perplexity, calibration=calibration)
         point = measured.point
-        out.update({k: v for k, v in measured.metrics.items() if k not in ("method", "delta_norm", "relative_delta_norm", "reconstruction_error")})
-    out.update(calibration_loss=calibration.loss(point), validation_loss=splits.validation.loss(point), calibration_source="train",
+        out.update({k: v for k, v in measured.metrics.items()
+                    if k not in ("method", "delta_norm", "relative_delta_norm", "reconstruction_error", "setting", "loss_measured")})
+    out.update(_deployed(study, qmap, point, splits, bn_reestimate, with_splits=True), calibration_source="train",
                calibration_samples=len(splits.calibration_index), calibration_indices=splits.calibration_index.tolist(),
                validation_samples=len(splits.validation_index), validation_indices=splits.validation_index.tolist())
     return {**out, "seconds": time.perf_counter() - start}
+
+
+def _deployed(study: Study, qmap, point: Tensor, splits: TrainingSplits, bn_reestimate: bool, *, with_splits: bool) -> dict:
+    """Test metrics of a deployed point (and its calibration/validation losses), BatchNorm re-estimated on the calibration split when asked."""
+    metrics, objectives = evaluate_point(study.reference, qmap, point, perplexity=study.spec.perplexity, bn_reestimate=bn_reestimate,
+                                         calibration=splits.calibration)
+    out = {k: metrics[k] for k in ("loss", "accuracy", "train_loss", "perplexity") if k in metrics}
+    calibration, validation = splits.calibration, splits.validation
+    if objectives is not None and objectives.bn_samples is not None:
+        out.update(bn_reestimation=metrics["bn_reestimation"], stale_bn_loss=metrics["stale_bn"]["loss"],
+                   stale_bn_accuracy=metrics["stale_bn"]["accuracy"])
+        calibration, validation = (objective_on_module(obj, objectives.module) for obj in (calibration, validation))
+    if with_splits:
+        out.update(calibration_loss=calibration.loss(point), validation_loss=validation.loss(point))
+    return out
 
 
 # ---------------------------------------------------------------------- summaries over seeds
@@ -250,7 +297,8 @@ def seed_interval(values: Sequence[float], level: float) -> Optional[dict]:
 def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dict]:
     """One row per (model, bits, granularity, method) with ``accuracy`` and ``loss`` intervals over seeds.
 
-    Also ``best_ptq`` rows (:data:`CONTRASTS`) with ``selected``: how often each PTQ method was picked.
+    Also ``best_ptq`` rows (:data:`CONTRASTS`) with ``selected``: how often each PTQ method was picked. Cells
+    evaluated with re-estimated BatchNorm statistics add ``stale_bn_accuracy`` and ``stale_bn_loss`` intervals.
     """
     rows = []
     for (model, bits, gran), methods in _groups(records).items():
@@ -260,6 +308,9 @@ def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dic
                    "short_name": results[0]["short_name"] if method != "best_ptq" else None}
             for key in ("accuracy", "loss"):
                 row[key] = seed_interval([res[key] for res in results], level)
+            for key in ("stale_bn_accuracy", "stale_bn_loss"):  # BatchNorm models: the same points with the FP statistics
+                if all(key in res for res in results):
+                    row[key] = seed_interval([res[key] for res in results], level)
             if method == "best_ptq":
                 picks = [res["selected"] for res in results]
                 row["selected"] = {m: picks.count(m) for m in PTQ_COMPARED if m in picks}

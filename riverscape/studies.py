@@ -111,6 +111,9 @@ class StudyModel:
         Report ``exp(test loss)`` (language models).
     train_weight_decay : float
         Weight decay of the FP training (Adam's L2 term; 0 for the registered models).
+    model_options : tuple of (str, value) pairs
+        Extra keyword arguments of the built-in model (e.g. ``(("width", 8),)``), on top of the
+        data's :meth:`~riverscape.data.Dataset.model_kwargs`.
     """
 
     key: str
@@ -131,13 +134,22 @@ class StudyModel:
     dtype: str = "float32"
     perplexity: bool = False
     train_weight_decay: float = 0.0
+    model_options: tuple = ()
 
     def to_dict(self) -> dict:
-        """The fields as a dict (``train_weight_decay`` only when non-zero, so sweeps stored before it existed still resume)."""
+        """The fields as a dict (``train_weight_decay`` and ``model_options`` only when set, so sweeps stored before
+        they existed still resume)."""
         out = asdict(self)
-        if not out["train_weight_decay"]:
-            del out["train_weight_decay"]
+        for key in ("train_weight_decay", "model_options"):
+            if not out[key]:
+                del out[key]
+        if "model_options" in out:
+            out["model_options"] = [list(pair) for pair in out["model_options"]]
         return out
+
+    def model_kwargs(self, dataset: Dataset) -> dict:
+        """Keyword arguments of the built-in model on ``dataset``: the data's defaults and ``model_options``."""
+        return {**dataset.model_kwargs(self.model), **dict(self.model_options)}
 
 
 STUDY_MODELS: dict[str, StudyModel] = {
@@ -170,6 +182,8 @@ def _train_signature(spec: StudyModel, seed: int, checkpoints: int) -> str:
                 "batch": spec.train_batch, "seed": seed, "checkpoints": checkpoints}
     if spec.train_weight_decay:  # only when used, so the cached models of the registered studies keep their names
         settings["weight_decay"] = spec.train_weight_decay
+    if spec.model_options:
+        settings["model_options"] = [list(pair) for pair in spec.model_options]
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec.model}-{spec.data}-seed{seed}-{digest}"
 
@@ -179,11 +193,11 @@ def _reference_checkpoint(spec: StudyModel, dataset: Dataset, seed: int, cache_d
     path = Path(cache_dir) / f"{_train_signature(spec, seed, checkpoints)}.pt"
     if not path.exists():
         torch.manual_seed(seed)  # the built-in models initialise from the global RNG; scripts own their process
-        model = build_model(spec.model, **dataset.model_kwargs(spec.model))
+        model = build_model(spec.model, **spec.model_kwargs(dataset))
         record = np.unique(np.linspace(0, spec.train_steps, checkpoints).round().astype(int)).tolist()
         result = train(model, dataset, steps=spec.train_steps, lr=spec.train_lr, batch_size=spec.train_batch,
                        weight_decay=spec.train_weight_decay, record_steps=record, seed=seed, progress=progress)
-        save_checkpoint(path, result.model, model_spec={"name": spec.model, "kwargs": dataset.model_kwargs(spec.model)},
+        save_checkpoint(path, result.model, model_spec={"name": spec.model, "kwargs": spec.model_kwargs(dataset)},
                         data_spec=spec.data, loss=dataset.loss, train_result=result,
                         train_config={"steps": spec.train_steps, "lr": spec.train_lr, "batch_size": spec.train_batch, "seed": seed,
                                       "weight_decay": spec.train_weight_decay})

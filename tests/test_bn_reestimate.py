@@ -1,6 +1,8 @@
 """BatchNorm re-estimation at a point: hand-computed batch statistics, the original Objective untouched."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,83 @@ def test_bad_input():
     obj = Objective(tiny_mlp(), "cross_entropy", (torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="shape"):
         objective_with_reestimated_bn(obj, torch.zeros(3), None)
+
+
+# ---------------------------------------------------------------------- per point: landscapes and PTQ measurements
+def _bn_data(n: int = 12, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loss_by_hand(model: nn.Module, theta: torch.Tensor, obj: Objective, calib_x, x, y) -> float:
+    """Load ``theta``, re-estimate the statistics with one plain pass in train mode (momentum None), evaluate in eval mode."""
+    net = copy.deepcopy(model)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in obj.unflatten(theta).items():
+            params[name].copy_(value)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        net.train()
+        net(calib_x)
+        net.eval()
+        return float(F.cross_entropy(net(x), y))
+
+
+def test_slices_and_paths_reestimate_at_every_point():
+    from riverscape.landscape import LinearPath, path_losses, slice_1d, slice_2d
+
+    model = _bn_cnn()
+    x, y = _bn_data()
+    calib_x, calib_y = _bn_data(10, seed=8)
+    obj = Objective(model, "cross_entropy", (x, y))
+    qmap = QuantMap(obj, UniformQuantizer(3))
+    direction = 0.3 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    plain = slice_1d(obj, obj.theta0, direction, steps=5, progress=False)
+    fresh = slice_1d(obj, obj.theta0, direction, steps=5, progress=False, reestimate_bn=(calib_x, calib_y))
+    quantized = slice_1d(obj, obj.theta0, direction, steps=5, quantizer=qmap, progress=False, reestimate_bn=(calib_x, calib_y))
+    for i, alpha in enumerate(fresh.alphas.tolist()):
+        point = obj.theta0 + alpha * direction
+        # float64, a few hundred operations: only rounding separates the two evaluations
+        assert fresh.loss[i] == pytest.approx(_loss_by_hand(model, point, obj, calib_x, x, y), rel=1e-12)
+        assert quantized.loss[i] == pytest.approx(_loss_by_hand(model, qmap(point), obj, calib_x, x, y), rel=1e-12)
+    assert float((fresh.loss - plain.loss).abs().max()) > 1e-3  # the statistics matter on this path
+    assert fresh.metric is not None and fresh.metric.shape == (5,)
+    plane = slice_2d(obj, obj.theta0, direction, direction.flip(0), steps=2, span=0.5, progress=False, reestimate_bn=(calib_x, calib_y))
+    corner = obj.theta0 - 0.5 * direction - 0.5 * direction.flip(0)
+    assert plane.loss[0, 0] == pytest.approx(_loss_by_hand(model, corner, obj, calib_x, x, y), rel=1e-12)
+    end = obj.theta0 + direction
+    profile = path_losses(obj, LinearPath(obj.theta0, end), n=3, quantizer=qmap, progress=False, reestimate_bn=(calib_x, calib_y))
+    assert profile.loss[2] == pytest.approx(_loss_by_hand(model, end, obj, calib_x, x, y), rel=1e-12)
+    assert profile.quantized_loss[1] == pytest.approx(
+        _loss_by_hand(model, qmap(obj.theta0 + 0.5 * direction), obj, calib_x, x, y), rel=1e-12)
+    assert [len(m._forward_pre_hooks) for m in obj.module.modules()] == [0] * len(list(obj.module.modules()))
+
+
+def test_measure_ptq_with_reestimated_statistics_equals_a_hand_reestimation():
+    from riverscape.pipeline import build_reference, measure_ptq, measurement_notes
+
+    model = _bn_cnn()
+    x, y = _bn_data(16)
+    x_test, y_test = _bn_data(9, seed=11)
+    ref, _ = build_reference(model, "cross_entropy", (x, y), (x_test, y_test), quantizer=UniformQuantizer(2))
+    qmap = ref.quant_map(UniformQuantizer(2))
+    stale = measure_ptq(ref, qmap)
+    fresh = measure_ptq(ref, qmap, bn_reestimate=True)
+    assert torch.equal(stale.point, fresh.point)
+    assert fresh.metrics["bn_reestimation"] == {"samples": 16, "batches": 1} and "bn_reestimation" not in stale.metrics
+    assert fresh.metrics["stale_bn"]["loss"] == stale.metrics["loss"]
+    assert fresh.metrics["loss"] == pytest.approx(_loss_by_hand(model, fresh.point, ref.analysis, x, x_test, y_test), rel=1e-12)
+    assert abs(fresh.metrics["loss"] - stale.metrics["loss"]) > 1e-3
+    # curvature at Q(theta) is measured on the re-estimated objective
+    obj_q = fresh.curvature_objective(ref)
+    assert obj_q is not ref.analysis and obj_q.loss(fresh.point) == pytest.approx(fresh.metrics["train_loss"], rel=1e-14)
+    assert stale.curvature_objective(ref) is ref.analysis
+    assert any("on 16 analysis samples" in note for note in measurement_notes(fresh.metrics))
+    # without BatchNorm nothing changes and nothing is recorded
+    mlp_ref, _ = build_reference(tiny_mlp(), "cross_entropy", (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))),
+                                 (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))), quantizer=UniformQuantizer(2))
+    plain = measure_ptq(mlp_ref, mlp_ref.quant_map(UniformQuantizer(2)), bn_reestimate=True)
+    assert "bn_reestimation" not in plain.metrics and plain.objectives is None

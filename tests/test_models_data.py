@@ -10,12 +10,13 @@ from riverscape.models import MODEL_NAMES
 
 SMALL = {
     "digits": {},
+    "digits32": {},
     "mnist1d": {"num_samples": 600},
     "teacher_linear": {"dim": 20, "n_train": 50, "n_test": 10},
     "teacher_sign": {"dim": 20, "n_train": 50, "n_test": 10},
     "text": {},
 }
-PAIRS = [("digits", "mlp"), ("digits", "cnn"), ("digits", "resnet20"), ("mnist1d", "cnn1d"), ("mnist1d", "mlp"),
+PAIRS = [("digits", "mlp"), ("digits", "cnn"), ("digits", "resnet20"), ("digits32", "resnet20"), ("mnist1d", "cnn1d"), ("mnist1d", "mlp"),
          ("text", "transformer"), ("teacher_linear", "linear"), ("teacher_sign", "mlp")]
 
 
@@ -52,6 +53,21 @@ def test_model_registry_rejects_unknown_names():
         rs.build_model("vgg")
     with pytest.raises(ValueError, match="unknown dataset"):
         rs.load_dataset("cifar10")
+
+
+def test_digits32_is_the_digits_split_as_standardised_colour_images():
+    small, big = rs.load_dataset("digits"), rs.load_dataset("digits32")
+    assert big.input_shape == (3, 32, 32) and big.x_train.shape == (1348, 3, 32, 32) and big.x_test.shape == (449, 3, 32, 32)
+    assert torch.equal(big.y_train, small.y_train) and torch.equal(big.y_test, small.y_test)  # the same seeded split
+    # standardised per channel on the training split (float32 of float64 statistics)
+    assert torch.allclose(big.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(big.x_train.std((0, 2, 3)), torch.ones(3), atol=1e-4)
+    # colour is a nuisance: the mean colour of an image does not predict its class better than chance by much
+    colour = big.x_train.mean((2, 3))
+    centroids = torch.stack([colour[big.y_train == c].mean(0) for c in range(10)])
+    nearest = torch.cdist(big.x_test.mean((2, 3)), centroids).argmin(1)
+    assert float((nearest == big.y_test).double().mean()) < 0.25
+    assert rs.data.estimated_bytes("digits32") > big.x_train.numel() * 4
 
 
 def test_resnet20_parameter_count():

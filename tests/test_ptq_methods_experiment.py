@@ -1,6 +1,7 @@
 """experiments/ptq_methods.py on a micro config, and the seed summaries of riverscape.ptq_study."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats as scipy_stats
 
 from riverscape import ptq_study as ps
@@ -136,3 +138,54 @@ def test_method_quantizer_ranges_and_names():
     with pytest.raises(ValueError, match="unknown method"):
         ps.method_quantizer("awq", 4, None)
     assert ps.method_quantizer("gptq", 3, 16).short_name == "W3g16"
+
+
+def _bn_study() -> st.Study:
+    """A small BatchNorm CNN on random 4x4 images (float64), wrapped as a Study without training."""
+    from riverscape.data import Dataset
+    from riverscape.pipeline import build_reference
+    from riverscape.quant import UniformQuantizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(48, 3)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    data = Dataset("bn_toy", x[:30], y[:30], x[30:], y[30:], "cross_entropy", 3, (1, 4, 4))
+    reference, _ = build_reference(model, "cross_entropy", data.train, data.test, quantizer=UniformQuantizer(8), dtype=torch.float64)
+    return st.Study(spec=ps.RESNET_STUDY, seed=0, dataset=data, reference=reference)
+
+
+def test_a_batchnorm_cell_is_evaluated_with_statistics_reestimated_on_its_calibration_split():
+    study = _bn_study()
+    fresh = ps.ptq_method_cell(study, 2, None, "rtn_minmax", seed=3, calibration_samples=8, validation_samples=10, bn_reestimate=True)
+    stale = ps.ptq_method_cell(study, 2, None, "rtn_minmax", seed=3, calibration_samples=8, validation_samples=10)
+    assert fresh["bn_reestimation"] == {"samples": 8, "batches": 1} and "bn_reestimation" not in stale
+    assert fresh["stale_bn_loss"] == stale["loss"] and fresh["stale_bn_accuracy"] == stale["accuracy"]
+    # by hand: Q(theta_fp) in a copy of the model, one train-mode pass over the 8 calibration rows, then eval on test / validation
+    net = copy.deepcopy(study.model)
+    qmap = study.reference.quant_map(ps.method_quantizer("rtn_minmax", 2, None))
+    point = qmap(study.theta_fp)
+    with torch.no_grad():
+        for name, value in study.analysis.unflatten(point).items():
+            dict(net.named_parameters())[name].copy_(value)
+        net[1].reset_running_stats()
+        net[1].momentum = None
+        net.train()(study.dataset.x_train[fresh["calibration_indices"]])
+        net.eval()
+        test_loss = float(F.cross_entropy(net(study.dataset.x_test), study.dataset.y_test))
+        val_loss = float(F.cross_entropy(net(study.dataset.x_train[fresh["validation_indices"]]),
+                                         study.dataset.y_train[fresh["validation_indices"]]))
+    assert fresh["loss"] == pytest.approx(test_loss, rel=1e-12) and fresh["validation_loss"] == pytest.approx(val_loss, rel=1e-12)
+    assert abs(fresh["loss"] - stale["loss"]) > 1e-4
+    rows = ps.summary_rows([{"params": {"model": "m", "bits": 2, "group_size": None, "method": "rtn_minmax", "seed": 3}, "result": fresh}])
+    assert rows[0]["stale_bn_loss"]["estimate"] == stale["loss"]
+
+
+def test_experiment_models_include_the_resnet():
+    assert ps.experiment_model("resnet20_digits32", train_steps=3).train_steps == 3
+    assert ps.experiment_model("digits_mlp") == st.study_model("digits_mlp")
+    with pytest.raises(ValueError, match="unknown model"):
+        ps.experiment_model("vgg")
+    spec = ps.RESNET_STUDY
+    assert spec.to_dict()["model_options"] == [["width", 8]] and "model_options" not in st.study_model("digits_mlp").to_dict()

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -230,6 +230,7 @@ def path_losses(
     quantizer: Quantizer = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    reestimate_bn: Any = None,
 ) -> PathProfile:
     """Loss (and metric) along a path, batched through ``objective.evaluate``.
 
@@ -247,6 +248,11 @@ def path_losses(
         Points per vmapped pass; points are generated chunk by chunk.
     progress : bool
         tqdm bar over chunks.
+    reestimate_bn : (inputs, targets) or iterable of batches, optional
+        Re-estimate the BatchNorm running statistics on these calibration data at every
+        evaluated point, ``gamma(t)`` and ``Q(gamma(t))`` alike (docs/ptq_search.md §2; cost:
+        one calibration pass per point, points evaluated one at a time). Default: the FP
+        running statistics.
 
     Returns
     -------
@@ -262,7 +268,7 @@ def path_losses(
     def points(start: int, stop: int) -> Tensor:
         return path(ts[start:stop])
 
-    common = dict(chunk_size=chunk_size, progress=progress, desc="path")
+    common = dict(chunk_size=chunk_size, progress=progress, desc="path", reestimate_bn=reestimate_bn)
     loss, metric = evaluate_points(objective, points, len(ts), **common)
     q_loss = q_metric = None
     if qmap is not None:

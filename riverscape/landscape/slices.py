@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..objective import Objective
+from ..quant.bn_reestimate import reestimated_evaluate
 from ..quant.qmap import QuantMap, resolve_quant_map
 from ..quant.quantizers import UniformQuantizer
 from .directions import plane_coordinates
@@ -64,6 +65,7 @@ def evaluate_points(
     chunk_size: int | None = None,
     progress: bool = True,
     desc: str = "evaluating",
+    reestimate_bn: Any = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Loss (and metric) at ``n`` points produced lazily, one chunk at a time.
 
@@ -86,6 +88,11 @@ def evaluate_points(
         become grouped convolutions, which on CPU can be slower than one point at a time).
     progress : bool
         tqdm bar over points.
+    reestimate_bn : (inputs, targets) or iterable of batches, optional
+        Calibration data: re-estimate the BatchNorm running statistics on them at *every*
+        evaluated point (:func:`~riverscape.quant.bn_reestimate.reestimated_evaluate`,
+        docs/ptq_search.md §2). Cost: one extra forward pass over these data per point, and
+        points are evaluated one at a time. ``None`` (default): the FP running statistics.
 
     Returns
     -------
@@ -95,6 +102,8 @@ def evaluate_points(
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunk_size = chunk_size or objective.chunk_size  # the Objective's bound (set by the user) is not adaptive
+    if reestimate_bn is not None:
+        return _reestimated_points(objective, points, n, qmap, chunk_size, progress, desc, reestimate_bn)
     adaptive = chunk_size is None
     chunk = int(chunk_size or objective.default_chunk_size())
     # points built per step: a user's chunk_size bounds memory; adaptive one-by-one evaluation
@@ -123,6 +132,25 @@ def evaluate_points(
                     chunk = objective.shared(min(per_point, key=per_point.get))  # a timed choice: process 0's
             bar.update(stop - start)
             start = stop
+    return torch.cat(losses), (torch.cat(metrics) if metrics else None)
+
+
+def _reestimated_points(objective: Objective, points: Callable[[int, int], Tensor], n: int, qmap: QuantMap | None,
+                        chunk_size: int | None, progress: bool, desc: str, data: Any) -> tuple[Tensor, Tensor | None]:
+    """:func:`evaluate_points` with BatchNorm statistics re-estimated on ``data`` at every point (one point at a time)."""
+    block = int(chunk_size or objective.default_chunk_size())
+    losses, metrics = [], []
+    with tqdm(total=n, disable=not progress, desc=f"{desc} (BN re-estimated)", leave=False, unit="pt") as bar:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            thetas = points(start, stop)
+            if qmap is not None:
+                thetas = torch.stack([qmap(theta) for theta in thetas.to(objective.dtype)])
+            loss, metric = reestimated_evaluate(objective, thetas, data)
+            losses.append(loss.detach().double().cpu())
+            if metric is not None:
+                metrics.append(metric.detach().double().cpu())
+            bar.update(stop - start)
     return torch.cat(losses), (torch.cat(metrics) if metrics else None)
 
 
@@ -276,6 +304,7 @@ def slice_1d(
     quantizer: Quantizer = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    reestimate_bn: Any = None,
 ) -> Slice1D:
     """The loss along a line, ``f(alpha) = L(center + alpha * direction)``.
 
@@ -294,6 +323,10 @@ def slice_1d(
         Points per vmapped pass.
     progress : bool
         tqdm bar over chunks.
+    reestimate_bn : (inputs, targets) or iterable of batches, optional
+        Re-estimate the BatchNorm running statistics on these calibration data at every
+        grid point before evaluating it (docs/ptq_search.md §2; cost: one calibration pass
+        per point, points evaluated one at a time). Default: the FP running statistics.
 
     Returns
     -------
@@ -317,7 +350,8 @@ def slice_1d(
         return torch.addmm(center, coeffs[start:stop, None], direction[None, :])
 
     loss, metric = evaluate_points(
-        objective, points, len(alphas), qmap=qmap, chunk_size=chunk_size, progress=progress, desc="1D slice"
+        objective, points, len(alphas), qmap=qmap, chunk_size=chunk_size, progress=progress, desc="1D slice",
+        reestimate_bn=reestimate_bn,
     )
     return Slice1D(
         alphas, loss, metric, center.clone(), direction.clone(), WHICH_Q if qmap is not None else WHICH_FP, describe_quantizer(qmap)
@@ -333,6 +367,7 @@ def slice_2d(
     span=1.0,
     steps: Union[int, Sequence[int]] = 25,
     quantizer: Quantizer = None,
+    reestimate_bn: Any = None,
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> Slice2D:
@@ -357,6 +392,10 @@ def slice_2d(
         ``chunk_size x D`` parameters are held at once.
     progress : bool
         tqdm bar over chunks.
+    reestimate_bn : (inputs, targets) or iterable of batches, optional
+        Re-estimate the BatchNorm running statistics on these calibration data at every
+        grid point before evaluating it (docs/ptq_search.md §2; cost: one calibration pass
+        per point, points evaluated one at a time). Default: the FP running statistics.
 
     Returns
     -------
@@ -374,7 +413,8 @@ def slice_2d(
         return torch.addmm(center, grid[start:stop], basis)
 
     loss, metric = evaluate_points(
-        objective, points, nx * ny, qmap=qmap, chunk_size=chunk_size, progress=progress, desc="2D slice"
+        objective, points, nx * ny, qmap=qmap, chunk_size=chunk_size, progress=progress, desc="2D slice",
+        reestimate_bn=reestimate_bn,
     )
     return Slice2D(
         alphas,

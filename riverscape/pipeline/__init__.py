@@ -15,15 +15,19 @@ from types import ModuleType as _ModuleType
 from .dynamics import LINE_POINTS, Hitting, Tolerance, accuracy_tolerance, arm_alignments, hitting
 from .measure import (
     PlaneLandscape,
+    PointObjectives,
     PTQMeasurement,
     QATMeasurement,
     alignment_along,
     alignment_at,
     analysis_plane,
     damage_at,
+    evaluate_point,
     measure_ptq,
     measure_qat,
+    measurement_notes,
     plane_landscape,
+    point_objectives,
     within_box,
 )
 from .reference import HILL_K, TAU, Reference, build_reference, cap_samples, trajectory_in_layout

@@ -8,6 +8,7 @@ from these functions, so they measure the same things the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -21,15 +22,21 @@ from ..landscape.paths import Barrier, loss_barrier
 from ..landscape.slices import slice_2d
 from ..objective import Objective
 from ..quant import QuantMap
+from ..quant.bn_reestimate import calibration_data, has_batchnorm, objective_on_module, reestimated_module
 from ..quant.ptq import PTQResult, ptq_result
+from ..quant.ptq.activations import ActivationCalibration, ActivationQuantization, calibrate_activations, setting_name, with_activation_quantization
 from ..quant.qat import QATResult, qat
 from .reference import HILL_K, TAU, Reference
 
 __all__ = [
+    "PointObjectives",
+    "point_objectives",
     "PTQMeasurement",
     "QATMeasurement",
     "PlaneLandscape",
     "measure_ptq",
+    "evaluate_point",
+    "measurement_notes",
     "measure_qat",
     "damage_at",
     "alignment_at",
@@ -54,14 +61,26 @@ class PTQMeasurement:
         ``ptq_method`` (the registry name); for data-aware methods (GPTQ, AdaRound) the per-layer relative reconstruction
         error ``||XW - XQ||^2 / ||XW||^2`` and its mean, the calibration size, and the layers that
         fell back to round-to-nearest.
+        ``loss_measured`` says which loss the numbers are (``"weights-only"`` or
+        ``"weights+activations"``) and ``setting`` names it (``W4``, ``W4A8``); with BatchNorm
+        re-estimation, ``bn_reestimation`` (samples, batches) and the stale-statistics numbers
+        under ``stale_bn``; with activations, the weights-only numbers under ``weights_only``.
     result : PTQResult
         The method's full outcome (config, per-tensor quantization parameters).
+    objectives : PointObjectives or None
+        The objectives the metrics were measured with (re-estimated statistics, activation
+        quantizers); ``None`` when they are the reference's own.
     """
 
     qmap: QuantMap
     point: Tensor
     metrics: dict
     result: Optional[PTQResult] = None
+    objectives: Optional["PointObjectives"] = None
+
+    def curvature_objective(self, ref: Reference) -> Objective:
+        """The weights-only analysis objective at the point (statistics re-estimated when they were): curvature there."""
+        return ref.analysis if self.objectives is None else self.objectives.reference.analysis
 
     @property
     def finite(self) -> bool:
@@ -91,6 +110,138 @@ class QATMeasurement:
     barrier: Barrier
 
 
+@dataclass(frozen=True)
+class PointObjectives:
+    """The objectives one quantized point is measured with: BatchNorm re-estimated there, activations quantized.
+
+    Attributes
+    ----------
+    reference : Reference
+        ``ref`` with ``analysis``, ``training`` and ``evaluation`` replaced by objectives whose
+        private module has the BatchNorm statistics re-estimated at the point (``ref`` itself
+        when not re-estimated): the weights-only loss. Its caches are empty (the FP hill basis
+        belongs to ``ref``). Curvature at the point is measured on ``reference.analysis``.
+    activation_reference : Reference or None
+        The same objectives with the activation quantizers in their forward context (the
+        weights+activations loss ``L_A``), when activations are quantized.
+    bn_samples : int or None
+        Samples the statistics were re-estimated on (``None``: not re-estimated).
+    bn_batches : int or None
+        Batches of that pass (each weighs equally in the running averages).
+    activations : ActivationCalibration or None
+    module : nn.Module or None
+        The module with the re-estimated statistics (evaluate other data sets with
+        :func:`~riverscape.quant.bn_reestimate.objective_on_module`).
+    """
+
+    reference: Reference
+    activation_reference: Optional[Reference] = None
+    bn_samples: Optional[int] = None
+    bn_batches: Optional[int] = None
+    activations: Optional[ActivationCalibration] = None
+    module: Any = field(default=None, repr=False)
+
+    @property
+    def measured(self) -> Reference:
+        """The reference of the reported loss: with activations when they are quantized."""
+        return self.activation_reference if self.activation_reference is not None else self.reference
+
+    def to_dict(self) -> dict:
+        out = {}
+        if self.bn_samples is not None:
+            out["bn_reestimation"] = {"samples": self.bn_samples, "batches": self.bn_batches}
+        if self.activations is not None:
+            out["activations"] = self.activations.to_dict()
+        return out
+
+
+def _replaced(ref: Reference, change) -> Reference:
+    """``ref`` with ``change(objective)`` for analysis, training and evaluation (shared objects stay shared) and empty caches."""
+    analysis = change(ref.analysis)
+    training = analysis if ref.training is ref.analysis else change(ref.training)
+    return dataclasses.replace(ref, analysis=analysis, training=training, evaluation=change(ref.evaluation), _cache={})
+
+
+def point_objectives(ref: Reference, qmap: QuantMap, point: Tensor, *, bn_reestimate: bool = False,
+                     calibration: Optional[Objective] = None,
+                     activations: Optional[ActivationQuantization] = None) -> Optional[PointObjectives]:
+    """The objectives that measure ``point`` (see :class:`PointObjectives`), or ``None`` when nothing changes.
+
+    Parameters
+    ----------
+    ref : Reference
+    qmap : QuantMap
+        The quantized layers (their inputs are quantized with ``activations``).
+    point : Tensor, shape (D,)
+    bn_reestimate : bool
+        Re-estimate the BatchNorm running statistics at ``point`` on the calibration data
+        (:func:`~riverscape.quant.bn_reestimate.reestimated_module`, one forward pass;
+        docs/ptq_search.md §2). Ignored for a model without BatchNorm.
+    calibration : Objective, optional
+        Its batches are the calibration data (default ``ref.analysis``).
+    activations : ActivationQuantization, optional
+        Calibrate per-tensor input quantizers at ``point`` (after the re-estimation) on the
+        calibration data and evaluate with them (docs/ptq_methods.md §7).
+    """
+    source = ref.analysis if calibration is None else calibration
+    reestimate = bn_reestimate and has_batchnorm(ref.analysis)
+    if not reestimate and activations is None:
+        return None
+    base, bn_samples, bn_batches, module = ref, None, None, None
+    if reestimate:
+        data = calibration_data(source)
+        module = reestimated_module(ref.analysis, point, data)
+        base = _replaced(ref, lambda obj: objective_on_module(obj, module))
+        bn_samples, bn_batches = source.n_samples, len(data)
+        source = objective_on_module(source, module)
+    if activations is None:
+        return PointObjectives(base, None, bn_samples, bn_batches, None, module)
+    acts = calibrate_activations(source, qmap, point, activations)
+    quantized = _replaced(base, lambda obj: with_activation_quantization(obj, acts))
+    return PointObjectives(base, quantized, bn_samples, bn_batches, acts, module)
+
+
+def evaluate_point(ref: Reference, qmap: QuantMap, point: Tensor, *, perplexity: bool = False, bn_reestimate: bool = False,
+                   calibration: Optional[Objective] = None,
+                   activations: Optional[ActivationQuantization] = None) -> tuple[dict, Optional[PointObjectives]]:
+    """Metrics of ``point`` (as :attr:`PTQMeasurement.metrics`) and the objectives that measured them.
+
+    Arguments as :func:`point_objectives`. Without re-estimation or activations the metrics are
+    ``ref.evaluate(point)`` plus the norms of ``point - theta_fp``.
+    """
+    objectives = point_objectives(ref, qmap, point, bn_reestimate=bn_reestimate, calibration=calibration, activations=activations)
+    metrics = _point_metrics(ref if objectives is None else objectives.measured, point, perplexity)
+    metrics["setting"] = setting_name(qmap.quantizer, activations)
+    metrics["loss_measured"] = "weights-only" if activations is None else "weights+activations"
+    if objectives is None:
+        return metrics, None
+    metrics.update(objectives.to_dict())
+    if activations is not None:
+        metrics["weights_only"] = objectives.reference.evaluate(point, perplexity=perplexity)
+    if objectives.bn_samples is not None:
+        metrics["stale_bn"] = ref.evaluate(point, perplexity=perplexity)
+    return metrics, objectives
+
+
+def measurement_notes(metrics: dict) -> list[str]:
+    """Report lines saying what a PTQ point's numbers are: BatchNorm re-estimation and the loss measured."""
+    notes = []
+    bn = metrics.get("bn_reestimation")
+    if bn is not None:
+        stale = metrics.get("stale_bn", {})
+        notes.append(f"BatchNorm running statistics re-estimated at Q(theta) (and at the QAT point) on {bn['samples']} analysis samples "
+                     f"({bn['batches']} batches) before the PTQ loss and the curvature at Q(theta) were measured (loss with the stale FP statistics: "
+                     f"{stale.get('loss', float('nan')):.4g}; --no-bn-reestimate turns this off); damage, alignment, slices and paths "
+                     f"use the FP statistics")
+    if metrics.get("loss_measured") == "weights+activations":
+        acts = metrics.get("activations", {})
+        notes.append(f"PTQ loss and accuracy are of {metrics.get('setting')}: weights and the inputs of {len(acts.get('layers', {}))} "
+                     f"quantized layers fake-quantized ({acts.get('bits')}-bit per tensor, {acts.get('range')} range on "
+                     f"{acts.get('n_samples')} samples); weights-only loss {metrics['weights_only']['loss']:.4g}; curvature, damage, "
+                     f"alignment, slices and paths are of the weights-only loss")
+    return notes
+
+
 def _point_metrics(ref: Reference, point: Tensor, perplexity: bool) -> dict:
     delta = point - ref.theta_fp
     return {
@@ -101,7 +252,8 @@ def _point_metrics(ref: Reference, point: Tensor, perplexity: bool) -> dict:
 
 
 def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexity: bool = False,
-                calibration: Optional[Objective] = None) -> PTQMeasurement:
+                calibration: Optional[Objective] = None, bn_reestimate: bool = False,
+                activations: Optional[ActivationQuantization] = None) -> PTQMeasurement:
     """Quantize ``theta_fp`` with ``qmap`` (PTQ ``method``) and evaluate the point.
 
     Parameters
@@ -115,11 +267,22 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
         Also report ``exp(loss)``.
     calibration : Objective, optional
         The data a data-aware method calibrates on (same layout as ``ref.analysis``, e.g. a
-        split of the training data); default ``ref.analysis``.
+        split of the training data); default ``ref.analysis``. BatchNorm re-estimation and
+        activation calibration use the same data.
+    bn_reestimate : bool
+        Measure the point with BatchNorm running statistics re-estimated there on the
+        calibration data (no effect without BatchNorm); ``metrics["bn_reestimation"]`` records
+        the samples, ``metrics["stale_bn"]`` the numbers with the FP statistics.
+    activations : ActivationQuantization, optional
+        Also quantize the inputs of the quantized layers (``W4A8``; docs/ptq_methods.md §7):
+        ``loss``/``accuracy``/``train_loss`` are then of the weights+activations network and
+        ``metrics["weights_only"]`` holds the weights-only numbers.
     """
     result = ptq_result(ref.analysis if calibration is None else calibration, qmap, method=method)
     point = result.theta_q
-    metrics = {"ptq_method": result.method, **_point_metrics(ref, point, perplexity)}
+    measured, objectives = evaluate_point(ref, qmap, point, perplexity=perplexity, bn_reestimate=bn_reestimate,
+                                          calibration=calibration, activations=activations)
+    metrics = {"ptq_method": result.method, **measured}
     if result.reconstruction_error:
         errors = list(result.reconstruction_error.values())
         metrics["reconstruction_error_mean"] = sum(errors) / len(errors)
@@ -131,10 +294,11 @@ def measure_ptq(ref: Reference, qmap: QuantMap, *, method: Any = "rtn", perplexi
         metrics["grid_residual_max"] = max(residuals.values())  # external weights: how far off a uniform grid (in steps)
     if result.fallback:
         metrics["rtn_fallback"] = dict(result.fallback)
-    return PTQMeasurement(qmap, point, metrics, result)
+    return PTQMeasurement(qmap, point, metrics, result, objectives)
 
 
-def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, **qat_options: Any) -> QATMeasurement:
+def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, barrier_points: int = 25, bn_reestimate: bool = False,
+                **qat_options: Any) -> QATMeasurement:
     """Run QAT from ``theta_fp`` on ``ref.training`` and evaluate the deployed point.
 
     Parameters
@@ -145,6 +309,9 @@ def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, bar
     perplexity : bool
     barrier_points : int
         Points of the loss barrier ``theta_fp -> Q(theta_T)``.
+    bn_reestimate : bool
+        Evaluate the deployed point with BatchNorm statistics re-estimated there on the analysis
+        data, as :func:`measure_ptq` (QAT itself trains with the frozen FP statistics).
     **qat_options
         Keywords of :func:`riverscape.quant.qat` (``estimator``, ``steps``, ``lr``, ...);
         ``eval_objective`` defaults to ``ref.evaluation`` and ``theta0`` to ``theta_fp``.
@@ -153,7 +320,8 @@ def measure_qat(ref: Reference, qmap: QuantMap, *, perplexity: bool = False, bar
     result = qat(ref.training, qmap, **qat_options)
     point = result.theta_q
     barrier = loss_barrier(ref.analysis, ref.theta_fp, point, n=barrier_points, progress=False)
-    return QATMeasurement(result, point, _point_metrics(ref, point, perplexity), barrier)
+    metrics, _ = evaluate_point(ref, qmap, point, perplexity=perplexity, bn_reestimate=bn_reestimate)
+    return QATMeasurement(result, point, metrics, barrier)
 
 
 def damage_at(ref: Reference, qmap: QuantMap, point: Tensor, *, k: int = HILL_K, tau: float = TAU, **options: Any) -> DamageResult:

@@ -18,6 +18,14 @@ from .base import (
     ptq_result,
     register_ptq_method,
 )
+from .activations import (
+    ActivationCalibration,
+    ActivationQuantization,
+    activation_hooks,
+    calibrate_activations,
+    setting_name,
+    with_activation_quantization,
+)
 from .adaround import AdaRound, adaround, adaround_quantize
 from .calibration import Calibration, collect_input_hessians, relative_reconstruction_error
 from .external import External, InferredGrid, dequantized_weights, external_quantize, infer_grid

@@ -19,6 +19,7 @@ from ...objective import Objective
 from ..registry import check_registration, resolve_config
 from ..qmap import QuantizerLike, QuantMap, resolve_quant_map
 from ..quantizers import QParams
+from .activations import ActivationCalibration, ActivationQuantization, calibrate_activations
 
 __all__ = [
     "PTQConfig",
@@ -145,6 +146,10 @@ class PTQResult:
         Tensors a data-aware method quantized by round-to-nearest, and why.
     calibration : dict or None
         ``n_samples`` and ``seed`` of the calibration set of a data-aware method.
+    activations : ActivationCalibration or None
+        With ``activations=``: the input quantizers of the quantized layers, calibrated at
+        ``theta_q`` (evaluate ``L_A`` with
+        :func:`~riverscape.quant.ptq.activations.with_activation_quantization`).
     """
 
     theta_q: Tensor
@@ -154,6 +159,7 @@ class PTQResult:
     reconstruction_error: Optional[dict[str, float]] = None
     fallback: dict[str, str] = field(default_factory=dict)
     calibration: Optional[dict] = None
+    activations: Optional[ActivationCalibration] = None
     method: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -166,11 +172,16 @@ def ptq_result(
     theta: Tensor | None = None,
     *,
     method: Union[str, PTQConfig] = "rtn",
+    activations: Optional[ActivationQuantization] = None,
     **map_options,
 ) -> PTQResult:
     """Post-training quantization with the point and its per-layer quantization parameters.
 
-    Same arguments as :func:`ptq`.
+    Same arguments as :func:`ptq`, plus ``activations``: an
+    :class:`~riverscape.quant.ptq.activations.ActivationQuantization` (e.g. ``ActivationQuantization(8)``
+    for ``W4A8``) calibrates per-tensor input quantizers of the quantized Linear/Conv layers at
+    ``theta_q`` on ``objective``'s data (docs/ptq_methods.md §7); they are in ``result.activations``.
+    The point itself does not depend on them.
 
     Returns
     -------
@@ -189,10 +200,11 @@ def ptq_result(
     if len(qparams) != len(qmap.targets):
         raise ValueError(f"PTQ method {config.method!r} returned {len(qparams)} qparams for {len(qmap.targets)} quantized tensors")
     named = {t.name: qp for t, qp in zip(qmap.targets, qparams)}
+    acts = None if activations is None else calibrate_activations(objective, qmap, theta_q, activations)
     if diagnostics is None:
-        return PTQResult(theta_q, named, config, qmap.quantizer.describe())
+        return PTQResult(theta_q, named, config, qmap.quantizer.describe(), activations=acts)
     return PTQResult(theta_q, named, config, qmap.quantizer.describe(), diagnostics.reconstruction_error,
-                     diagnostics.fallback, diagnostics.calibration)
+                     diagnostics.fallback, diagnostics.calibration, acts)
 
 
 def ptq(

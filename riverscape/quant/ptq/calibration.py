@@ -29,7 +29,7 @@ from ...batching import index_samples, model_args
 from ...objective import Objective
 from ..qmap import QuantMap
 
-__all__ = ["Calibration", "collect_input_hessians", "layer_patches", "calibration_indices", "relative_reconstruction_error", "SUPPORTED_LAYERS"]
+__all__ = ["Calibration", "collect_input_hessians", "run_calibration", "layer_patches", "calibration_indices", "relative_reconstruction_error", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -107,6 +107,26 @@ def calibration_indices(n_total: int, n_samples: Optional[int], seed: int) -> Te
     return torch.randperm(n_total, generator=generator)[:n_samples].sort().values
 
 
+def run_calibration(objective: Objective, module: nn.Module, theta: Tensor, n_samples: Optional[int], seed: int) -> Tensor:
+    """Forward ``module`` (a private copy of ``objective.module``, hooks attached) at ``theta`` on the calibration samples.
+
+    The samples are ``n_samples`` rows of the objective's materialised batches drawn without
+    replacement with ``seed`` (:func:`calibration_indices`; all when ``None``), forwarded batch
+    by batch without gradients inside the objective's forward context. Returns the drawn indices.
+    """
+    indices = calibration_indices(objective.n_samples, n_samples, seed)
+    params = objective.model_params(theta.detach())
+    start = 0
+    with torch.no_grad(), objective._forward_context():
+        for (x, _), size in zip(objective.batches, objective.batch_sizes):
+            local = indices[(indices >= start) & (indices < start + size)] - start
+            start += size
+            if local.numel():
+                args, kwargs = model_args(index_samples(x, local))
+                functional_call(module, params, args, kwargs)
+    return indices
+
+
 def collect_input_hessians(
     objective: Objective, qmap: QuantMap, theta: Tensor, *, n_samples: Optional[int] = None, seed: int = 0
 ) -> Calibration:
@@ -160,16 +180,7 @@ def collect_input_hessians(
 
     for name in owners:
         owners[name].register_forward_hook(hook(name))  # on the private copy, dropped with it
-    indices = calibration_indices(objective.n_samples, n_samples, seed)
-    params = objective.model_params(theta.detach())
-    start = 0
-    with torch.no_grad(), objective._forward_context():
-        for (x, _), size in zip(objective.batches, objective.batch_sizes):
-            local = indices[(indices >= start) & (indices < start + size)] - start
-            start += size
-            if local.numel():
-                args, kwargs = model_args(index_samples(x, local))
-                functional_call(module, params, args, kwargs)
+    indices = run_calibration(objective, module, theta, n_samples, seed)
     hessians = {}
     for name in owners:
         if sums[name] is None:
