@@ -62,6 +62,7 @@ __all__ = [
     "load_study",
     "PTQ_RANGES",
     "QAT_ESTIMATORS",
+    "NULL_DRAWS",
     "fp_cell",
     "ptq_cell",
     "qat_cell",
@@ -76,6 +77,8 @@ __all__ = [
 PTQ_RANGES = ("minmax", "mse")
 #: QAT estimators compared by ``ptq_vs_qat`` (method names ``qat_<estimator>``)
 QAT_ESTIMATORS = ("ste", "lsq")
+#: matched sign-flip null draws of the alignment at ``Q(theta_fp)`` (one gradient each; docs/statistics.md §4: at least 50)
+NULL_DRAWS = 50
 # HILL_K (hill subspace size) and TAU (loss tolerance) are the pipeline's: riverscape.pipeline.reference
 
 
@@ -311,7 +314,8 @@ def _evaluated(metrics: dict) -> dict:
 
 
 def _alignment_at_ptq(study: Study, qmap: QuantMap, theta_q: Tensor, theta_qat: Optional[Tensor] = None) -> dict:
-    return _alignment_fields(alignment_at(study.reference, qmap, theta_q, theta_qat=theta_qat, floor=False, per_layer=False))
+    result = alignment_at(study.reference, qmap, theta_q, theta_qat=theta_qat, floor=False, per_layer=False, n_null=NULL_DRAWS)
+    return {**_alignment_fields(result), "null_draws": NULL_DRAWS}
 
 
 def ptq_cell(study: Study, bits: int, range_method: str) -> dict:
