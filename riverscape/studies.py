@@ -407,7 +407,9 @@ def open_sweep(name: str, description: str, settings: Callable[[bool], dict], ar
     the full ``study_models`` settings when ``models(cfg)`` is given, so changing a budget invalidates
     stored cells). ``arguments(parser)`` adds script-specific options; ``overrides(opts)`` maps them to
     settings. ``seeds_help`` adds the multi-seed option ``--seeds N`` (``{"seeds": N}`` in ``cfg``
-    when given) with that help text.
+    when given) with that help text; the scripts put each cell's ``seed`` in its parameters, so
+    ``seeds`` is a sweep axis (:class:`~riverscape.sweep.Sweep` ``axes``): more seeds on a finished
+    directory compute only the new ones.
     """
     from .sweep import Sweep, experiment_parser
 
@@ -422,7 +424,8 @@ def open_sweep(name: str, description: str, settings: Callable[[bool], dict], ar
     cfg = {**settings(opts.quick), **seeds, **(overrides(opts) if overrides is not None else {}), "quick": opts.quick, "seed": opts.seed}
     if models is not None:
         cfg["study_models"] = {k: s.to_dict() for k, s in models(cfg).items()}
-    return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress)
+    axes = ("seeds",) if seeds_help is not None else ()
+    return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress, axes=axes)
 
 
 def finish_sweep(sweep, out_dir: Path, tables: Sequence[str]) -> None:

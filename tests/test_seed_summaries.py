@@ -217,3 +217,23 @@ def test_scripts_run_with_two_seeds_and_store_the_summary(name, micro, tmp_path,
         (z,) = stored["summary"]["alignment_z"]
         assert z["n"] == 2 and z["null_draws"] == [50, 50] and "Stouffer Z" in printed
     assert len(out["summary"]["rows"]) == len(stored["summary"]["rows"])
+
+
+def test_more_seeds_on_a_finished_sweep_compute_only_the_new_seeds(tmp_path):
+    from riverscape.sweep import ConfigMismatchError, Sweep
+
+    calls = []
+
+    def square(cell):
+        calls.append(cell["seed"])
+        return {"v": cell["seed"] ** 2}
+
+    Sweep(tmp_path, "demo", {"seeds": 2, "x": 1}, progress=False, axes=("seeds",)).run([{"seed": s} for s in range(2)], square)
+    more = Sweep(tmp_path, "demo", {"seeds": 3, "x": 1}, progress=False, axes=("seeds",))
+    assert [r["result"]["v"] for r in more.run([{"seed": s} for s in range(3)], square)] == [0, 1, 4]
+    assert calls == [0, 1, 2]  # seeds 0 and 1 were reused
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["seeds"] == 3
+    with pytest.raises(ConfigMismatchError, match="x: stored 1 != requested 2"):  # any other key still has to match
+        Sweep(tmp_path, "demo", {"seeds": 3, "x": 2}, progress=False, axes=("seeds",))
+    with pytest.raises(ConfigMismatchError, match="seeds"):  # without the axis, the seed count is part of the config
+        Sweep(tmp_path, "demo", {"seeds": 4, "x": 1}, progress=False)
