@@ -200,12 +200,14 @@ def figures(records: list[dict], summary: dict, cfg: dict, out_dir) -> None:
             series[f"FP ({fp[y]['estimate']:.3g})"] = (bits, [fp[y]["estimate"]] * len(bits), [half] * len(bits))
             if y == "accuracy":
                 series[f"chance ({chance:.2g})"] = (bits, [chance] * len(bits))
-            fig, mfig = series_figures({label: series}, f"{key}: {label} vs bits, mean ± 95% t half-width over {fp['n']} seed(s)", xlabel="bits")
+            fig, mfig = series_figures({f"{key}: {label} (mean ± 95% t, n = {fp['n']})": series},
+                                       f"{key}: {label} vs bits, mean ± 95% t half-width over {fp['n']} seed(s)", xlabel="bits")
             sw.write_figure(fig, out_dir / f"{y}_vs_bits_{key}", static=mfig)
         ptq = [r for r in quantized if r["method"] == "ptq_minmax"]
         panels = {
-            "PTQ (min-max) loss increase": {"measured": interval_series(ptq, "bits", "measured_loss_increase"),
-                                            "2nd-order prediction": interval_series(ptq, "bits", "predicted_loss_increase")},
+            # means only: on the log axis a band reaching below 0 (tiny 8-bit increases) would be clipped to nonsense
+            "PTQ (min-max) loss increase": {"measured": interval_series(ptq, "bits", "measured_loss_increase")[:2],
+                                            "2nd-order prediction": interval_series(ptq, "bits", "predicted_loss_increase")[:2]},
             "top Hessian eigenvalue at the point": {lab: interval_series([r for r in quantized if r["method"] == m], "bits", "top_eigenvalue")
                                                     for m, lab in METHOD_LABELS.items() if any(r["method"] == m for r in quantized)},
             "alignment at Q(θ_fp)": {"cos(-g_Q, θ_fp - Q)": interval_series(ptq, "bits", "cosine_to_fp"),

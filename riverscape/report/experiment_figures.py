@@ -4,6 +4,7 @@ They draw stored results (plain dicts and lists) and compute nothing.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -61,8 +62,9 @@ def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xla
             if log:
                 fig.update_yaxes(type="log", row=1, col=col + 1)
         if shared:
-            mfig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-            mfig.subplots_adjust(bottom=0.25)
+            ncol = min(6, len(labels), 3 * len(names))  # a single narrow panel wraps its legend instead of cutting it
+            mfig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8)
+            mfig.subplots_adjust(bottom=0.19 + 0.06 * math.ceil(len(labels) / ncol))
         else:
             for ax in axes:
                 ax.legend(fontsize=7)
