@@ -1,4 +1,4 @@
-"""Seed-axis summaries of sweep records: intervals of means, paired contrasts, text (docs/statistics.md §6).
+"""Seed-axis summaries of sweep records: intervals of means, paired contrasts, text (docs/statistics.md §6.1).
 
 A sweep record is ``{"params": {..., "seed": int}, "result": {...}}`` (:mod:`riverscape.sweep`).
 :func:`by_seed` groups records by some of their parameters and indexes each group by seed;
