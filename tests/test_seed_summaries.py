@@ -187,13 +187,13 @@ def test_ptq_vs_qat_bits_and_models_options_restrict_the_grid(tmp_path):
 
 
 def _micro_ptq_vs_qat(quick: bool) -> dict:
-    return {"models": {"digits_mlp": {"train_steps": 60, "qat_steps": 4, "qat_record_every": 2, "trace_matvecs": 6}}, "bits": [2],
-            "landscape_bits": [], "seeds": 1}
+    return {"models": {"digits_mlp": {"train_steps": 60, "qat_steps": 4, "qat_record_every": 2, "trace_matvecs": 4, "analysis_samples": 128,
+                                      "qat_samples": 128, "floor": False}}, "bits": [2], "landscape_bits": [], "seeds": 1}
 
 
 def _micro_estimators(quick: bool) -> dict:
-    return {"models": {"digits_mlp": {"train_steps": 60, "qat_steps": 4, "qat_record_every": 2}}, "bits": [2], "seeds": 1,
-            "qat_options": {"digits_mlp": {}}}
+    return {"models": {"digits_mlp": {"train_steps": 60, "qat_steps": 4, "qat_record_every": 2, "analysis_samples": 128, "qat_samples": 128}},
+            "bits": [2], "seeds": 1, "qat_options": {"digits_mlp": {}}}
 
 
 @pytest.mark.parametrize("name, micro", [("ptq_vs_qat", _micro_ptq_vs_qat), ("estimators", _micro_estimators)])
