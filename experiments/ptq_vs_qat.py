@@ -124,7 +124,7 @@ def summarise(records: list[dict], cfg: dict) -> dict:
     return {
         "rows": summary_rows(groups, group, {m: m for m in METRICS}),
         "damage_ratio": claims.damage_ratio_rows(records),
-        "recovery": claims.recovery_rows(records, bits=low),
+        "recovery": claims.recovery_rows(records, bits=low) + claims.recovery_rows(records, bits=low, metric="accuracy"),
         "contrasts": contrast_rows(groups, group, "method", CONTRASTS, {"accuracy": "accuracy", "loss": "loss"}),
         "alignment_z": claims.alignment_z_rows(records, bits=low),
     }
@@ -152,23 +152,24 @@ def tables(summary: dict, cfg: dict) -> list[str]:
         md.append(sw.print_table([t for t in text if t["method"] != "fp"], geometry,
                                  title=f"{key}: damage of δ = point - θ_fp (training analysis set) and alignment at the min-max Q(θ_fp), mean [95% t CI]"))
     ratio = [{"model": r["model"], "bits": r["bits"], "n": r["n"], "r": format_interval(r["ratio"], fmt, show_n=False),
-              "one_inside": r["one_inside"], "t_p": _p(r["t_p"]), "holm_p": _p(r["holm_p"])} for r in summary["damage_ratio"]]
+              "per_seed": ", ".join(f"{v:.3g}" for v in r["ratios"]), "t_p": _p(r["t_p"]), "holm_p": _p(r["holm_p"]),
+              "error": format_interval(r["error"], "{:+.3f}", show_n=False), "error_holm_p": _p(r["error_holm_p"])} for r in summary["damage_ratio"]]
     md.append(sw.print_table(sorted(ratio, key=lambda r: (r["model"], -r["bits"])),
-                             {"model": "model", "bits": "bits", "n": "n", "r": "r = meas/pred [95% t CI]", "one_inside": "1 in CI",
-                              "t_p": "t-test p (r=1)", "holm_p": "Holm p"},
-                             title="PTQ min-max: is the second-order damage model exact? (per-seed r, t interval, one-sample t test)"))
+                             {"model": "model", "bits": "bits", "n": "n", "r": "r = meas/pred [95% t CI]", "per_seed": "r per seed",
+                              "t_p": "t p (r=1)", "holm_p": "Holm p", "error": "(meas−pred)/(|1st|+|2nd|) [95% t CI]", "error_holm_p": "Holm p (=0)"},
+                             title="PTQ min-max: is the second-order damage model exact? (per-seed r and relative error, t intervals, one-sample t tests)"))
     recovery = []
     for r in summary["recovery"]:
-        entry = {"model": r["model"], "bits": r["bits"]}
+        entry = {"model": r["model"], "bits": r["bits"], "metric": f"test {r['metric']}"}
         for arm, got in r["fractions"].items():
             entry[arm] = format_interval(got["interval"], "{:.2f}")
         if "difference" in r:
             entry["diff"] = format_interval(r["difference"], "{:.2f}")
             entry["diff_p"] = _p(r["difference"]["wilcoxon_p"])
         recovery.append(entry)
-    md.append(sw.print_table(recovery, {"model": "model", "bits": "bits", "qat_ste": "STE", "qat_lsq": "LSQ", "diff": "LSQ − STE [BCa]",
-                                        "diff_p": "Wilcoxon p"},
-                             title="Fraction of the PTQ (min-max) test-loss increase QAT recovers, (L_PTQ − L_QAT)/(L_PTQ − L_FP), mean [95% t CI]"))
+    md.append(sw.print_table(recovery, {"model": "model", "bits": "bits", "metric": "of", "qat_ste": "STE", "qat_lsq": "LSQ",
+                                        "diff": "LSQ − STE [BCa]", "diff_p": "Wilcoxon p"},
+                             title="Fraction of the PTQ (min-max) damage QAT recovers, (m_PTQ − m_QAT)/(m_PTQ − m_FP), mean [95% t CI]"))
     contrasts = [{"model": c["model"], "bits": c["bits"], "contrast": f"{c['a']} − {c['b']}", "n": c["n"],
                   "acc": format_interval(c["accuracy"], "{:+.3f}", show_n=False), "acc_p": _p(c["accuracy"]["holm_p"]) if c["accuracy"] else None,
                   "loss": format_interval(c["loss"], "{:+.3g}", show_n=False), "loss_p": _p(c["loss"]["holm_p"]) if c["loss"] else None}

@@ -127,6 +127,25 @@ def test_damage_ratio_rows_t_interval_and_test_of_r_equal_one():
     assert eight["t_p"] == pytest.approx(1.0)
     assert [six["holm_p"], eight["holm_p"]] == pytest.approx(list(holm([six["t_p"], eight["t_p"]])))
     assert [r["bits"] for r in claims.damage_ratio_rows(records, bits=[6])] == [6]
+    assert six["errors"] == [] and six["error"] is None and math.isnan(six["error_holm_p"])  # no damage terms recorded
+
+
+def test_model_error_stays_meaningful_where_the_ratio_divides_by_nearly_zero():
+    # first-order -0.0049 and second-order +0.0049 nearly cancel: predicted 1e-6, measured 7e-4 -> r = 700,
+    # yet the model misses by 7e-4 out of terms of size 0.0098: 7 %
+    cancel = {"measured_loss_increase": 7e-4, "predicted_loss_increase": 1e-6, "predicted_first_order": -0.0049, "ratio": 700.0}
+    assert claims.model_error(cancel) == pytest.approx((7e-4 - 1e-6) / (0.0049 + 0.004901), rel=1e-12)
+    assert claims.model_error({"measured_loss_increase": 1.0, "predicted_loss_increase": 0.0, "predicted_first_order": 0.0}) is None
+    assert claims.model_error({"ratio": 1.0}) is None
+    exact = {"measured_loss_increase": 0.02, "predicted_loss_increase": 0.02, "predicted_first_order": 0.005, "ratio": 1.0}
+    off = [dict(exact, measured_loss_increase=0.02 * (1 + e)) for e in (0.1, 0.2, 0.3)]  # measured 10-30 % above, terms sum to 0.02
+    records = [_record("ptq_minmax", s, bits=6, **r) for s, r in enumerate([exact, exact, cancel])]
+    records += [_record("ptq_minmax", s, bits=2, **r) for s, r in enumerate(off)]
+    rows = {r["bits"]: r for r in claims.damage_ratio_rows(records)}
+    assert rows[2]["errors"] == pytest.approx([0.1, 0.2, 0.3], rel=1e-9)
+    assert rows[2]["error"]["estimate"] == pytest.approx(0.2, rel=1e-9)
+    assert rows[2]["error_t_p"] == pytest.approx(2 * scipy_stats.t.sf(0.2 / (0.1 / math.sqrt(3)), 2), rel=1e-9)
+    assert rows[6]["ratio"]["estimate"] > 200 and abs(rows[6]["error"]["estimate"]) < 0.03  # r explodes, the error does not
 
 
 def test_recovery_fraction_per_seed_and_the_paired_difference():
@@ -143,6 +162,11 @@ def test_recovery_fraction_per_seed_and_the_paired_difference():
     assert row["fractions"]["qat_lsq"]["interval"]["low"] == pytest.approx(np.mean(lsq) - _t_half(lsq), rel=1e-9)
     assert row["difference_arms"] == ["qat_lsq", "qat_ste"]
     assert row["difference"]["estimate"] == pytest.approx(np.mean(np.subtract(lsq, ste)), rel=1e-9) and row["difference"]["n"] == 4
+    # accuracy: higher is better, (A_QAT - A_PTQ) / (A_FP - A_PTQ)
+    acc = [_record("fp", 0, bits=32, accuracy=0.9), _record("ptq_minmax", 0, accuracy=0.3), _record("qat_ste", 0, accuracy=0.6),
+           _record("fp", 1, bits=32, accuracy=0.8), _record("ptq_minmax", 1, accuracy=0.4), _record("qat_ste", 1, accuracy=0.7)]
+    (row,) = claims.recovery_rows(acc, metric="accuracy", qat=("qat_ste",))
+    assert row["fractions"]["qat_ste"]["values"] == pytest.approx([0.5, 0.75]) and "difference" not in row
 
 
 def test_alignment_z_is_pooled_with_stouffer_and_counted_by_sign():
@@ -237,3 +261,12 @@ def test_more_seeds_on_a_finished_sweep_compute_only_the_new_seeds(tmp_path):
         Sweep(tmp_path, "demo", {"seeds": 3, "x": 2}, progress=False, axes=("seeds",))
     with pytest.raises(ConfigMismatchError, match="seeds"):  # without the axis, the seed count is part of the config
         Sweep(tmp_path, "demo", {"seeds": 4, "x": 1}, progress=False)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from riverscape.stats import summary
+
+    for module in (claims, summary):
+        assert doctest.testmod(module, raise_on_error=True).attempted >= 1

@@ -200,17 +200,17 @@ def contrast_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence
     return rows
 
 
-def set_holm(entries: Sequence[dict], p_key: str) -> None:
-    """Set ``entry["holm_p"]``: Holm's adjustment (docs/statistics.md §4.4) of ``entry[p_key]`` over the entries.
+def set_holm(entries: Sequence[dict], p_key: str, out_key: str = "holm_p") -> None:
+    """Set ``entry[out_key]``: Holm's adjustment (docs/statistics.md §4.4) of ``entry[p_key]`` over the entries.
 
     Entries whose p is ``None`` or ``nan`` (an undefined test) are left out of the family and get ``nan``.
     """
     defined = [e for e in entries if e[p_key] is not None and math.isfinite(e[p_key])]
     adjusted = holm([e[p_key] for e in defined]) if defined else []
     for e in entries:
-        e["holm_p"] = math.nan
+        e[out_key] = math.nan
     for e, p in zip(defined, adjusted):
-        e["holm_p"] = float(p)
+        e[out_key] = float(p)
 
 
 def interval_series(rows: Sequence[Mapping], x: str, field: str) -> tuple[list, list, list]:
