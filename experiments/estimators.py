@@ -8,7 +8,7 @@ ordered seeds-outer, so an interrupted sweep leaves complete seeds): final test 
 |theta_t - Q(theta_t)| and the alignment of the gradient at Q(theta_t) with the way back to
 theta_fp (``gradients.alignment_along_qat`` on the latent trajectory). PTQ (min-max, round to
 nearest) of the same FP model is the baseline. Paired by seed (BCa CI, Wilcoxon p, Holm over the
-rows of a metric): every estimator minus STE and minus PTQ. Note: LSQ learns its step sizes, the
+rows of a metric with the same reference): every estimator minus STE and minus PTQ. Note: LSQ learns its step sizes, the
 other estimators keep the min-max scales of theta_fp frozen.
 
     python experiments/estimators.py --out runs/estimators                      # full: 3 seeds
@@ -107,7 +107,7 @@ def summarise(records: list[dict]) -> dict:
     """``rows`` (t interval of every metric per model, bits, method) and ``contrasts`` (paired by seed, Holm)."""
     groups = by_seed(records, GROUP)
     return {"rows": summary_rows(groups, GROUP, METRICS),
-            "contrasts": contrast_rows(groups, GROUP, "method", CONTRASTS, {"accuracy": "accuracy", "loss": "loss"})}
+            "contrasts": contrast_rows(groups, GROUP, "method", CONTRASTS, {"accuracy": "accuracy", "loss": "loss"}, holm_by=("b",))}
 
 
 def _p(value) -> str | None:
@@ -129,7 +129,7 @@ def tables(summary: dict) -> list[str]:
              "loss_holm": _p(c["loss"]["holm_p"])} for c in contrasts]
     md.append(sw.print_table(crow, {"model": "model", "bits": "bits", "contrast": "a − b", "n": "n", "acc": "Δ test acc [95% BCa]",
                                     "acc_p": "Wilcoxon p", "acc_holm": "Holm p", "loss": "Δ test loss [95% BCa]", "loss_holm": "Holm p"},
-                             title="Paired by seed (same FP model): a minus b; Holm over all rows of a metric"))
+                             title="Paired by seed (same FP model): a minus b; Holm over the rows of a metric with the same b"))
     return md
 
 

@@ -270,3 +270,17 @@ def test_docstring_examples_hold():
 
     for module in (claims, summary):
         assert doctest.testmod(module, raise_on_error=True).attempted >= 1
+
+
+def test_holm_families_split_by_a_row_field():
+    shift = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    records = [_record("ref1", s, accuracy=0.5) for s in range(6)] + [_record("ref2", s, accuracy=0.4) for s in range(6)]
+    records += [_record("x", s, accuracy=0.5 + shift[s]) for s in range(6)] + [_record("y", s, accuracy=0.5 - shift[s]) for s in range(6)]
+    group = ("model", "bits", "method")
+    pairs = [("x", "ref1"), ("y", "ref1"), ("x", "ref2")]
+    one = {(r["a"], r["b"]): r["accuracy"]["holm_p"] for r in contrast_rows(by_seed(records, group), group, "method", pairs, {"accuracy": "accuracy"})}
+    split = {(r["a"], r["b"]): r["accuracy"]["holm_p"]
+             for r in contrast_rows(by_seed(records, group), group, "method", pairs, {"accuracy": "accuracy"}, holm_by=("b",))}
+    p = 2 / 2**6  # every contrast: 6 differences of one sign
+    assert one == pytest.approx({k: 3 * p for k in pairs})  # one family of 3
+    assert split == pytest.approx({("x", "ref1"): 2 * p, ("y", "ref1"): 2 * p, ("x", "ref2"): p})  # families of 2 and 1

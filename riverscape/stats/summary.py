@@ -146,7 +146,8 @@ def summary_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence[
 
 
 def contrast_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence[str], arm: str,
-                  contrasts: Sequence[tuple[Any, Any]], metrics: Mapping[str, Metric], *, level: float = 0.95) -> list[dict]:
+                  contrasts: Sequence[tuple[Any, Any]], metrics: Mapping[str, Metric], *, level: float = 0.95,
+                  holm_by: Sequence[str] = ()) -> list[dict]:
     """Arm ``a`` minus arm ``b`` paired by seed within each group, Holm-adjusted over the rows of each metric.
 
     Parameters
@@ -163,6 +164,9 @@ def contrast_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence
     metrics : mapping
         ``{row field: metric}`` as in :func:`summary_rows`.
     level : float
+    holm_by : sequence of str
+        Row fields that split the rows into separate Holm families (e.g. ``("b",)``: one family
+        per reference arm); default: one family per metric.
 
     Returns
     -------
@@ -170,7 +174,7 @@ def contrast_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence
         The group's other parameters, ``a``, ``b``, ``n`` (common seeds) and per metric
         ``{"estimate", "low", "high", "level", "n", "wilcoxon_p", "holm_p"}``: the BCa interval of
         the mean paired difference (docs/statistics.md §3), its Wilcoxon p and Holm's adjustment
-        over the rows where that metric is defined (§4.4).
+        over the rows of its family where that metric is defined (§4.4).
     """
     if arm not in group:
         raise ValueError(f"arm {arm!r} must be one of the group parameters {tuple(group)}")
@@ -195,8 +199,12 @@ def contrast_rows(groups: Mapping[tuple, Mapping[int, Mapping]], group: Sequence
                 cmp = paired_comparison([x for x, _ in pairs], [y for _, y in pairs], a=str(a), b=str(b), level=level)
                 row[name] = {**cmp.difference.to_dict(), "wilcoxon_p": cmp.wilcoxon_p}
             rows.append(row)
-    for name in metrics:
-        set_holm([row[name] for row in rows if row.get(name) is not None], "wilcoxon_p")
+    families: dict[tuple, list[dict]] = {}
+    for row in rows:
+        families.setdefault(tuple(row[k] for k in holm_by), []).append(row)
+    for family in families.values():
+        for name in metrics:
+            set_holm([row[name] for row in family if row.get(name) is not None], "wilcoxon_p")
     return rows
 
 
