@@ -202,7 +202,7 @@ def figures(records: list[dict], summary: dict, cfg: dict, out_dir) -> None:
             if y == "accuracy":
                 series[f"chance ({chance:.2g})"] = (bits, [chance] * len(bits))
             fig, mfig = series_figures({f"{key}: {label} (mean ± 95% t, n = {fp['n']})": series},
-                                       f"{key}: {label} vs bits, mean ± 95% t half-width over {fp['n']} seed(s)", xlabel="bits")
+                                       f"{key}: {label} vs bits, mean ± 95% t half-width over {fp['n']} seed(s)", xlabel="bits", markers=True)
             sw.write_figure(fig, out_dir / f"{y}_vs_bits_{key}", static=mfig)
         ptq = [r for r in quantized if r["method"] == "ptq_minmax"]
         panels = {
@@ -216,7 +216,7 @@ def figures(records: list[dict], summary: dict, cfg: dict, out_dir) -> None:
                                      "isotropic 1/sqrt(d)": interval_series(ptq, "bits", "random_baseline")},
         }
         fig, mfig = series_figures(panels, f"{key}: damage, curvature and gradient alignment vs bits (mean ± 95% t half-width, n = {fp['n']})",
-                                   xlabel="bits", log_y=(True, True, False))
+                                   xlabel="bits", log_y=(True, True, False), markers=True)
         sw.write_figure(fig, out_dir / f"geometry_{key}", static=mfig)
     for r in records:
         land = r["result"].get("landscape")

@@ -22,10 +22,12 @@ def landscape_figures(landscape: Mapping[str, Any], title: str):
     return side_by_side_slices(*args, **kwargs), static.side_by_side_slices(*args, **kwargs)
 
 
-def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xlabel: str = "QAT step", log_y: Sequence[bool] = ()):
+def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xlabel: str = "QAT step", log_y: Sequence[bool] = (),
+                   markers: bool = False):
     """``(plotly, matplotlib)`` line panels: ``{panel title: {label: (x, y[, y_spread])}}``, one colour per label.
 
     A third entry draws a shaded band ``y +- y_spread``. ``log_y[i]`` puts panel ``i`` on a log axis.
+    ``markers`` marks every point (a series of one point is then visible).
     """
     import matplotlib
     import plotly.graph_objects as go
@@ -46,9 +48,10 @@ def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xla
         for col, name in enumerate(names):
             for label, series in panels[name].items():
                 x, y = np.asarray(series[0], float), np.asarray(series[1], float)
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
-                                         line=dict(color=color[label], width=2)), row=1, col=col + 1)
-                axes[col].plot(x, y, color=color[label], lw=1.6, label=label if (col == 0 or not shared) else None)
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if markers else "lines", name=label, legendgroup=label,
+                                         showlegend=label not in shown, line=dict(color=color[label], width=2)), row=1, col=col + 1)
+                axes[col].plot(x, y, color=color[label], lw=1.6, marker="o" if markers else None, ms=5,
+                               label=label if (col == 0 or not shared) else None)
                 shown.add(label)
                 if len(series) > 2 and series[2] is not None:
                     s = np.asarray(series[2], float)
