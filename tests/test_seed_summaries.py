@@ -284,3 +284,18 @@ def test_holm_families_split_by_a_row_field():
     p = 2 / 2**6  # every contrast: 6 differences of one sign
     assert one == pytest.approx({k: 3 * p for k in pairs})  # one family of 3
     assert split == pytest.approx({("x", "ref1"): 2 * p, ("y", "ref1"): 2 * p, ("x", "ref2"): p})  # families of 2 and 1
+
+
+def test_series_figures_mark_points_and_wrap_a_single_panels_legend():
+    from riverscape.report.experiment_figures import series_figures
+
+    panels = {"acc": {f"s{i}": ([2, 6], [0.1 * i, 0.2 * i], [0.01, 0.02]) for i in range(6)} | {"one point": ([2], [0.5])}}
+    fig, mfig = series_figures(panels, "t", xlabel="bits", markers=True)
+    lines = [t for t in fig.data if t.name is not None and t.fill is None]
+    assert len(lines) == 7 and all("markers" in t.mode for t in lines)
+    assert all(line.get_marker() == "o" for line in mfig.axes[0].get_lines())
+    assert len(mfig.legends) == 1
+    # one narrow panel: 7 labels in 3 columns (3 rows, room made below the axes), not 6 columns cut off at the figure's edge
+    assert mfig.subplotpars.bottom == pytest.approx(0.19 + 0.06 * 3)
+    plain, _ = series_figures(panels, "t")
+    assert all(t.mode == "lines" for t in plain.data if t.fill is None)
