@@ -25,12 +25,10 @@ split. The record stores the drawn training indices so this can be checked.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,6 +39,7 @@ from .quant.bn_reestimate import objective_on_module
 from .quant.nearby import greedy_flip_search
 from .quant.ptq import GPTQ, RTN, AdaRound
 from .stats import mean_ci, paired_comparison
+from .stats.summary import format_interval, seed_interval  # re-exported: experiments/ptq_methods.py reads them from here
 from .studies import STUDY_MODELS, Study, StudyModel, run_qat, study_model
 
 __all__ = [
@@ -284,16 +283,6 @@ def _with_best_ptq(methods: dict[str, dict[int, dict]]) -> dict[str, dict[int, d
     return {**methods, "best_ptq": best}
 
 
-def seed_interval(values: Sequence[float], level: float) -> Optional[dict]:
-    """Student t interval of the mean (docs/statistics.md §2.1: the choice for a handful of seeds); n=1: no interval."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return None
-    if x.size == 1 or not np.all(np.isfinite(x)):
-        return {"estimate": float(np.mean(x)), "low": math.nan, "high": math.nan, "level": level, "n": int(x.size)}
-    return mean_ci(x, level=level, method="t").to_dict()
-
-
 def summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> list[dict]:
     """One row per (model, bits, granularity, method) with ``accuracy`` and ``loss`` intervals over seeds.
 
@@ -339,13 +328,3 @@ def paired_contrasts(records: Iterable[Mapping], contrasts: Sequence[tuple[str, 
                 row[key] = {**cmp.difference.to_dict(), "wilcoxon_p": cmp.wilcoxon_p}
             rows.append(row)
     return rows
-
-
-def format_interval(interval: Optional[Mapping], fmt: str = "{:.3f}") -> Optional[str]:
-    """``"0.953 [0.941, 0.965] n=3"`` (no brackets when the interval is undefined)."""
-    if interval is None:
-        return None
-    text = fmt.format(interval["estimate"])
-    if math.isfinite(interval["low"]) and math.isfinite(interval["high"]):
-        text += f" [{fmt.format(interval['low'])}, {fmt.format(interval['high'])}]"
-    return f"{text} n={interval['n']}"

@@ -62,6 +62,7 @@ __all__ = [
     "load_study",
     "PTQ_RANGES",
     "QAT_ESTIMATORS",
+    "NULL_DRAWS",
     "fp_cell",
     "ptq_cell",
     "qat_cell",
@@ -76,6 +77,8 @@ __all__ = [
 PTQ_RANGES = ("minmax", "mse")
 #: QAT estimators compared by ``ptq_vs_qat`` (method names ``qat_<estimator>``)
 QAT_ESTIMATORS = ("ste", "lsq")
+#: matched sign-flip null draws of the alignment at ``Q(theta_fp)`` (one gradient each; docs/statistics.md §4: at least 50)
+NULL_DRAWS = 50
 # HILL_K (hill subspace size) and TAU (loss tolerance) are the pipeline's: riverscape.pipeline.reference
 
 
@@ -325,7 +328,8 @@ def _evaluated(metrics: dict) -> dict:
 
 
 def _alignment_at_ptq(study: Study, qmap: QuantMap, theta_q: Tensor, theta_qat: Optional[Tensor] = None) -> dict:
-    return _alignment_fields(alignment_at(study.reference, qmap, theta_q, theta_qat=theta_qat, floor=False, per_layer=False))
+    result = alignment_at(study.reference, qmap, theta_q, theta_qat=theta_qat, floor=False, per_layer=False, n_null=NULL_DRAWS)
+    return {**_alignment_fields(result), "null_draws": NULL_DRAWS}
 
 
 def ptq_cell(study: Study, bits: int, range_method: str) -> dict:
@@ -417,7 +421,9 @@ def open_sweep(name: str, description: str, settings: Callable[[bool], dict], ar
     the full ``study_models`` settings when ``models(cfg)`` is given, so changing a budget invalidates
     stored cells). ``arguments(parser)`` adds script-specific options; ``overrides(opts)`` maps them to
     settings. ``seeds_help`` adds the multi-seed option ``--seeds N`` (``{"seeds": N}`` in ``cfg``
-    when given) with that help text.
+    when given) with that help text; the scripts put each cell's ``seed`` in its parameters, so
+    ``seeds`` is a sweep axis (:class:`~riverscape.sweep.Sweep` ``axes``): more seeds on a finished
+    directory compute only the new ones.
     """
     from .sweep import Sweep, experiment_parser
 
@@ -432,7 +438,8 @@ def open_sweep(name: str, description: str, settings: Callable[[bool], dict], ar
     cfg = {**settings(opts.quick), **seeds, **(overrides(opts) if overrides is not None else {}), "quick": opts.quick, "seed": opts.seed}
     if models is not None:
         cfg["study_models"] = {k: s.to_dict() for k, s in models(cfg).items()}
-    return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress)
+    axes = ("seeds",) if seeds_help is not None else ()
+    return opts, cfg, Sweep(opts.out, name, cfg, fresh=opts.fresh, progress=opts.progress, axes=axes)
 
 
 def finish_sweep(sweep, out_dir: Path, tables: Sequence[str]) -> None:

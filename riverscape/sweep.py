@@ -95,6 +95,11 @@ class Sweep:
         config, construction raises :class:`ConfigMismatchError` unless ``fresh=True``.
     fresh : bool
         Discard any stored cells and start over.
+    axes : sequence of str
+        Config keys that only choose *which* cells run, never what a cell computes (e.g.
+        ``"seeds"``, the number of seeds, when every cell carries its ``seed`` parameter). They are
+        left out of the comparison with a stored config, so ``--seeds 10`` on a 5-seed directory
+        computes only the 5 new seeds; the stored config records the latest value.
 
     Examples
     --------
@@ -104,11 +109,13 @@ class Sweep:
     [4, 9]
     """
 
-    def __init__(self, out_dir: str | os.PathLike, name: str, config: Mapping[str, Any], *, fresh: bool = False, progress: bool = True) -> None:
+    def __init__(self, out_dir: str | os.PathLike, name: str, config: Mapping[str, Any], *, fresh: bool = False, progress: bool = True,
+                 axes: Sequence[str] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.name = str(name)
         self.config = to_jsonable(config)
         self.progress = progress
+        self.axes = tuple(axes)
         self.path = self.out_dir / RESULTS_FILE
         self._cells: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}  # derived results (e.g. statistics over cells), saved under "summary"
@@ -118,15 +125,19 @@ class Sweep:
         self._cpu_started = time.process_time()
         if self.path.exists() and not fresh:
             stored = json.loads(self.path.read_text(encoding="utf-8"))
-            if stored.get("config") != self.config:
+            if self._compared(stored.get("config")) != self._compared(self.config):
                 raise ConfigMismatchError(self._mismatch_message(stored.get("config")))
             self._cells = {cell["key"]: cell for cell in stored.get("cells", [])}
             self._previous_runtime = float(stored.get("runtime_seconds") or 0.0)
             self._previous_cpu = float(stored.get("cpu_seconds") or 0.0)
 
+    def _compared(self, config: Any) -> Any:
+        """``config`` without the :attr:`axes` keys (what must match a stored config)."""
+        return {k: v for k, v in config.items() if k not in self.axes} if isinstance(config, dict) else config
+
     def _mismatch_message(self, stored: Any) -> str:
         stored = stored if isinstance(stored, dict) else {}
-        keys = sorted(set(stored) | set(self.config))
+        keys = sorted((set(stored) | set(self.config)) - set(self.axes))
         diffs = [f"{k}: stored {stored.get(k)!r} != requested {self.config.get(k)!r}" for k in keys if stored.get(k) != self.config.get(k)]
         return (
             f"{self.path} was produced with a different configuration ({'; '.join(diffs)}). "

@@ -46,7 +46,7 @@ def test_ptq_vs_qat_quick(quick_runs):
     out = quick_runs["ptq_vs_qat"]
     records = cells(out)
     for r in records:  # the documented schema the notebook reads
-        assert set(r["params"]) == {"model", "bits", "method"}
+        assert set(r["params"]) == {"model", "bits", "method", "seed"}
         assert {"accuracy", "loss", "top_eigenvalue", "trace"} <= set(r["result"])
     ptq2, qat2 = find(records, bits=2, method="ptq_minmax"), find(records, bits=2, method="qat_ste")
     assert ptq2["accuracy"] < qat2["accuracy"]  # the PTQ cliff vs QAT recovery

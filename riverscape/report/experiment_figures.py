@@ -4,6 +4,7 @@ They draw stored results (plain dicts and lists) and compute nothing.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,10 +22,12 @@ def landscape_figures(landscape: Mapping[str, Any], title: str):
     return side_by_side_slices(*args, **kwargs), static.side_by_side_slices(*args, **kwargs)
 
 
-def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xlabel: str = "QAT step", log_y: Sequence[bool] = ()):
+def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xlabel: str = "QAT step", log_y: Sequence[bool] = (),
+                   markers: bool = False):
     """``(plotly, matplotlib)`` line panels: ``{panel title: {label: (x, y[, y_spread])}}``, one colour per label.
 
     A third entry draws a shaded band ``y +- y_spread``. ``log_y[i]`` puts panel ``i`` on a log axis.
+    ``markers`` marks every point (a series of one point is then visible).
     """
     import matplotlib
     import plotly.graph_objects as go
@@ -45,9 +48,10 @@ def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xla
         for col, name in enumerate(names):
             for label, series in panels[name].items():
                 x, y = np.asarray(series[0], float), np.asarray(series[1], float)
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
-                                         line=dict(color=color[label], width=2)), row=1, col=col + 1)
-                axes[col].plot(x, y, color=color[label], lw=1.6, label=label if (col == 0 or not shared) else None)
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if markers else "lines", name=label, legendgroup=label,
+                                         showlegend=label not in shown, line=dict(color=color[label], width=2)), row=1, col=col + 1)
+                axes[col].plot(x, y, color=color[label], lw=1.6, marker="o" if markers else None, ms=5,
+                               label=label if (col == 0 or not shared) else None)
                 shown.add(label)
                 if len(series) > 2 and series[2] is not None:
                     s = np.asarray(series[2], float)
@@ -61,8 +65,9 @@ def series_figures(panels: Mapping[str, Mapping[str, tuple]], title: str, *, xla
             if log:
                 fig.update_yaxes(type="log", row=1, col=col + 1)
         if shared:
-            mfig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-            mfig.subplots_adjust(bottom=0.25)
+            ncol = min(6, len(labels), 3 * len(names))  # a single narrow panel wraps its legend instead of cutting it
+            mfig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8)
+            mfig.subplots_adjust(bottom=0.19 + 0.06 * math.ceil(len(labels) / ncol))
         else:
             for ax in axes:
                 ax.legend(fontsize=7)
