@@ -17,6 +17,10 @@ local files only and with eager attention (HF's default SDPA kernel has no doubl
   mask; loss ``"cross_entropy"`` on the logits (the model's own single-label loss), metric the
   accuracy.
 
+``FILE`` may also be a Hugging Face ``datasets`` folder written by ``save_to_disk``
+(:mod:`riverscape.io.hf_datasets`): its text column (and ``label`` column), a ``DatasetDict``'s
+``test`` or ``validation`` split held out.
+
 Both tokenise with the folder's saved tokenizer (``tokenizer.json`` / ``tokenizer_config.json``,
 via ``AutoTokenizer``) or, without one, byte-level (UTF-8 bytes as ids 0..255, which needs
 ``vocab_size >= 256``). The last tenth of the sequences (or lines) is the evaluation split.
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, InputError
 from ..limits import DEFAULT_MEMORY_LIMIT, check_allocation
 from .data_specs import ResolvedData
+from .hf_datasets import split_labelled, split_texts
 from .reading import HALF_DTYPES, LoadedCheckpoint, checkpoint_dtype
 from .specs import PathLike, _first_line
 
@@ -243,17 +248,32 @@ def text_file_data(path: PathLike, model: nn.Module, tokenizer: Any, *, test_fra
         labels (the loss shifts them), ``loss="causal_lm"``.
     """
     path = Path(path)
-    text = _read_text(path)
-    ids = _token_ids(text, tokenizer, _vocab_size(model))
     seq_len = _context_length(model)
+    held_out = None
+    if path.is_dir():  # a datasets folder (save_to_disk): its text column, documents joined by a blank line
+        texts, test_texts = split_texts(path)
+        text = "\n\n".join(texts)
+        if test_texts is not None:
+            held_out = _lm_sequences("\n\n".join(test_texts), model, tokenizer, seq_len, path, minimum=1)
+    else:
+        text = _read_text(path)
+    sequences = _lm_sequences(text, model, tokenizer, seq_len, path, minimum=1 if held_out is not None else 2)
+    if held_out is None:
+        n_test = max(1, round(len(sequences) * test_fraction))
+        sequences, held_out = sequences[:-n_test], sequences[-n_test:]
+    name = "text-dataset" if path.is_dir() else "text-file"
+    spec = {"name": name, "kwargs": {"path": str(path), "seq_len": seq_len, "tokenizer": "bytes" if tokenizer is None else "folder"}}
+    return ResolvedData(spec, (sequences, sequences), (held_out, held_out), "causal_lm")
+
+
+def _lm_sequences(text: str, model: nn.Module, tokenizer: Any, seq_len: int, path: Path, *, minimum: int) -> Tensor:
+    """The token stream of ``text`` cut into non-overlapping rows of ``seq_len`` tokens (at least ``minimum``)."""
+    ids = _token_ids(text, tokenizer, _vocab_size(model))
     n = ids.numel() // seq_len
-    if n < 2:
-        raise InputError(f"{path} gives {ids.numel()} tokens: too few for two sequences of {seq_len} (one to analyse, one to evaluate)")
-    sequences = ids[: n * seq_len].view(n, seq_len)
-    n_test = max(1, round(n * test_fraction))
-    train, test = sequences[:-n_test], sequences[-n_test:]
-    spec = {"name": "text-file", "kwargs": {"path": str(path), "seq_len": seq_len, "tokenizer": "bytes" if tokenizer is None else "folder"}}
-    return ResolvedData(spec, (train, train), (test, test), "causal_lm")
+    if n < minimum:
+        need = "two sequences" if minimum == 2 else "one sequence"
+        raise InputError(f"{path} gives {ids.numel()} tokens: too few for {need} of {seq_len} (one to analyse, one to evaluate)")
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 BATCH_SIZE = 64
@@ -329,7 +349,13 @@ def labelled_text_data(path: PathLike, model: nn.Module, tokenizer: Any, *, test
     config = getattr(model, "config", None)
     n_labels = int(getattr(config, "num_labels", 0) or 0)
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    labels, texts = _labelled_lines(path, label2id, n_labels)
+    held_out = None
+    if path.is_dir():  # a datasets folder (save_to_disk): text and label columns
+        (labels, texts), held_out = split_labelled(path, lambda label: _label_index(label, label2id, n_labels))
+        if held_out is not None:
+            labels, texts = labels + held_out[0], texts + held_out[1]
+    else:
+        labels, texts = _labelled_lines(path, label2id, n_labels)
     seq_len = _context_length(model)
     vocab_size = _vocab_size(model)
     sequences = [_token_ids(text, tokenizer, vocab_size, max_length=seq_len) for text in texts]
@@ -342,9 +368,11 @@ def labelled_text_data(path: PathLike, model: nn.Module, tokenizer: Any, *, test
         ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
     y = torch.tensor(labels, dtype=torch.int64)
-    n_test = max(1, round(len(labels) * test_fraction))
+    n_test = len(held_out[0]) if held_out is not None else max(1, round(len(labels) * test_fraction))
     cut = len(labels) - n_test
-    spec = {"name": "labelled-text-file", "kwargs": {"path": str(path), "seq_len": seq_len, "samples": len(labels),
+    if cut < 1:
+        raise InputError(f"{path} holds no labelled row to analyse")
+    spec = {"name": "labelled-text-dataset" if path.is_dir() else "labelled-text-file", "kwargs": {"path": str(path), "seq_len": seq_len, "samples": len(labels),
                                                       "tokenizer": "bytes" if tokenizer is None else "folder"}}
     return ResolvedData(spec, _batches(ids[:cut], mask[:cut], y[:cut]), _batches(ids[cut:], mask[cut:], y[cut:]), "cross_entropy")
 
