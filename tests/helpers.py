@@ -1,8 +1,22 @@
 """Test helpers: tiny float64 models and an assert_close that explains disagreements."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment_script(name: str) -> ModuleType:
+    """``experiments/<name>.py`` loaded as a fresh module (its ``settings`` can then be replaced by a micro config)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, what: str = "") -> None:

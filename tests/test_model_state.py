@@ -1,19 +1,17 @@
 """The model-state study: training states, one cell's record, its statistics, and a smoke run of the script."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import experiment_script
 from riverscape import model_state as mst
 from riverscape.stats import mean_ci
 
-ROOT = Path(__file__).resolve().parents[1]
 # the digits MLP on 256 training rows with a 2-vector hill frame: every state trains and is analysed in about a second
 TINY = mst.state_model("digits_mlp", train_samples=256, k=2, trace_matvecs=6)
 AXES = ("model", "weight_decay", "lr", "steps", "bits", "range", "seed")
@@ -148,13 +146,6 @@ def test_contrasts_average_the_other_axes_and_pair_by_seed():
 
 
 # ---------------------------------------------------------------------- the script
-def _script():
-    spec = importlib.util.spec_from_file_location("model_state_script", ROOT / "experiments" / "model_state.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _micro(quick: bool) -> dict:
     return {"seeds": 2, "bits": [2], "ranges": ["minmax"], "n_null": 3, "floor_steps": 2,
             "models": {"digits_mlp": {"weight_decays": [0.0, 1e-2], "lrs": [1.0], "lengths": [10, 30],
@@ -162,7 +153,7 @@ def _micro(quick: bool) -> dict:
 
 
 def test_script_smoke_run(tmp_path):
-    script = _script()
+    script = experiment_script("model_state")
     script.settings = _micro
     summary = script.main(["--out", str(tmp_path), "--no-progress", "--quick", "--seeds", "2"])
     torch.set_num_threads(1)

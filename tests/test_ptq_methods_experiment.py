@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from scipy import stats as scipy_stats
 
+from helpers import experiment_script
 from riverscape import ptq_study as ps
 from riverscape import studies as st
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ptq_methods.py"
 PTQ_FIELDS = {"accuracy", "loss", "train_loss", "short_name", "range", "seconds", "calibration_loss", "calibration_samples",
               "calibration_indices", "calibration_source", "validation_loss", "validation_samples", "validation_indices"}
 QAT_FIELDS = {"accuracy", "loss", "train_loss", "short_name", "range", "seconds", "qat_steps", "total_grid_flips"}
@@ -29,9 +27,7 @@ def _micro(quick: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("ptq_methods_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = experiment_script("ptq_methods")
     script.settings = _micro
     seen: list[tuple[str, torch.Tensor, object]] = []  # (method, calibration inputs the method received, study)
     search, measure = ps.greedy_flip_search, ps.measure_ptq

@@ -1,10 +1,8 @@
 """The QAT-dynamics experiment: a micro run of the script, its records, and comparisons paired by seed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +15,11 @@ from riverscape.pipeline import hitting
 from riverscape.quant import QuantMap, UniformQuantizer
 from riverscape.sweep import to_jsonable
 
-from helpers import tiny_mlp
+from helpers import experiment_script, tiny_mlp
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULT_FIELDS = {"model", "bits", "range", "arm", "estimator", "seed", "steps", "deployed_loss", "deployed_accuracy", "train_loss",
                  "final_loss", "final_accuracy", "best_loss", "best_step", "best_accuracy", "tolerance", "hit", "hit_time",
                  "threshold", "alignment", "alignment_z", "alignment_point_z", "deployed_distance_to_fp", "latent_distance_to_fp"}
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("qat_dynamics_script", ROOT / "experiments" / "qat_dynamics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _micro(quick: bool) -> dict:
@@ -41,7 +31,7 @@ def _micro(quick: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    script = _script()
+    script = experiment_script("qat_dynamics")
     script.settings = _micro
     out = tmp_path_factory.mktemp("qat_dynamics")
     summary = script.main(["--out", str(out), "--no-progress", "--quick", "--seeds", "3"])

@@ -1,15 +1,14 @@
 """Seeds as an axis of the ptq_vs_qat and estimators sweeps: riverscape.stats.summary, riverscape.ptq_qat_claims, the scripts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from helpers import experiment_script
 from riverscape import ptq_qat_claims as claims
 from riverscape.stats import holm
 from riverscape.stats.summary import (
@@ -22,7 +21,6 @@ from riverscape.stats.summary import (
     summary_rows,
 )
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _record(method: str, seed: int, bits: int = 2, model: str = "m", **result) -> dict:
@@ -185,16 +183,9 @@ def test_alignment_z_is_pooled_with_stouffer_and_counted_by_sign():
 
 
 # ---------------------------------------------------------------------- the scripts
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["ptq_vs_qat", "estimators"])
 def test_cells_carry_the_seed_and_put_seeds_outermost(name):
-    script = _script(name)
+    script = experiment_script(name)
     cfg = {**script.settings(False), "seeds": 3, "quick": False, "seed": 7}
     cells = script.cells(cfg, 7)
     seeds = [c["seed"] for c in cells]
@@ -204,7 +195,7 @@ def test_cells_carry_the_seed_and_put_seeds_outermost(name):
 
 
 def test_ptq_vs_qat_bits_and_models_options_restrict_the_grid(tmp_path):
-    script = _script("ptq_vs_qat")
+    script = experiment_script("ptq_vs_qat")
     opts = script.st.open_sweep("t", "t", script.settings, ["--bits", "2", "6", "--models", "mnist1d_cnn", "--seeds", "2", "--out", str(tmp_path)],
                                 arguments=script.arguments, overrides=script.overrides, seeds_help="n")[1]
     assert opts["bits"] == [6, 2] and list(opts["models"]) == ["mnist1d_cnn"] and opts["seeds"] == 2
@@ -222,7 +213,7 @@ def _micro_estimators(quick: bool) -> dict:
 
 @pytest.mark.parametrize("name, micro", [("ptq_vs_qat", _micro_ptq_vs_qat), ("estimators", _micro_estimators)])
 def test_scripts_run_with_two_seeds_and_store_the_summary(name, micro, tmp_path, capsys):
-    script = _script(name)
+    script = experiment_script(name)
     script.settings = micro
     out = script.main(["--seeds", "2", "--out", str(tmp_path), "--no-progress"])
     stored = json.loads((tmp_path / "results.json").read_text())
