@@ -415,8 +415,15 @@ class Objective:
         return theta.to(device=self.device, dtype=self.dtype)
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Views of ``theta`` as named parameter tensors."""
-        return {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.layout}
+        """Views of ``theta`` as named parameter tensors.
+
+        One ``split`` rather than a slice per tensor: its backward concatenates the parameter
+        gradients in one pass, where slices would each scatter into a zero-filled ``D``-vector
+        and add those up (``O(tensors x D)`` per gradient; at 1e7 parameters in 6 tensors that
+        was 60 % of a gradient).
+        """
+        pieces = torch.split(theta, [s.numel for s in self.layout])
+        return {s.name: piece.view(s.shape) for s, piece in zip(self.layout, pieces)}
 
     def model_params(self, theta: Tensor) -> dict[str, Tensor]:
         """``theta`` as named tensors in the compute dtype, ready for ``functional_call`` on :attr:`module`.
