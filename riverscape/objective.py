@@ -537,9 +537,14 @@ class Objective:
         """Loss and gradient from one forward-backward pass per batch."""
         values, g = self._grad_terms(theta)
         total_l = sum(w * float(value) for w, value in values)
-        if self.reduction is not None:  # one message: the gradient and the loss (in the gradient's dtype)
+        if self.reduction is not None and g.dtype == torch.float64:  # one message: the gradient and the loss
             both = self.reduction.sum(torch.cat([g, g.new_tensor([total_l])]))
             total_l, g = float(both[-1]), both[:-1]
+        elif self.reduction is not None:
+            # The loss in its own float64 message: summed in the gradient's float32 it is rounded
+            # to ~1e-7, and line searches on it (the valley floor) then took 2x the evaluations.
+            g = self.reduction.sum(g)
+            total_l = self._reduce_float(total_l)
         return total_l, g
 
     def _grad_terms(self, theta: Tensor) -> tuple[list[tuple[float, Tensor]], Tensor]:

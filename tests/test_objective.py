@@ -205,3 +205,35 @@ def test_parameter_views_come_from_one_split(classification_data):
     assert "Split" in type(next(iter(sources))).__name__
     grad = torch.autograd.grad(sum(v.sum() for v in views.values()), theta)[0]
     assert torch.equal(grad, torch.ones_like(theta))
+
+
+class _RecordingTwice:
+    """A reduction over two identical "processes" (each share counted twice) that records its messages' dtypes."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+    def sum(self, tensor):
+        self.dtypes.append(tensor.dtype)
+        return tensor.mul_(2)
+
+    def agree(self, value):
+        return value
+
+
+def test_data_parallel_float32_loss_is_summed_in_float64(classification_data):
+    """A float32 Objective accumulates its loss in float64; a data-parallel one must too.
+
+    Sent inside the float32 gradient message, the loss was rounded to ~1e-7 relative, and the
+    valley-floor line search on it took twice the evaluations of one process.
+    """
+    x, y = classification_data
+    plain = rs.Objective(tiny_mlp().float(), "cross_entropy", (x.float(), y), batch_size=7)
+    shared = rs.Objective(tiny_mlp().float(), "cross_entropy", (x.float(), y), batch_size=7)
+    shared.reduction = _RecordingTwice()
+    theta = plain.theta0
+    value, grad = plain.value_and_grad(theta)
+    shared_value, shared_grad = shared.value_and_grad(theta)
+    assert shared_value == 2 * value  # exact: doubling a float64 is exact
+    assert torch.equal(shared_grad, 2 * grad)
+    assert shared.reduction.dtypes == [torch.float32, torch.float64]
