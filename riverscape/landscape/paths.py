@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io.jsonable import fields_dict
+from ..io.jsonable import JsonRecord
 from ..objective import Objective
 from ..training import TrainResult, build_optimizer
 from .slices import Quantizer, as_quant_map, describe_quantizer, evaluate_points
@@ -277,7 +277,7 @@ def path_losses(
 
 
 @dataclass(frozen=True)
-class Barrier:
+class Barrier(JsonRecord):
     """The loss barrier ``B = max_t [L(gamma(t)) - ((1 - t) L(a) + t L(b))]`` (Entezari et al. 2021).
 
     Attributes
@@ -299,10 +299,6 @@ class Barrier:
     loss_b: float
     excess: Tensor
     profile: PathProfile
-
-    def to_dict(self) -> dict:
-        """Every field as JSON values (the profile through its own ``to_dict``)."""
-        return fields_dict(self)
 
 
 def loss_barrier(
