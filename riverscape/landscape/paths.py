@@ -244,15 +244,10 @@ def path_losses(
         Explicit parameters.
     quantizer : UniformQuantizer or QuantMap, optional
         Also evaluate the quantized loss ``L(Q(gamma(t)))``.
-    chunk_size : int, optional
-        Points per vmapped pass; points are generated chunk by chunk.
-    progress : bool
-        tqdm bar over chunks.
-    reestimate_bn : (inputs, targets) or iterable of batches, optional
-        Re-estimate the BatchNorm running statistics on these calibration data at every
-        evaluated point, ``gamma(t)`` and ``Q(gamma(t))`` alike (docs/ptq_search.md §2; cost:
-        one calibration pass per point, points evaluated one at a time). Default: the FP
-        running statistics.
+    chunk_size, progress, reestimate_bn
+        As in :func:`~riverscape.landscape.slices.evaluate_points` (points are generated chunk
+        by chunk; ``reestimate_bn`` re-estimates the BatchNorm statistics at every evaluated
+        point, ``gamma(t)`` and ``Q(gamma(t))`` alike).
 
     Returns
     -------
