@@ -31,7 +31,7 @@ from .budget import BUDGETS, Budget, RunShape, Timing, estimate, time_model
 from .differentiability import ensure_twice_differentiable
 from .distributed import agree, data_parallel, shard
 from .errors import InputError
-from .io.jsonable import to_jsonable
+from .io.jsonable import Record, to_jsonable
 from .landscape.curvature import hessian_eigs, hessian_trace, layer_curvature, spectral_density
 from .landscape.paths import LinearPath, path_losses, river
 from .objective import Objective
@@ -212,7 +212,7 @@ def _curvature_summary(obj: Objective, theta: Tensor, top_k: int, op, seed: int,
 
 
 @dataclass(frozen=True)
-class LayerRow:
+class LayerRow(Record):
     """One quantized tensor at one bit-width: sensitivity, its share of the perturbation, damage and alignment.
 
     Attributes
@@ -241,9 +241,6 @@ class LayerRow:
     predicted_damage: Optional[float]
     measured_damage: Optional[float]
     cosine_to_fp: Optional[float]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _by_layer(rows: list, names: list[str], key: str = "name") -> list[dict]:

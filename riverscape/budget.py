@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
+
+from .io.jsonable import Record
 
 __all__ = [
     "Budget",
@@ -41,7 +43,7 @@ SKIPPABLE_STAGES = ("density", "layers", "damage", "alignment", "qat", "slices",
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(Record):
     """The work knobs of one analysis run (see the module docstring).
 
     Attributes
@@ -95,10 +97,6 @@ class Budget:
     floor_null: bool
     qat_null_draws: int
 
-    def to_dict(self) -> dict:
-        """The knobs as a plain dict."""
-        return asdict(self)
-
 
 BUDGETS: Mapping[str, Budget] = {
     "quick": Budget("quick", max_samples=256, top_k=3, trace_matvecs=30, density_steps=30, density_probes=1,
@@ -135,7 +133,7 @@ def parse_budget(value: Union[str, float, int]) -> Union[str, float]:
 
 
 @dataclass(frozen=True)
-class Timing:
+class Timing(Record):
     """Measured cost of the model at hand, in seconds.
 
     Attributes
@@ -149,9 +147,6 @@ class Timing:
 
     gradient: float
     forward: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

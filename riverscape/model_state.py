@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -41,6 +41,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_dataset
 from .gradients import damage, floor_alignment, matched_null
 from .gradients.arms import NullComparison
+from .io.jsonable import Record
 from .landscape.curvature import hessian_eigs, hessian_trace
 from .models import build_model
 from .pipeline import HILL_K, Reference, alignment_at, build_reference, cap_samples, measure_ptq
@@ -54,7 +55,7 @@ __all__ = ["StateModel", "STATE_MODELS", "state_model", "StateReference", "load_
 
 
 @dataclass(frozen=True)
-class StateModel:
+class StateModel(Record):
     """What the model-state study trains and where it measures.
 
     Attributes
@@ -84,9 +85,6 @@ class StateModel:
     dtype: str = "float32"
     k: int = HILL_K
     trace_matvecs: int = 60
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 STATE_MODELS: dict[str, StateModel] = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from riverscape.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
-from riverscape.io.jsonable import to_jsonable
+from riverscape.io.jsonable import JsonRecord, Record, to_jsonable
 
 
 def _leftovers(folder: Path, name: str) -> list[str]:
@@ -126,3 +126,39 @@ def test_unknown_objects_are_refused():
         to_jsonable({"v": object()})
     with pytest.raises(TypeError):
         to_jsonable(_Point)  # a dataclass type, not an instance
+
+
+# ------------------------------------------------------------------------------ the to_dict mixins
+@dataclass(frozen=True)
+class _Inner(Record):
+    low: float
+    bounds: tuple
+
+
+@dataclass(frozen=True)
+class _Outer(Record):
+    name: str
+    inner: _Inner
+    value: float
+
+
+@dataclass(frozen=True)
+class _Profile(JsonRecord):
+    t: torch.Tensor
+    loss: float
+    inner: _Inner
+    where: Path
+
+
+def test_record_keeps_values_and_nests_dataclasses():
+    # asdict semantics: NaN and tuples are kept as they are, nested dataclasses become dicts
+    d = _Outer("a", _Inner(float("nan"), (1, 2)), 0.5).to_dict()
+    assert list(d) == ["name", "inner", "value"] and d["name"] == "a" and d["value"] == 0.5
+    assert math.isnan(d["inner"]["low"]) and d["inner"]["bounds"] == (1, 2)
+
+
+def test_json_record_gives_plain_json_values():
+    d = _Profile(torch.tensor([0.0, 1.0]), math.inf, _Inner(1.5, (3,)), Path("p")).to_dict()
+    assert d == {"t": [0.0, 1.0], "loss": None, "inner": {"low": 1.5, "bounds": [3]}, "where": "p"}
+    assert list(d) == ["t", "loss", "inner", "where"]
+    json.dumps(d, allow_nan=False)

@@ -1,4 +1,9 @@
-"""Plain JSON values from results: one conversion for results.json, metrics.json and summaries."""
+"""Plain JSON values from results: one conversion for results.json, metrics.json and summaries.
+
+The result dataclasses get their ``to_dict()`` from one of two mixins: :class:`Record` (the fields
+as they are, :func:`dataclasses.asdict`) or :class:`JsonRecord` (the fields as JSON values,
+:func:`fields_dict`).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-__all__ = ["to_jsonable", "fields_dict"]
+__all__ = ["to_jsonable", "fields_dict", "Record", "JsonRecord"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -87,3 +92,35 @@ def fields_dict(result: Any, *, exclude: tuple[str, ...] = (), **extra: Any) -> 
     """
     values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in exclude}
     return to_jsonable({**values, **extra})
+
+
+class Record:
+    """Mixin of result and config dataclasses: ``to_dict()`` is :func:`dataclasses.asdict`.
+
+    Fields keep their values (tuples stay tuples, NaN stays NaN); nested dataclasses become dicts.
+
+    Examples
+    --------
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Hit(Record):
+    ...     hit: bool
+    ...     time: int
+    >>> Hit(True, 10).to_dict()
+    {'hit': True, 'time': 10}
+    """
+
+    def to_dict(self) -> dict:
+        """The fields as a dict, in field order (nested dataclasses as dicts)."""
+        return dataclasses.asdict(self)
+
+
+class JsonRecord:
+    """Mixin of result dataclasses whose fields hold tensors or arrays: ``to_dict()`` is :func:`fields_dict`.
+
+    Every field becomes plain JSON values (tensors as lists, NaN as ``None``, nested results through
+    their own ``to_dict()``).
+    """
+
+    def to_dict(self) -> dict:
+        """Every field as JSON values, in field order."""
+        return fields_dict(self)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io.jsonable import fields_dict
+from ..io.jsonable import JsonRecord
 from ..objective import Objective
 from ..training import TrainResult, build_optimizer
 from .slices import Quantizer, as_quant_map, describe_quantizer, evaluate_points
@@ -244,15 +244,10 @@ def path_losses(
         Explicit parameters.
     quantizer : UniformQuantizer or QuantMap, optional
         Also evaluate the quantized loss ``L(Q(gamma(t)))``.
-    chunk_size : int, optional
-        Points per vmapped pass; points are generated chunk by chunk.
-    progress : bool
-        tqdm bar over chunks.
-    reestimate_bn : (inputs, targets) or iterable of batches, optional
-        Re-estimate the BatchNorm running statistics on these calibration data at every
-        evaluated point, ``gamma(t)`` and ``Q(gamma(t))`` alike (docs/ptq_search.md §2; cost:
-        one calibration pass per point, points evaluated one at a time). Default: the FP
-        running statistics.
+    chunk_size, progress, reestimate_bn
+        As in :func:`~riverscape.landscape.slices.evaluate_points` (points are generated chunk
+        by chunk; ``reestimate_bn`` re-estimates the BatchNorm statistics at every evaluated
+        point, ``gamma(t)`` and ``Q(gamma(t))`` alike).
 
     Returns
     -------
@@ -277,7 +272,7 @@ def path_losses(
 
 
 @dataclass(frozen=True)
-class Barrier:
+class Barrier(JsonRecord):
     """The loss barrier ``B = max_t [L(gamma(t)) - ((1 - t) L(a) + t L(b))]`` (Entezari et al. 2021).
 
     Attributes
@@ -299,10 +294,6 @@ class Barrier:
     loss_b: float
     excess: Tensor
     profile: PathProfile
-
-    def to_dict(self) -> dict:
-        """Every field as JSON values (the profile through its own ``to_dict``)."""
-        return fields_dict(self)
 
 
 def loss_barrier(
@@ -468,14 +459,26 @@ def project_onto_path(point: Tensor, path: WeightPath, dense: int = 400) -> Path
 
 
 # ---------------------------------------------------------------------------- low-loss curves
-def _optimizer(params: list[Tensor], name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
-    return build_optimizer(name, params, lr, momentum=momentum)
+class _InteriorPoints:
+    """The trainable points of a curve between its fixed endpoints ``a`` and ``b``, with their optimiser.
 
+    ``count`` points, shape (count, D), start equally spaced strictly between ``a`` and ``b``.
+    """
 
-def _interior_on_segment(a: Tensor, b: Tensor, count: int) -> Tensor:
-    """``count`` equally spaced points strictly between ``a`` and ``b``, shape (count, D), as a leaf."""
-    fractions = torch.arange(1, count + 1, dtype=a.dtype, device=a.device) / (count + 1)
-    return torch.lerp(a[None], b[None], fractions[:, None]).requires_grad_(True)
+    def __init__(self, a: Tensor, b: Tensor, count: int, optimizer: str, lr: float, momentum: float) -> None:
+        self.a, self.b = a, b
+        fractions = torch.arange(1, count + 1, dtype=a.dtype, device=a.device) / (count + 1)
+        self.points = torch.lerp(a[None], b[None], fractions[:, None]).requires_grad_(True)
+        self.optimizer = build_optimizer(optimizer, [self.points], lr, momentum=momentum)
+
+    def chain(self) -> Tensor:
+        """``a``, the interior points and ``b``, shape (count + 2, D), detached."""
+        return torch.cat([self.a[None], self.points.detach(), self.b[None]])
+
+    def step(self, grad: Tensor) -> None:
+        """One optimiser step of the interior points along ``-grad``."""
+        self.points.grad = grad
+        self.optimizer.step()
 
 
 def fit_bezier(
@@ -529,22 +532,20 @@ def fit_bezier(
     a, b = objective.check_theta(a), objective.check_theta(b)
     if bends < 1 or steps < 1 or samples_per_step < 1:
         raise ValueError("bends, steps and samples_per_step must be at least 1")
-    interior = _interior_on_segment(a, b, bends)
-    opt = _optimizer([interior], optimizer, lr, momentum)
+    interior = _InteriorPoints(a, b, bends, optimizer, lr, momentum)
     gen = torch.Generator().manual_seed(seed)
     k = samples_per_step
     bar = tqdm(range(steps), disable=not progress, desc="fit_bezier", leave=False)
     for _ in bar:
         t = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
-        curve = BezierPath(torch.cat([a[None], interior.detach(), b[None]]))
+        curve = BezierPath(interior.chain())
         weights = curve.weights(t).to(a)  # (k, bends + 2)
         points = weights @ curve.control_points
         pairs = [objective.value_and_grad(p) for p in points]
         grads = torch.stack([g for _, g in pairs])  # (k, D)
-        interior.grad = weights[:, 1:-1].T @ grads / k
-        opt.step()
+        interior.step(weights[:, 1:-1].T @ grads / k)
         bar.set_postfix(loss=sum(v for v, _ in pairs) / k)
-    return BezierPath(torch.cat([a[None], interior.detach(), b[None]]))
+    return BezierPath(interior.chain())
 
 
 def _improved_tangents(chain: Tensor, energies: Tensor) -> Tensor:
@@ -605,24 +606,21 @@ def nudged_elastic_band(
     a, b = objective.check_theta(a), objective.check_theta(b)
     if pivots < 1 or steps < 1:
         raise ValueError("pivots and steps must be at least 1")
-    interior = _interior_on_segment(a, b, pivots)
-    opt = _optimizer([interior], optimizer, lr, momentum)
+    interior = _InteriorPoints(a, b, pivots, optimizer, lr, momentum)
     end_losses = [objective.loss(a), objective.loss(b)]
     equal_spacing = torch.linspace(0, 1, pivots + 2, dtype=torch.float64)[1:-1]
     bar = tqdm(range(steps), disable=not progress, desc="NEB", leave=False)
     for _ in bar:
-        chain = torch.cat([a[None], interior.detach(), b[None]])
+        chain = interior.chain()
         pairs = [objective.value_and_grad(p) for p in chain[1:-1]]
         energies = torch.tensor([end_losses[0]] + [v for v, _ in pairs] + [end_losses[1]], dtype=torch.float64)
         grads = torch.stack([g for _, g in pairs])
         tangents = _improved_tangents(chain, energies.to(chain))
-        interior.grad = grads - (grads * tangents).sum(1, keepdim=True) * tangents
-        opt.step()
-        with torch.no_grad():
-            moved = PolylinePath(torch.cat([a[None], interior.detach(), b[None]]))
-            interior.copy_(moved(equal_spacing))
+        interior.step(grads - (grads * tangents).sum(1, keepdim=True) * tangents)
+        with torch.no_grad():  # back to equal arc length along the moved chain
+            interior.points.copy_(PolylinePath(interior.chain())(equal_spacing))
         bar.set_postfix(max_loss=max(v for v, _ in pairs))
-    return PolylinePath(torch.cat([a[None], interior.detach(), b[None]]))
+    return PolylinePath(interior.chain())
 
 
 def refine_path(objective: Objective, a: Tensor, b: Tensor, method: str = "bezier", **options) -> WeightPath:

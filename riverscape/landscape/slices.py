@@ -319,14 +319,9 @@ def slice_1d(
         Number of grid values.
     quantizer : UniformQuantizer or QuantMap, optional
         Evaluate ``L(Q(center + alpha * direction))`` (piecewise constant in ``alpha``).
-    chunk_size : int, optional
-        Points per vmapped pass.
-    progress : bool
-        tqdm bar over chunks.
-    reestimate_bn : (inputs, targets) or iterable of batches, optional
-        Re-estimate the BatchNorm running statistics on these calibration data at every
-        grid point before evaluating it (docs/ptq_search.md §2; cost: one calibration pass
-        per point, points evaluated one at a time). Default: the FP running statistics.
+    chunk_size, progress, reestimate_bn
+        As in :func:`evaluate_points`, whose points are the grid values here
+        (``reestimate_bn``: the BatchNorm statistics re-estimated at every grid point).
 
     Returns
     -------
@@ -387,15 +382,10 @@ def slice_2d(
         Grid size.
     quantizer : UniformQuantizer or QuantMap, optional
         Evaluate ``L(Q(center + alpha d1 + beta d2))`` (scales recomputed at every point).
-    chunk_size : int, optional
-        Grid points per vmapped pass (default: the Objective's activation budget); only
-        ``chunk_size x D`` parameters are held at once.
-    progress : bool
-        tqdm bar over chunks.
-    reestimate_bn : (inputs, targets) or iterable of batches, optional
-        Re-estimate the BatchNorm running statistics on these calibration data at every
-        grid point before evaluating it (docs/ptq_search.md §2; cost: one calibration pass
-        per point, points evaluated one at a time). Default: the FP running statistics.
+    chunk_size, progress, reestimate_bn
+        As in :func:`evaluate_points`, whose points are the grid points here: only
+        ``chunk_size x D`` parameters are held at once; ``reestimate_bn`` re-estimates the
+        BatchNorm statistics at every grid point.
 
     Returns
     -------

@@ -9,13 +9,14 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..gradients import floor_alignment
+from ..io.jsonable import Record
 from ..quant import QParams, QuantMap, ptq
 from ..quant.qat import first_hitting_time
 from .reference import HILL_K, Reference
@@ -27,7 +28,7 @@ LINE_POINTS = tuple([i / 40 for i in range(41)] + [1.25, 1.5, 2.0, 3.0, 4.0, 6.0
 
 
 @dataclass(frozen=True)
-class Tolerance:
+class Tolerance(Record):
     """The hitting tolerance ``tau``: the held-out loss increase at a given accuracy drop.
 
     Attributes
@@ -51,9 +52,6 @@ class Tolerance:
     fp_accuracy: float
     ptq_loss: float
     ptq_accuracy: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def accuracy_tolerance(ref: Reference, qmap: QuantMap, *, drop: float = 0.01) -> Tolerance:
@@ -87,15 +85,12 @@ def accuracy_tolerance(ref: Reference, qmap: QuantMap, *, drop: float = 0.01) ->
 
 
 @dataclass(frozen=True)
-class Hitting:
+class Hitting(Record):
     """First hitting time of a threshold, right-censored at the last step when never reached."""
 
     hit: bool
     time: int
     threshold: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def hitting(steps: Sequence[int], losses: Sequence[float], threshold: float) -> Hitting:

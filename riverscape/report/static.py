@@ -18,30 +18,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import figures
-from .inputs import (
-    ALIGNMENT_NAMES,
-    FIGURE_NAMES,
-    FP_NAME,
-    QUANT_NAME,
-    ColorValues,
-    alignment_layout,
-    bits_series,
-    choose_log_axis,
-    density_rows,
-    log_ticks,
-    marker_points,
-    path_lines,
-    profile_rows,
-    qat_history,
-    slice_pair,
-    slice_panel,
-    spectrum_rows,
-    wants_log,
-)
+from . import figures, inputs
 from .theme import MPL_COLORMAP, PALETTE, color_for, mpl_style, symbol_for
 
-__all__ = list(FIGURE_NAMES)
+__all__ = list(inputs.FIGURE_NAMES)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -84,11 +64,11 @@ def _legend_below(fig: Figure, ax_or_axes: Any, ncols: int = 4) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)))
 
 
-def _colorbar(fig: Figure, mappable: Any, axes: Any, colors: ColorValues) -> None:
+def _colorbar(fig: Figure, mappable: Any, axes: Any, colors: inputs.ColorValues) -> None:
     bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02)
     bar.set_label(colors.title + (" (log scale)" if colors.log else ""))
     if colors.log:
-        ticks, labels = log_ticks(colors.zmin, colors.zmax)
+        ticks, labels = inputs.log_ticks(colors.zmin, colors.zmax)
         bar.set_ticks(ticks, labels=labels)
 
 
@@ -109,7 +89,7 @@ def _plane_axes(ax: Any) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(5))
 
 
-def _draw_contour(ax, alphas, betas, values, colors: ColorValues, ncontours: int):
+def _draw_contour(ax, alphas, betas, values, colors: inputs.ColorValues, ncontours: int):
     mesh = ax.pcolormesh(alphas, betas, values.T, shading="nearest", cmap=MPL_COLORMAP, vmin=colors.zmin, vmax=colors.zmax, rasterized=True)
     levels = np.linspace(colors.zmin, colors.zmax, ncontours + 1)
     if np.isfinite(values).sum() > 3 and np.nanmax(values) > np.nanmin(values):
@@ -135,7 +115,7 @@ def _draw_overlays(ax, points, lines, *, three_d: bool) -> None:
 @_twin_of(figures.slice_figure)
 def slice_figure(alphas, betas, loss, *, markers, paths, title, log, subtract_min, kind, xlabel, ylabel, label, ncontours) -> Figure:
     """Static twin of :func:`riverscape.report.figures.slice_figure` (colour mesh + contour lines)."""
-    panel = slice_panel(alphas, betas, loss, markers=markers, paths=paths, log=log, subtract_min=subtract_min, label=label, kind=kind)
+    panel = inputs.slice_panel(alphas, betas, loss, markers=markers, paths=paths, log=log, subtract_min=subtract_min, label=label, kind=kind)
     alphas, betas, colors, values, points, lines = panel.alphas, panel.betas, panel.colors, panel.values, panel.points, panel.lines
     fig = _figure(11.0 if kind == "both" else 6.4, 5.4)
     axes = []
@@ -154,7 +134,7 @@ def slice_figure(alphas, betas, loss, *, markers, paths, title, log, subtract_mi
         # no z label: the colour bar names the quantity, and a z label collides with it
         ax3.set(xlabel=xlabel.split(" (")[0], ylabel=ylabel.split(" (")[0])
         if colors.log:
-            ticks, labels = log_ticks(colors.zmin, colors.zmax, max_ticks=5)
+            ticks, labels = inputs.log_ticks(colors.zmin, colors.zmax, max_ticks=5)
             ax3.set_zticks(ticks, labels=labels)
         for axis in (ax3.xaxis, ax3.yaxis):
             axis.set_major_locator(MaxNLocator(5))
@@ -169,12 +149,12 @@ def slice_figure(alphas, betas, loss, *, markers, paths, title, log, subtract_mi
 @_twin_of(figures.side_by_side_slices)
 def side_by_side_slices(alphas, betas, fp_loss, quantized_loss, *, markers, paths, titles, title, log, subtract_min, xlabel, ylabel, label, ncontours) -> Figure:
     """Static twin of :func:`riverscape.report.figures.side_by_side_slices`: one shared colour bar."""
-    alphas, betas, _, _, colors = slice_pair(alphas, betas, fp_loss, quantized_loss, log=log, subtract_min=subtract_min, label=label)
+    alphas, betas, _, _, colors = inputs.slice_pair(alphas, betas, fp_loss, quantized_loss, log=log, subtract_min=subtract_min, label=label)
     fig = _figure(11.5, 5.2)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, values, panel_title in zip(axes, colors.grids, titles):
         mesh = _draw_contour(ax, alphas, betas, values, colors, ncontours)
-        _draw_overlays(ax, marker_points(markers, alphas, betas, values), path_lines(paths, alphas, betas, values), three_d=False)
+        _draw_overlays(ax, inputs.marker_points(markers, alphas, betas, values), inputs.path_lines(paths, alphas, betas, values), three_d=False)
         ax.set(title=panel_title, xlabel=xlabel)
         _plane_axes(ax)
     axes[0].set_ylabel(ylabel)
@@ -187,17 +167,17 @@ def side_by_side_slices(alphas, betas, fp_loss, quantized_loss, *, markers, path
 @_twin_of(figures.path_figure)
 def path_figure(profiles, *, title, log_y, xlabel, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.path_figure`."""
-    rows = profile_rows(profiles)
+    rows = inputs.profile_rows(profiles)
     fig = _figure(7.0, 4.4)
     ax = fig.add_subplot()
     all_losses = []
     for index, (label, t, loss, quantized) in enumerate(rows):
         color = color_for(label, index)
-        for values, name, style in ((loss, FP_NAME, "-"), (quantized, QUANT_NAME, "--")):
+        for values, name, style in ((loss, inputs.FP_NAME, "-"), (quantized, inputs.QUANT_NAME, "--")):
             if values is not None:
                 all_losses.append(values)
                 ax.plot(t, values, style, color=color, lw=2, label=f"{label}: {name}")
-    log_y, note = choose_log_axis(log_y, wants_log(*all_losses), *all_losses)
+    log_y, note = inputs.choose_log_axis(log_y, inputs.wants_log(*all_losses), *all_losses)
     if log_y:
         ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel + (" (log scale)" if log_y else ""), title=title)
@@ -209,13 +189,13 @@ def path_figure(profiles, *, title, log_y, xlabel, ylabel) -> Figure:
 @_twin_of(figures.spectrum_figure)
 def spectrum_figure(eigs, *, title, log_y, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.spectrum_figure`."""
-    rows = spectrum_rows(eigs)
+    rows = inputs.spectrum_rows(eigs)
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     for index, (label, values) in enumerate(rows):
         ax.plot(np.arange(1, values.size + 1), values, "-", lw=1, color=color_for(label, index), marker=symbol_for(label, index, matplotlib=True), ms=7, label=label)
     all_values = np.concatenate([v for _, v in rows]) if rows else np.ones(1)
-    log_y, note = choose_log_axis(log_y, bool(np.all(all_values > 0)), all_values, what="an eigenvalue")
+    log_y, note = inputs.choose_log_axis(log_y, bool(np.all(all_values > 0)), all_values, what="an eigenvalue")
     if log_y:
         ax.set_yscale("log")
     else:
@@ -231,7 +211,7 @@ def spectrum_figure(eigs, *, title, log_y, ylabel) -> Figure:
 @_twin_of(figures.density_figure)
 def density_figure(densities, *, title, floor, xlabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.density_figure`."""
-    rows = density_rows(densities)
+    rows = inputs.density_rows(densities)
     peak = max((float(np.nanmax(d)) for _, _, d in rows), default=1.0)
     bottom = floor * peak
     fig = _figure(6.4, 4.2)
@@ -248,7 +228,7 @@ def density_figure(densities, *, title, floor, xlabel) -> Figure:
 @_twin_of(figures.alignment_figure)
 def alignment_figure(metrics, *, dim, title) -> Figure:
     """Static twin of :func:`riverscape.report.figures.alignment_figure`."""
-    entries, names, width, nulls = alignment_layout(metrics, dim)
+    entries, names, width, nulls = inputs.alignment_layout(metrics, dim)
     fig = _figure(max(5.5, 1.6 * len(entries) + 2.5), 4.6)
     ax = fig.add_subplot()
     band_label = "isotropic null, 95 % band ±1.96/√d"
@@ -257,7 +237,7 @@ def alignment_figure(metrics, *, dim, title) -> Figure:
             ax.fill_between([i - 0.45, i + 0.45], -entry.band, entry.band, color="#777", alpha=0.22, lw=0, label=band_label if i == 0 or band_label not in ax.get_legend_handles_labels()[1] else None)
     for k, name in enumerate(names):
         xs = [i + (k - len(names) / 2) * width for i, e in enumerate(entries) if name in e.cosines]
-        ax.bar(xs, [e.cosines[name] for e in entries if name in e.cosines], width=width * 0.95, color=PALETTE[k], label=ALIGNMENT_NAMES[name], align="edge")
+        ax.bar(xs, [e.cosines[name] for e in entries if name in e.cosines], width=width * 0.95, color=PALETTE[k], label=inputs.ALIGNMENT_NAMES[name], align="edge")
     if nulls:
         ax.errorbar(
             [i + len(names) / 2 * width + width / 2 for i, _ in nulls], [e.null_mean for _, e in nulls], yerr=[e.null_sd or 0.0 for _, e in nulls],
@@ -275,7 +255,7 @@ def alignment_figure(metrics, *, dim, title) -> Figure:
 @_twin_of(figures.accuracy_vs_bits_figure)
 def accuracy_vs_bits_figure(rows, *, y, reference, reference_label, chance, title, ylabel) -> Figure:
     """Static twin of :func:`riverscape.report.figures.accuracy_vs_bits_figure`."""
-    series = bits_series(rows, y)
+    series = inputs.bits_series(rows, y)
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     for index, (method, (bits, values)) in enumerate(series.items()):
@@ -294,7 +274,7 @@ def accuracy_vs_bits_figure(rows, *, y, reference, reference_label, chance, titl
 @_twin_of(figures.qat_curve_figure)
 def qat_curve_figure(history, *, fp_loss, fp_accuracy, title, log_y) -> Figure:
     """Static twin of :func:`riverscape.report.figures.qat_curve_figure`."""
-    columns, steps = qat_history(history)
+    columns, steps = inputs.qat_history(history)
     has_flips = "flips" in columns
     fig = _figure(7.0, 5.6 if has_flips else 4.4)
     if has_flips:
@@ -307,7 +287,7 @@ def qat_curve_figure(history, *, fp_loss, fp_accuracy, title, log_y) -> Figure:
     if fp_loss is not None:
         ax.axhline(fp_loss, color="#555", ls="--", lw=1.2, label="L(θ_fp)")
     loss_values = [columns[c] for c in ("quantized_loss", "latent_loss") if c in columns]
-    log_y, note = choose_log_axis(log_y, wants_log(*loss_values), *loss_values)
+    log_y, note = inputs.choose_log_axis(log_y, inputs.wants_log(*loss_values), *loss_values)
     if log_y:
         ax.set_yscale("log")
     ax.set(ylabel="loss" + (" (log scale)" if log_y else ""), title=title)

@@ -40,20 +40,16 @@ SYMBOLS: tuple[str, ...] = ("star", "x", "diamond", "circle", "square", "triangl
 #: Matplotlib equivalents of :data:`SYMBOLS`.
 MPL_MARKERS: tuple[str, ...] = ("*", "X", "D", "o", "s", "^", "P", "p")
 
+#: The points every riverscape report shows: their labels (lower-case), colour and symbol position.
+_CANONICAL_POINTS: tuple[tuple[tuple[str, ...], str, int], ...] = (
+    (("theta_fp", "θ_fp", "fp", "full precision"), "#000000", 0),
+    (("q(theta_fp)", "q(θ_fp)", "ptq"), "#D55E00", 1),
+    (("qat", "q(theta_qat)", "q(θ_qat)"), "#009E73", 2),
+    (("theta_qat", "θ_qat"), "#56B4E9", 3),
+)
 #: Fixed colours/symbols for the points every riverscape report shows (labels compared lower-case).
 CANONICAL_COLORS: dict[str, tuple[str, int]] = {
-    "theta_fp": ("#000000", 0),
-    "θ_fp": ("#000000", 0),
-    "fp": ("#000000", 0),
-    "full precision": ("#000000", 0),
-    "q(theta_fp)": ("#D55E00", 1),
-    "q(θ_fp)": ("#D55E00", 1),
-    "ptq": ("#D55E00", 1),
-    "qat": ("#009E73", 2),
-    "q(theta_qat)": ("#009E73", 2),
-    "q(θ_qat)": ("#009E73", 2),
-    "theta_qat": ("#56B4E9", 3),
-    "θ_qat": ("#56B4E9", 3),
+    label: (color, position) for labels, color, position in _CANONICAL_POINTS for label in labels
 }
 
 COLORSCALE = "Viridis"

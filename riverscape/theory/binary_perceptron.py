@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .teacher_student import _Record
+from ..io.jsonable import Record
 from .uncertainty import bootstrap_estimates, power_law_exponent, replica_summary
 
 __all__ = [
@@ -29,7 +29,7 @@ BINARY_LOSSES = ("squared", "hinge")
 
 
 @dataclass(frozen=True)
-class BinarySTEConfig(_Record):
+class BinarySTEConfig(Record):
     """1-bit teacher-student perceptron trained by the full-batch STE-gradient method (docs/theory.md §8.5).
 
     Teacher ``y = sign(w*.x / sqrt d)``, ``w*`` in {-1, +1}^d, ``x ~ N(0, I_d)``, ``n = round(alpha d)``
@@ -73,7 +73,7 @@ class BinarySTEConfig(_Record):
 
 
 @dataclass(frozen=True)
-class BinarySTEResult(_Record):
+class BinarySTEResult(Record):
     """Result of :func:`train_binary_ste`; every list has one entry per replica.
 
     ``overlap = w*.b / (|w*| |b|)`` of the final deployed weights, ``error = arccos(overlap)/pi``

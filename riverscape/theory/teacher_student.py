@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +61,7 @@ from scipy.special import ndtr, ndtri
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..io.jsonable import Record
 from .grid import QUANTIZER_KINDS, GridQuantizer
 
 __all__ = [
@@ -85,16 +86,9 @@ STE_ESTIMATORS = ("identity", "clipped")
 TEACHERS = ("binary", "gaussian")
 
 
-class _Record:
-    """Mixin: ``to_dict()`` of a frozen result dataclass (nested configs included), JSON-friendly."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 # ---------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class STEConfig(_Record):
+class STEConfig(Record):
     """The linear STE teacher-student model of docs/theory.md §8.1.
 
     Parameters
@@ -142,7 +136,7 @@ class STEConfig(_Record):
 
 
 @dataclass(frozen=True)
-class STESimulation(_Record):
+class STESimulation(Record):
     """Result of :func:`simulate_ste`.
 
     Attributes
@@ -298,7 +292,7 @@ def _simulate(config: STEConfig, taus: list[float], replicas: int, seed: int, dt
 
 # ---------------------------------------------------------------------- mean field
 @dataclass(frozen=True)
-class STEMeanField(_Record):
+class STEMeanField(Record):
     """Result of :func:`ste_mean_field` (the d -> infinity limit).
 
     Attributes

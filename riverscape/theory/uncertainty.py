@@ -17,7 +17,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from .. import stats
-from .teacher_student import _Record, plateau_length
+from ..io.jsonable import Record
+from .teacher_student import plateau_length
 
 __all__ = [
     "BootstrapEstimate",
@@ -35,7 +36,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class BootstrapEstimate(_Record):
+class BootstrapEstimate(Record):
     """A statistic of the whole design with its percentile bootstrap interval.
 
     Attributes
