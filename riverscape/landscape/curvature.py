@@ -115,11 +115,13 @@ def hessian_eigs(
     seed: int = 0,
     ncv: int | None = None,
     maxiter: int | None = None,
+    solver: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Extreme eigenpairs of the Hessian (or of one block ``H_ll``): :func:`riverscape.linalg.eigenpairs`.
 
-    ARPACK Lanczos (``eigsh``) with a start vector seeded by ``seed``; blocks with
-    ``n <= ncv`` are solved densely from ``n`` HVPs.
+    Restarted Lanczos with a start vector seeded by ``seed``: ARPACK (``eigsh``) for a float64
+    Objective, the torch thick-restart Lanczos (basis in the Objective's dtype on its device)
+    otherwise (``solver``); blocks with ``n <= ncv`` are solved densely from ``n`` HVPs.
 
     Parameters
     ----------
@@ -139,14 +141,14 @@ def hessian_eigs(
         Restrict to one parameter tensor (by name) or a coordinate slice: eigenpairs of ``H_ll``.
     operator : HessianOperator, optional
         Reuse an existing operator (its gradient graph and matvec counter).
-    seed, ncv, maxiter
+    seed, ncv, maxiter, solver
         As in :func:`riverscape.linalg.eigenpairs`.
 
     Returns and raises as :func:`riverscape.linalg.eigenpairs` (vectors in the Objective's dtype
     and device).
     """
     op = _resolve(objective, theta, block, operator)
-    return linalg.eigenpairs(op, k, which=which, tol=tol, seed=seed, ncv=ncv, maxiter=maxiter)
+    return linalg.eigenpairs(op, k, which=which, tol=tol, seed=seed, ncv=ncv, maxiter=maxiter, solver=solver)
 
 
 def eigenpair_residuals(
