@@ -75,6 +75,8 @@ def test_invariant_subspace_and_an_operator_that_returns_its_input():
         def _apply(self, vectors):
             return vectors
 
+    with pytest.raises(rs.errors.ConvergenceError, match="exactly zero"):  # as ARPACK (a zero Hessian: degenerate weights)
+        eigenpairs(DenseOperator(torch.zeros(30, 30, dtype=torch.float64)), 2, ncv=8, solver="lanczos")
     values, vectors = eigenpairs(Identity(50, torch.float64, "cpu"), 3, ncv=8, solver="lanczos")
     assert_close(values, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-14, what="identity eigenvalues")
     assert_close(vectors.T @ vectors, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12, what="identity eigenvectors")

@@ -119,7 +119,8 @@ def thick_restart_lanczos(
     Raises
     ------
     ConvergenceError
-        After ``maxiter`` restarts without convergence.
+        After ``maxiter`` restarts without convergence, or when the operator is exactly zero
+        on every vector of the first cycle (ARPACK fails there too).
     """
     n = operator.shape[0]
     if not 1 <= k < ncv < n:
@@ -151,6 +152,8 @@ def thick_restart_lanczos(
                 continue
             basis[j + 1] = w.div_(beta)
             projected[j + 1, j] = projected[j, j + 1] = beta
+        if scale == 0.0:  # as ARPACK: no Krylov space to work in (e.g. the Hessian of all-zero or saturated weights)
+            raise ConvergenceError(f"the operator is exactly zero on all {ncv} vectors tried; no eigenpairs to converge")
         ritz, y = torch.linalg.eigh(projected)
         order = ritz_order(ritz, which)
         wanted = order[:k]
