@@ -322,6 +322,22 @@ class AllGather:
 
 _MIXED = ("each process holds only a shard of the data under data_parallel, so points cannot be split across "
           "processes as well: use data_parallel (large data) or point_parallel on all the data (many points), not both")
+_MODE_ATTRIBUTES = {"data": "reduction", "point": "point_split"}
+
+
+def _to_be_made(objective: Any, mode: str) -> bool:
+    """Whether to make ``objective`` ``mode``-parallel (``"data"`` or ``"point"``): ``False`` in one process.
+
+    Raises ``ValueError`` when it is in the other mode already (the two exclude each other) or in this one.
+    """
+    if not _active():
+        return False
+    other = "point" if mode == "data" else "data"
+    if getattr(objective, _MODE_ATTRIBUTES[other]) is not None:
+        raise ValueError(f"cannot make a {other}-parallel Objective {mode}-parallel: {_MIXED}")
+    if getattr(objective, _MODE_ATTRIBUTES[mode]) is not None:
+        raise ValueError(f"the Objective is {mode}-parallel already")
+    return True
 
 
 def point_parallel(objective: Any, group: Any = None) -> Any:
@@ -354,12 +370,8 @@ def point_parallel(objective: Any, group: Any = None) -> Any:
         well), is point-parallel already, or the processes disagree on the parameter layout or
         the number of samples.
     """
-    if not _active():
+    if not _to_be_made(objective, "point"):
         return objective
-    if objective.reduction is not None:
-        raise ValueError(f"cannot make a data-parallel Objective point-parallel: {_MIXED}")
-    if objective.point_split is not None:
-        raise ValueError("the Objective is point-parallel already")
     split = AllGather(group)
     mine = ([(s.name, s.shape) for s in objective.layout], objective.n_samples, objective.n_counted)
     if split.agree(mine) != mine:
@@ -395,12 +407,8 @@ def data_parallel(objective: Any, group: Any = None) -> Any:
         If the shards disagree on the parameter layout, or the Objective is point-parallel
         (:func:`point_parallel`; the two modes exclude each other).
     """
-    if not _active():
+    if not _to_be_made(objective, "data"):
         return objective
-    if objective.point_split is not None:
-        raise ValueError(f"cannot make a point-parallel Objective data-parallel: {_MIXED}")
-    if objective.reduction is not None:
-        raise ValueError("the Objective is data-parallel already")
     reduction = AllReduce(group)
     layout = [(s.name, s.shape) for s in objective.layout]
     if reduction.agree(layout) != layout:
