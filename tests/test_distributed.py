@@ -284,6 +284,10 @@ def test_shard_is_strided_and_one_process_is_untouched():
     assert distributed.shard((x, y)) == (x, y) and distributed.world_size() == 1 and not distributed.launched({})
     obj = rs.Objective(nn.Linear(1, 1).double(), "mse", (x, y.double()[:, None]))
     assert distributed.data_parallel(obj) is obj and obj.reduction is None
+    assert distributed.point_parallel(obj) is obj and obj.point_split is None and obj.point_share(5) == range(5)
+    assert obj.gather_points(["a", "b"], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="computes 2 of the 2 points, got 1"):
+        obj.gather_points(["a"], 2)
 
 
 class _Twice:
