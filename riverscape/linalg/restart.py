@@ -9,9 +9,11 @@ vectors are copied out, plus what one product needs. Nothing is ``n x n``, and n
 leaves the device but the ``ncv x ncv`` projected matrix (float64, on the CPU).
 
 Every new vector is orthogonalised against the whole basis twice (classical Gram-Schmidt,
-"twice is enough"); the projected matrix ``T = V^T A V`` is filled from those projections, so
-after a restart it has the arrowhead form of the kept Ritz values and their coupling to the
-residual without special cases. Ritz pair ``(theta_i, V y_i)`` has residual
+"twice is enough"). The projected matrix ``T = V^T A V`` is tridiagonal (``alpha_j`` measured,
+``beta_j`` the norms) after an arrowhead block: the kept Ritz values on the diagonal and their
+couplings ``beta y_i[-1]`` to the residual, set algebraically at the restart (the measured
+projections add only rounding, or a low-precision operator's noise, which the
+re-orthogonalisation removes). Ritz pair ``(theta_i, V y_i)`` has residual
 ``||A V y_i - theta_i V y_i|| = ||r|| |y_i[-1]|`` with ``r`` the residual of the last step.
 
 Shapes: ``n`` the operator's dimension, ``k`` eigenpairs, ``ncv`` basis vectors, ``p`` kept
@@ -141,8 +143,7 @@ def thick_restart_lanczos(
         for j in range(start, ncv):
             w = owned_product(operator.torch_matmat(basis[j][:, None])[:, 0], basis)  # changed in place below
             h = orthogonalise_(w, basis[: j + 1])
-            projected[: j + 1, j] = h
-            projected[j, : j + 1] = h
+            projected[j, j] = h[j]  # alpha_j; the other coefficients are rounding, or the couplings set at the restart
             beta = float(torch.linalg.vector_norm(w))
             scale = max(scale, float(h.abs().max()), beta)
             if j + 1 == ncv:
