@@ -165,7 +165,9 @@ def thick_restart_lanczos(
             del w
             wanted = wanted[torch.argsort(ritz[wanted], descending=True, stable=True)]
             _rotate(basis, y[:, wanted])
-            return ritz[wanted], basis[:k].T.clone()  # the basis is freed on return: k vectors stay
+            # row-major (n, k) like ARPACK's: the layout decides the summation order of later products,
+            # so a stored and reloaded basis (row-major) gives bit-identical numbers; the basis is freed on return
+            return ritz[wanted], basis[:k].T.contiguous()
         kept = order[:keep]
         _rotate(basis, y[:, kept])
         coupling = beta * y[-1, kept]
