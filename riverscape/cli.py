@@ -695,7 +695,7 @@ def _input_error_from(exc: BaseException) -> Optional[str]:
         return "no space left on the device while writing the output; free some space or choose another --out"
     if isinstance(exc, ConvergenceError) or type(exc).__name__ in ("ArpackError", "ArpackNoConvergence"):
         return (
-            f"the Hessian eigensolver (ARPACK) failed: {_one_line(exc)}; the weights may be degenerate "
+            f"the Hessian eigensolver failed: {_one_line(exc)}; the weights may be degenerate "
             "(all zero or saturated) at this point"
         )
     return None

@@ -19,6 +19,15 @@ Every all-reduce times out (default :data:`DEFAULT_TIMEOUT` seconds, or the envi
 raises :class:`PeerError` instead of hanging. Nothing here touches ``torch.distributed`` state unless the process was
 launched distributed (:func:`launched`): one process behaves, and computes, exactly as before.
 
+The complementary mode, for small data and many points: every process holds *all* the data and
+:func:`point_parallel` splits the points instead. A batched evaluation (``evaluate``/``losses``,
+hence 2D slices, path profiles, basin widths) computes points ``rank, rank + W, ...`` in each
+process and gathers them in order (one all-gather per call), and the matched-null draws of the
+alignment (each with its valley-floor solve) are shared out the same way; the random numbers
+are drawn in full on every process, so the results are those of one process. Loss, gradients
+and HVPs are then computed whole in every process (no communication). The two modes exclude
+each other: with a shard of the data per process, points cannot be split.
+
 Not distributed: :meth:`Objective.loss_tensor` (differentiable; it is this process's share),
 ``finite_difference_hvp`` over explicit batches, QAT, data-aware PTQ calibration and BatchNorm
 re-estimation (the command line runs those on the full data in every process).
@@ -40,6 +49,7 @@ from .streaming import is_tensor_pair
 __all__ = [
     "DEFAULT_TIMEOUT",
     "STARTUP_TIMEOUT",
+    "AllGather",
     "AllReduce",
     "Launch",
     "PeerError",
@@ -53,6 +63,7 @@ __all__ = [
     "launch_from_env",
     "launched",
     "only_errors",
+    "point_parallel",
     "rank",
     "shard",
     "shutdown",
@@ -245,6 +256,131 @@ class AllReduce:
         return agree(value, self.group)
 
 
+class AllGather:
+    """The :class:`~riverscape.objective.PointSplit` of a process group: strided points, results all-gathered.
+
+    Parameters
+    ----------
+    group : ProcessGroup, optional
+        Default: the world.
+    timeout : float, optional
+        Seconds an all-gather of tensors waits (default :func:`collective_timeout`); gathering
+        Python objects waits the process group's timeout.
+
+    Attributes
+    ----------
+    rank, world_size : int
+        This process's index in the group and the group's size.
+    """
+
+    def __init__(self, group: Any = None, timeout: Optional[float] = None) -> None:
+        if not _active():
+            raise RuntimeError("no process group: call riverscape.distributed.init() in every process first")
+        self.group = group
+        self.rank = torch.distributed.get_rank(group)
+        self.world_size = torch.distributed.get_world_size(group)
+        self.timeout = datetime.timedelta(seconds=collective_timeout(timeout))
+
+    def _count(self, r: int, n: int) -> int:
+        return len(range(r, n, self.world_size))
+
+    def gather(self, tensor: Tensor, n: int) -> Tensor:
+        """All ``n`` rows in order from every process's rows ``rank, rank + W, ...`` (``tensor`` holds those)."""
+        dist, w = torch.distributed, self.world_size
+        mine = self._count(self.rank, n)
+        if tensor.shape[0] != mine:
+            raise ValueError(f"process {self.rank} of {w} holds {mine} of {n} points, got {tensor.shape[0]} rows")
+        padded = tensor.new_zeros((-(-n // w), *tensor.shape[1:]))  # equal sizes for all_gather
+        padded[:mine] = tensor
+        parts = [torch.empty_like(padded) for _ in range(w)]
+
+        def gather() -> None:
+            dist.all_gather(parts, padded, group=self.group, async_op=True).wait(timeout=self.timeout)
+
+        _collective("an all-gather", gather)
+        out = tensor.new_empty((n, *tensor.shape[1:]))
+        for r, part in enumerate(parts):
+            out[r::w] = part[: self._count(r, n)]
+        return out
+
+    def gather_objects(self, values: list, n: int) -> list:
+        """All ``n`` entries in order from every process's entries ``rank, rank + W, ...`` (picklable objects)."""
+        if len(values) != self._count(self.rank, n):
+            raise ValueError(f"process {self.rank} of {self.world_size} holds {self._count(self.rank, n)} of {n} entries, "
+                             f"got {len(values)}")
+        box: list = [None] * self.world_size
+        _collective("an all-gather", lambda: torch.distributed.all_gather_object(box, list(values), group=self.group))
+        out: list = [None] * n
+        for r, part in enumerate(box):
+            out[r :: self.world_size] = part
+        return out
+
+    def agree(self, value: Any) -> Any:
+        """Process 0's ``value`` on every process."""
+        return agree(value, self.group)
+
+
+_MIXED = ("each process holds only a shard of the data under data_parallel, so points cannot be split across "
+          "processes as well: use data_parallel (large data) or point_parallel on all the data (many points), not both")
+_MODE_ATTRIBUTES = {"data": "reduction", "point": "point_split"}
+
+
+def _to_be_made(objective: Any, mode: str) -> bool:
+    """Whether to make ``objective`` ``mode``-parallel (``"data"`` or ``"point"``): ``False`` in one process.
+
+    Raises ``ValueError`` when it is in the other mode already (the two exclude each other) or in this one.
+    """
+    if not _active():
+        return False
+    other = "point" if mode == "data" else "data"
+    if getattr(objective, _MODE_ATTRIBUTES[other]) is not None:
+        raise ValueError(f"cannot make a {other}-parallel Objective {mode}-parallel: {_MIXED}")
+    if getattr(objective, _MODE_ATTRIBUTES[mode]) is not None:
+        raise ValueError(f"the Objective is {mode}-parallel already")
+    return True
+
+
+def point_parallel(objective: Any, group: Any = None) -> Any:
+    """Split ``objective``'s batched evaluations and null draws across processes; every process holds all the data.
+
+    A collective: every process calls it, in the same order, on an Objective of the *same,
+    complete* data. From then on ``evaluate``/``losses`` (2D slices, path profiles, basin
+    widths, damage scans) compute points ``rank, rank + W, ...`` in each process and all-gather
+    them in order, and :func:`~riverscape.gradients.matched_null` (the alignment's null,
+    valley-floor solves included) shares out its draws the same way. The numbers are those of
+    one process (each point is computed by one process exactly as one process would). Loss,
+    gradient and HVPs are computed whole in every process, with no communication. Without a
+    process group the Objective is returned unchanged.
+
+    Parameters
+    ----------
+    objective : Objective
+        Built on all of the data, the same in every process.
+    group : ProcessGroup, optional
+
+    Returns
+    -------
+    Objective
+        The same object, now point-parallel (``objective.point_split`` is set).
+
+    Raises
+    ------
+    ValueError
+        If the Objective is data-parallel (each process has a shard: points cannot be split as
+        well), is point-parallel already, or the processes disagree on the parameter layout or
+        the number of samples.
+    """
+    if not _to_be_made(objective, "point"):
+        return objective
+    split = AllGather(group)
+    mine = ([(s.name, s.shape) for s in objective.layout], objective.n_samples, objective.n_counted)
+    if split.agree(mine) != mine:
+        raise ValueError(f"process {rank()} has another parameter layout or sample count than process 0: "
+                         "point_parallel needs the same model and all of the same data in every process")
+    objective.point_split = split
+    return objective
+
+
 def data_parallel(objective: Any, group: Any = None) -> Any:
     """Make ``objective`` (built on this process's shard) return full-data means on every process.
 
@@ -268,12 +404,11 @@ def data_parallel(objective: Any, group: Any = None) -> Any:
     Raises
     ------
     ValueError
-        If the shards disagree on the parameter layout.
+        If the shards disagree on the parameter layout, or the Objective is point-parallel
+        (:func:`point_parallel`; the two modes exclude each other).
     """
-    if not _active():
+    if not _to_be_made(objective, "data"):
         return objective
-    if objective.reduction is not None:
-        raise ValueError("the Objective is data-parallel already")
     reduction = AllReduce(group)
     layout = [(s.name, s.shape) for s in objective.layout]
     if reduction.agree(layout) != layout:

@@ -68,6 +68,26 @@ class Reduction(Protocol):
         """Process 0's ``value`` on every process (a decision that must be shared)."""
 
 
+class PointSplit(Protocol):
+    """How a point-parallel Objective shares out points among processes (see :mod:`riverscape.distributed`).
+
+    Every process holds all the data; point ``i`` of ``n`` is evaluated by process
+    ``i % world_size`` and the results are gathered in order.
+    """
+
+    rank: int
+    world_size: int
+
+    def gather(self, tensor: Tensor, n: int) -> Tensor:
+        """Rows ``rank, rank + W, ...`` of an ``(n, ...)`` result from every process: all ``n`` rows in order."""
+
+    def gather_objects(self, values: list, n: int) -> list:
+        """Entries ``rank, rank + W, ...`` of a length-``n`` list from every process: all ``n`` in order."""
+
+    def agree(self, value: Any) -> Any:
+        """Process 0's ``value`` on every process (a decision that must be shared)."""
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """Where one parameter tensor lives inside the flat vector ``theta``.
@@ -326,6 +346,7 @@ class Objective:
         self._weights = [n / self.n_counted for n in self.batch_counts]
         self._largest_numel = max(r.numel for r in records)
         self.reduction: Reduction | None = None  # data-parallel: set by riverscape.distributed.data_parallel
+        self.point_split: PointSplit | None = None  # point-parallel: set by riverscape.distributed.point_parallel
 
         self.metric_name: str | None
         if metric == "auto":
@@ -495,8 +516,40 @@ class Objective:
         return tensor if self.reduction is None else self.reduction.sum(tensor)
 
     def shared(self, value: Any) -> Any:
-        """Process 0's ``value`` on every process of a data-parallel Objective (``value`` itself in one process)."""
-        return value if self.reduction is None else self.reduction.agree(value)
+        """Process 0's ``value`` on every process of a data- or point-parallel Objective (``value`` itself in one process)."""
+        group = self.reduction if self.reduction is not None else self.point_split
+        return value if group is None else group.agree(value)
+
+    # ------------------------------------------------------------------ point parallel
+    def point_share(self, n: int) -> range:
+        """Indices of the ``n`` points (or draws) this process computes.
+
+        ``range(n)`` in one process and when data-parallel; ``range(rank, n, world_size)`` when
+        point-parallel (:func:`riverscape.distributed.point_parallel`). Pair with :meth:`gather_points`.
+        """
+        return range(n) if self.point_split is None else range(self.point_split.rank, n, self.point_split.world_size)
+
+    def gather_points(self, values: list, n: int) -> list:
+        """The results of all ``n`` points in order, from this process's ``values`` (one per :meth:`point_share` index).
+
+        A collective when point-parallel (every process calls it with its share); ``values`` itself otherwise.
+        """
+        if len(values) != len(self.point_share(n)):
+            raise ValueError(f"this process computes {len(self.point_share(n))} of the {n} points, got {len(values)} values")
+        return list(values) if self.point_split is None else self.point_split.gather_objects(list(values), n)
+
+    @contextlib.contextmanager
+    def points_here(self) -> Iterator[None]:
+        """Within the block, batched evaluations run whole on this process (no split, no collective).
+
+        For work that is itself split across processes: a null draw computed by one process must
+        not wait for the others inside :meth:`evaluate`.
+        """
+        split, self.point_split = self.point_split, None
+        try:
+            yield
+        finally:
+            self.point_split = split
 
     def _reduce_float(self, value: float) -> float:
         if self.reduction is None:
@@ -744,6 +797,10 @@ class Objective:
     def evaluate(self, thetas: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Loss (and metric) at many points in one batched pass.
 
+        A data-parallel Objective adds the processes' shares (one all-reduce per call); a
+        point-parallel one evaluates the points ``rank, rank + W, ...`` here and gathers all
+        ``n`` in order (one all-gather per call; see :mod:`riverscape.distributed`).
+
         Parameters
         ----------
         thetas : Tensor, shape (n, D)
@@ -759,21 +816,28 @@ class Objective:
         thetas = thetas.to(device=self.device, dtype=self.dtype)
         if thetas.ndim != 2 or thetas.shape[1] != self.dim:
             raise ValueError(f"thetas must have shape (n, {self.dim}), got {tuple(thetas.shape)}")
+        n, split = thetas.shape[0], self.point_split
+        if split is not None and self.reduction is not None:
+            raise ValueError("an Objective cannot be data-parallel (a shard per process) and point-parallel at once")
+        if split is not None:  # point-parallel: this process's points rank, rank + W, ...
+            thetas = thetas[split.rank :: split.world_size]
         chunk = chunk_size or self.default_chunk_size()
-        losses, metrics = [], []
+        losses, metrics = [thetas.new_zeros(0)], [thetas.new_zeros(0)]  # a share may be empty
         with torch.no_grad():
             for i in range(0, thetas.shape[0], chunk):
                 l, m = self._evaluate_chunk(thetas[i : i + chunk])
                 losses.append(l)
                 metrics.append(m)
-        loss = torch.cat(losses)
+        loss, scores = torch.cat(losses), torch.cat(metrics)
         if self.reduction is not None:  # one message per call, however the points were chunked
-            both = self.reduction.sum(torch.stack([loss, torch.cat(metrics)]))
-            loss, metrics = both[0], [both[1]]
+            loss, scores = self.reduction.sum(torch.stack([loss, scores]))
+        if split is not None:  # one message per call: every process gets all n in order
+            both = split.gather(torch.stack([loss, scores], dim=1), n)
+            loss, scores = both[:, 0].contiguous(), both[:, 1].contiguous()
         if self._metric is None:
             metric = loss.exp() if self.metric_name == "perplexity" else None
         else:
-            metric = torch.cat(metrics)
+            metric = scores
         return loss, metric
 
     def losses(self, thetas: Tensor, *, chunk_size: int | None = None) -> Tensor:

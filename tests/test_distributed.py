@@ -38,6 +38,11 @@ import riverscape as rs  # noqa: E402
 from riverscape import distributed  # noqa: E402
 
 RTOL, ATOL = 1e-9, 1e-12  # see the module docstring
+# Point-parallel: every process holds all the data and computes its points exactly as one process
+# would (same batches, same order); only the grouping of points into vmapped chunks differs, which
+# can move a loss by rounding (1e-16). 1e-12 relative is that with margin; any mix-up of points or
+# draws moves values at 1e-3 or more.
+POINT_RTOL = 1e-12
 # A finite-difference HVP divides the gradients' rounding differences by h = eps^(1/3) ||theta|| / ||v||
 # (~1e-5 here): the shard-order rounding of 1e-16 becomes ~1e-11 absolute, the method's own nominal
 # accuracy eps^(2/3) ~ 4e-11 (Objective.finite_difference_accuracy). 1e-9 absolute leaves margin.
@@ -115,7 +120,51 @@ def compute(world: int) -> dict:
     out["lm"] = {"n": [lm_obj.n_samples, lm_obj.n_counted], "loss": lm_obj.loss(lm_obj.theta0), "metric": lm_obj.metric(lm_obj.theta0),
                  "grad": lm_obj.grad(lm_obj.theta0).tolist(), "hvp": lm_obj.hvp(lm_obj.theta0, w).tolist(),
                  "losses": lm_obj.losses(lm_obj.theta0 + 0.1 * torch.stack([w, -w])).tolist()}
+    out["points"] = point_parallel_numbers()
     out["world"] = world
+    return out
+
+
+def point_parallel_numbers() -> dict:
+    """A 5x5 slice, a path profile (plain and quantized), a basin-width scan and the alignment with its nulls, point-parallel.
+
+    Every process holds all 37 samples; the points of every evaluation call and the null draws
+    are split strided (7 null draws: 4 and 3).
+    """
+    from riverscape.gradients import HillBasis, alignment, basin_widths, matched_null
+    from riverscape.landscape.directions import random_direction
+    from riverscape.landscape.paths import BezierPath, path_losses
+    from riverscape.landscape.slices import slice_2d
+    from riverscape.quant import UniformQuantizer
+
+    model, data = _classifier()
+    obj = distributed.point_parallel(rs.Objective(model, "cross_entropy", data, batch_size=5, dtype=torch.float64))
+    theta = obj.theta0
+    d1, d2 = random_direction(obj, seed=6), random_direction(obj, seed=7)
+    points, gradients = [], []  # the work this process did: evaluated points, null-draw gradients
+    obj._evaluate_chunk = lambda chunk: (points.append(chunk.shape[0]), type(obj)._evaluate_chunk(obj, chunk))[1]
+    out = {"slice": slice_2d(obj, theta, d1, d2, span=0.5, steps=5, progress=False).loss.tolist()}
+    del obj._evaluate_chunk
+    obj.value_and_grad = lambda point: (gradients.append(1), type(obj).value_and_grad(obj, point))[1]
+    signs = torch.randint(0, 2, (7, obj.dim), generator=torch.Generator().manual_seed(8)).double() * 2 - 1
+    out["null"] = matched_null(obj, theta, 0.05 * d1, signs).cosines
+    del obj.value_and_grad
+    out["work"] = {"slice_points": sum(points), "null_gradients": len(gradients)}
+    profile = path_losses(obj, BezierPath(torch.stack([theta, theta + d1, theta + d2])), 9, quantizer=UniformQuantizer(3), progress=False)
+    out["path"] = {"loss": profile.loss.tolist(), "metric": profile.metric.tolist(), "quantized": profile.quantized_loss.tolist()}
+    basis = HillBasis.compute(obj, theta, k=2)
+    out["widths"] = list(basin_widths(obj, theta, basis.values, basis.vectors, 0.05))
+    res = alignment(obj, theta, UniformQuantizer(2), basis=basis, n_null=7, floor_steps=5, seed=0, progress=False).to_dict()
+    out["alignment"] = {k: val for k, val in res.items() if isinstance(val, float)}
+    if distributed.world_size() > 1:  # the two modes exclude each other, in either order
+        refused = []
+        for first, second in ((distributed.data_parallel, distributed.point_parallel), (distributed.point_parallel, distributed.data_parallel)):
+            try:
+                second(first(rs.Objective(model, "cross_entropy", distributed.shard(data) if first is distributed.data_parallel else data,
+                                          dtype=torch.float64)))
+            except ValueError as err:
+                refused.append(str(err))
+        out["refused"] = refused
     return out
 
 
@@ -157,24 +206,26 @@ def _launch(args: list[str], world: int, tmp_path: Path, **extra: str) -> list[s
     return _finish(_start(args, world, tmp_path, **extra))
 
 
-def _close(actual, expected, what):
+def _close(actual, expected, what, rtol=RTOL):
     a = torch.as_tensor(actual, dtype=torch.float64)
     e = torch.as_tensor(expected, dtype=torch.float64)
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), what
+    a, e = torch.where(torch.isinf(e), 0.0, a), torch.where(torch.isinf(e), 0.0, e)  # an infinite basin width is compared as such
     err = (a - e).abs()
-    bound = (FD_ATOL if "finite_difference" in what else ATOL) + RTOL * e.abs()
+    bound = (FD_ATOL if "finite_difference" in what else ATOL) + rtol * e.abs()
     assert bool((err <= bound).all()), f"{what}: max abs error {err.max().item():.3e} (values {a.flatten()[:4].tolist()} vs {e.flatten()[:4].tolist()})"
 
 
-def _compare(actual, expected, what="") -> None:
+def _compare(actual, expected, what="", rtol=RTOL) -> None:
     if isinstance(expected, dict):
         assert set(actual) == set(expected), what
         for key in expected:
-            _compare(actual[key], expected[key], f"{what}.{key}")
+            _compare(actual[key], expected[key], f"{what}.{key}", rtol)
     elif expected is None:
         assert actual is None, what
     else:
-        _close(actual, expected, what)
+        _close(actual, expected, what, rtol)
 
 
 # ---------------------------------------------------------------------------------------- tests
@@ -187,12 +238,21 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r.pop("shard_size") for r in ranks] == [19, 18], "unequal shards, or the test means less"
     assert [r.pop("rank") for r in ranks] == [0, 1]
+    # point-parallel: each process computed its strided share of every evaluation call and of the 7 null
+    # draws. The slice's 25 points come in three calls: points 0 and 1 alone (the adaptive chunk
+    # timing; one point each, so process 0's), then the other 23 together (12 and 11)
+    assert single["points"].pop("work") == {"slice_points": 25, "null_gradients": 7}
+    assert [r["points"].pop("work") for r in ranks] == [{"slice_points": 14, "null_gradients": 4}, {"slice_points": 11, "null_gradients": 3}]
     assert ranks[0] == ranks[1], "the two processes disagree (they must compute bit-identical numbers)"
     assert ranks[0]["n"] == single["n"] == [37, 37] and ranks[0]["world"] == 2
     assert ranks[0]["lm"]["n"] == single["lm"]["n"]
     for key in single:
-        if key != "world":
+        if key not in ("world", "points"):
             _compare(ranks[0][key], single[key], key)
+    # point-parallel: the one-process numbers, and the mixed mode refused in either order
+    refused = ranks[0]["points"].pop("refused")
+    _compare(ranks[0]["points"], single["points"], "points", rtol=POINT_RTOL)
+    assert len(refused) == 2 and all("data_parallel" in m and "point_parallel" in m and "shard" in m for m in refused), refused
 
 
 def test_an_exception_on_one_process_ends_both_quickly_with_one_error(tmp_path):
@@ -224,6 +284,10 @@ def test_shard_is_strided_and_one_process_is_untouched():
     assert distributed.shard((x, y)) == (x, y) and distributed.world_size() == 1 and not distributed.launched({})
     obj = rs.Objective(nn.Linear(1, 1).double(), "mse", (x, y.double()[:, None]))
     assert distributed.data_parallel(obj) is obj and obj.reduction is None
+    assert distributed.point_parallel(obj) is obj and obj.point_split is None and obj.point_share(5) == range(5)
+    assert obj.gather_points(["a", "b"], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="computes 2 of the 2 points, got 1"):
+        obj.gather_points(["a"], 2)
 
 
 class _Twice:

@@ -425,8 +425,8 @@ BAD_PHRASES = {
     "train_type": "field 'train' must be a dict",
     "steps_type": "'trajectory_steps' must be a list of integers",
     "history_type": "field 'loss_history' must be a list of numbers",
-    "zero_weights": "the Hessian eigensolver (ARPACK) failed",
-    "saturated": "the Hessian eigensolver (ARPACK) failed",
+    "zero_weights": "the Hessian eigensolver failed",
+    "saturated": "the Hessian eigensolver failed",
     "nan_trajectory": "the training trajectory contains NaN or inf",
     "fifo": "is not a regular file",
 }

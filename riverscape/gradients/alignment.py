@@ -136,7 +136,10 @@ def matched_null(
     Returns
     -------
     NullSample
-        One gradient per draw (plus what the direction builders cost).
+        One gradient per draw (plus what the direction builders cost). A point-parallel
+        Objective (:func:`riverscape.distributed.point_parallel`) computes draws
+        ``rank, rank + W, ...`` in each process and gathers them in order: the same numbers as
+        one process, as every process holds all of ``signs``.
     """
     reference = objective.check_theta(reference)
     delta = objective.check_theta(delta)
@@ -145,21 +148,29 @@ def matched_null(
         raise ValueError(f"signs must have shape (n, {objective.dim}), got {tuple(signs.shape)}")
     builders = dict(directions or {})
     base = objective.loss(reference)
-    cosines, inward, inward_raw, increases = [], [], [], []
-    extra: dict[str, list] = {name: [] for name in builders}
-    for eps in tqdm(signs, desc="matched null", leave=False, disable=not progress):
-        point = reference + delta * eps.to(delta)
-        value, g = objective.value_and_grad(point)
-        cosines.append(cosine(-g, target - point))
-        increases.append(value - base)
-        if vectors is not None:
-            metrics = _direction_metrics(g, target - point, vectors)
-            inward.append(metrics["inward"])
-            inward_raw.append(metrics["inward_raw"])
-        for name, build in builders.items():
-            u = build(point)
-            extra[name].append(None if u is None else cosine(-g, u))
-    return NullSample(cosines, inward, increases, inward_raw, extra)
+    n = signs.shape[0]
+    share = objective.point_share(n)  # this process's draws (all of them, unless the Objective is point-parallel)
+    draws = []
+    with objective.points_here():  # a draw's own evaluations run whole in the process that computes it
+        for i in tqdm(share, desc="matched null", leave=False, disable=not progress):
+            point = reference + delta * signs[i].to(delta)
+            value, g = objective.value_and_grad(point)
+            hill = None if vectors is None else _direction_metrics(g, target - point, vectors)
+            extra = {}
+            for name, build in builders.items():
+                u = build(point)
+                extra[name] = None if u is None else cosine(-g, u)
+            inward = (None, None) if hill is None else (hill["inward"], hill["inward_raw"])
+            draws.append((cosine(-g, target - point), value - base, *inward, extra))
+    draws = objective.gather_points(draws, n)  # (cosine, loss increase, inward, inward_raw, extra) of every draw
+    hill_frame = vectors is not None
+    return NullSample(
+        cosines=[d[0] for d in draws],
+        inward=[d[2] for d in draws] if hill_frame else [],
+        loss_increases=[d[1] for d in draws],
+        inward_raw=[d[3] for d in draws] if hill_frame else [],
+        directions={name: [d[4][name] for d in draws] for name in builders},
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Extreme eigenpairs of a symmetric operator: ARPACK Lanczos (``eigsh``), or dense for small ``n``.
+"""Extreme eigenpairs of a symmetric operator: ARPACK Lanczos (``eigsh``), thick-restart Lanczos in
+torch (:mod:`riverscape.linalg.restart`), or dense for small ``n``.
 
 Shapes: ``n`` the operator's dimension, ``k`` eigenpairs.
 """
@@ -11,10 +12,12 @@ from torch import Tensor
 
 from ..errors import ConvergenceError
 from .operators import Operator
+from .restart import thick_restart_lanczos
 
-__all__ = ["EIG_WHICH", "default_ncv", "eigenpairs", "eigenpair_residuals"]
+__all__ = ["EIG_WHICH", "EIG_SOLVERS", "default_ncv", "default_solver", "eigenpairs", "eigenpair_residuals"]
 
 EIG_WHICH = ("LA", "SA", "BE", "LM")
+EIG_SOLVERS = ("auto", "arpack", "lanczos")
 
 
 def _select(k: int, n: int, which: str, ascending_values: Tensor) -> Tensor:
@@ -35,6 +38,16 @@ def default_ncv(k: int, n: int) -> int:
     return min(n, max(2 * k + 1, 20))
 
 
+def default_solver(dtype: torch.dtype) -> str:
+    """The solver of ``solver="auto"``: ``"arpack"`` for a float64 operator, ``"lanczos"`` otherwise.
+
+    ARPACK (scipy) keeps its basis in float64 numpy arrays on the CPU, and at the end a second
+    ``n x ncv`` array for the Ritz vectors; the thick-restart Lanczos keeps one basis in the
+    operator's dtype on its device (half the memory in float32, none of it copied per product).
+    """
+    return "arpack" if dtype == torch.float64 else "lanczos"
+
+
 def eigenpairs(
     operator: Operator,
     k: int = 5,
@@ -44,8 +57,9 @@ def eigenpairs(
     seed: int = 0,
     ncv: int | None = None,
     maxiter: int | None = None,
+    solver: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Extreme eigenpairs of a symmetric operator by ARPACK Lanczos (``scipy.sparse.linalg.eigsh``).
+    """Extreme eigenpairs of a symmetric operator by restarted Lanczos.
 
     Parameters
     ----------
@@ -61,12 +75,20 @@ def eigenpairs(
         operator, ``1e-5`` in lower precision, where the products themselves are only
         accurate to about 1e-7 relative.
     seed : int
-        Seeds ARPACK's start vector ``v0`` (``numpy.random.default_rng(seed).standard_normal(n)``).
+        Seeds the start vector: ARPACK's ``v0`` is ``numpy.random.default_rng(seed).standard_normal(n)``,
+        the torch solver's ``torch.randn`` from a generator seeded with ``seed``.
     ncv : int, optional
         Lanczos basis size (default :func:`default_ncv`). Operators with ``n <= ncv`` are
         solved densely from ``n`` products (``torch.linalg.eigh`` of :meth:`Operator.to_dense`).
     maxiter : int, optional
-        ARPACK restart limit (default: scipy's).
+        Restart limit (default: scipy's ``10 n``, for both solvers).
+    solver : {"auto", "arpack", "lanczos"}
+        ``"arpack"``: ``scipy.sparse.linalg.eigsh`` on the float64 scipy view of the operator
+        (memory: about ``(2 ncv + k + 4) x n`` float64 numbers at the end, when scipy extracts
+        the Ritz vectors). ``"lanczos"``: :func:`~riverscape.linalg.restart.thick_restart_lanczos`,
+        the basis in the operator's dtype on its device (at most ``(ncv + k) x n`` numbers).
+        ``"auto"`` (default): :func:`default_solver`, ARPACK in float64 and the torch solver in
+        lower precision. Both stop on the same relative Ritz residual ``tol``.
 
     Returns
     -------
@@ -76,10 +98,12 @@ def eigenpairs(
     Raises
     ------
     ConvergenceError
-        When ARPACK does not converge (with the number of converged pairs); raise ``tol``.
+        When the solver does not converge (with the number of converged pairs); raise ``tol`` or ``maxiter``.
     """
     if which not in EIG_WHICH:
         raise ValueError(f"which must be one of {EIG_WHICH}, got {which!r}")
+    if solver not in EIG_SOLVERS:
+        raise ValueError(f"solver must be one of {EIG_SOLVERS}, got {solver!r}")
     n = operator.shape[0]
     ncv = default_ncv(k, n) if ncv is None else int(ncv)
     dense = n <= ncv
@@ -92,6 +116,9 @@ def eigenpairs(
     else:
         if tol is None:
             tol = 1e-8 if operator.torch_dtype == torch.float64 else 1e-5
+        if (default_solver(operator.torch_dtype) if solver == "auto" else solver) == "lanczos":
+            maxiter = 10 * n if maxiter is None else int(maxiter)
+            return thick_restart_lanczos(operator, k, which=which, tol=tol, ncv=ncv, maxiter=maxiter, seed=seed)
         v0 = np.random.default_rng(seed).standard_normal(n)
         try:
             values, vectors = eigsh(operator.to_scipy(), k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)

@@ -15,9 +15,28 @@ from torch import Tensor
 from .operators import Operator
 from .trace import rademacher
 
-__all__ = ["lanczos", "spectral_density", "SpectralDensity", "DENSITY_CHECK_EVERY"]
+__all__ = ["lanczos", "orthogonalise_", "owned_product", "spectral_density", "SpectralDensity", "DENSITY_CHECK_EVERY"]
 
 DENSITY_CHECK_EVERY = 10  # Lanczos steps between two convergence checks of spectral_density(tol=...)
+
+
+def orthogonalise_(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove the span of ``basis``'s rows (orthonormal) from ``w`` in place, twice.
+
+    Classical Gram-Schmidt applied twice ("twice is enough"), with no temporary of ``w``'s
+    size. Returns the float64 coefficients of both passes added, ``basis @ w`` of the original
+    ``w`` to rounding (on the CPU).
+    """
+    first = basis @ w
+    w.addmv_(basis.T, first, alpha=-1.0)
+    second = basis @ w
+    w.addmv_(basis.T, second, alpha=-1.0)
+    return first.double().cpu() + second.double().cpu()
+
+
+def owned_product(w: Tensor, basis: Tensor) -> Tensor:
+    """``w``, or a copy when it shares memory with ``basis`` (a product that returned its input), before in-place work."""
+    return w.clone() if w.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr() else w
 
 
 def lanczos(
@@ -34,6 +53,8 @@ def lanczos(
     new vector is orthogonalised against the whole basis twice (classical Gram-Schmidt,
     "twice is enough"), as SLQ in float32 needs (Ghorbani et al. 2019; PyHessian).
     Stops early when the Krylov space becomes invariant (``beta <= eps^(2/3) * ||T||``).
+    Memory: the ``(m, n)`` basis in ``v0``'s dtype and device and one more vector, plus what
+    one product needs.
 
     Parameters
     ----------
@@ -72,7 +93,7 @@ def lanczos(
     betas: list[float] = []
     scale = 0.0
     for j in range(steps):
-        w = matmul(basis[j])
+        w = owned_product(matmul(basis[j]), basis)
         alpha = float(torch.dot(w, basis[j]))
         alphas.append(alpha)
         scale = max(scale, abs(alpha), betas[-1] if betas else 0.0)
@@ -81,9 +102,7 @@ def lanczos(
         if converged is not None and (j + 1) % check_every == 0:
             if converged(torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)):
                 break
-        done = basis[: j + 1]
-        for _ in range(2):
-            w = w - done.T @ (done @ w)
+        orthogonalise_(w, basis[: j + 1])
         beta = float(torch.linalg.vector_norm(w))
         if beta <= eps ** (2 / 3) * max(scale, beta):
             break
