@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np
 
+from riverscape import ptq_study as ps
 from riverscape import qat_dynamics as qd
 from riverscape import studies as st
 from riverscape import sweep as sw
@@ -36,38 +37,84 @@ from riverscape.report.experiment_figures import series_figures
 NAME = "qat_dynamics"
 # digits MLP over-trained (4000 Adam steps) with weight decay; QAT in mini-batches so seeds change the batch order
 _DIGITS = {"train_steps": 4000, "train_weight_decay": 1e-4, "qat_batch": 128, "qat_steps": 200, "qat_record_every": 10}
+#: models run without ``--models``
+DEFAULT_MODELS = {True: ("digits_mlp", "mnist1d_cnn"), False: ("digits_mlp", "mnist1d_cnn", "text_transformer", "resnet20_digits32")}
+# every model's budget overrides and grid, quick (True) and full (False); a grid may set ``max_seeds`` (at most that many of the
+# ``--seeds``) and its own ``alignment_fractions``
+_CATALOGUE = {
+    True: {
+        "digits_mlp": (_DIGITS, {"bits": [2, 3], "ranges": ["minmax", "mse"]}),
+        "mnist1d_cnn": ({"qat_steps": 150, "qat_record_every": 10}, {"bits": [2], "ranges": ["minmax"]}),
+        "text_transformer": ({"qat_record_every": 10}, {"bits": [2], "ranges": ["minmax"]}),
+        "resnet20_digits32": ({"qat_record_every": 25}, {"bits": [2], "ranges": ["minmax"], "max_seeds": 3, "alignment_fractions": [0.0, 0.5]}),
+    },
+    False: {
+        "digits_mlp": (_DIGITS, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
+        "mnist1d_cnn": ({"qat_record_every": 10}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
+        "text_transformer": ({"qat_record_every": 10}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
+        "resnet20_digits32": ({"qat_record_every": 25}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
+    },
+}
+
+
+def _models(quick: bool, keys) -> dict:
+    catalogue = _CATALOGUE[quick]
+    return {"models": {key: catalogue[key][0] for key in keys}, "grid": {key: catalogue[key][1] for key in keys}}
 
 
 def settings(quick: bool) -> dict:
     """Every size of the experiment (stored as the sweep's config)."""
-    common = {"n_null": 100, "floor_steps": 30, "accuracy_drop": 0.01}
+    common = {"n_null": 100, "floor_steps": 30, "accuracy_drop": 0.01, "calibration_samples": qd.CALIBRATION_SAMPLES}
     if quick:
-        return {**common, "seeds": 6, "alignment_fractions": [0.0, 0.1, 0.5],
-                "models": {"digits_mlp": _DIGITS, "mnist1d_cnn": {"qat_steps": 150, "qat_record_every": 10}},
-                "grid": {"digits_mlp": {"bits": [2, 3], "ranges": ["minmax", "mse"]}, "mnist1d_cnn": {"bits": [2], "ranges": ["minmax"]}}}
-    full_grid = {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}
-    return {**common, "seeds": 10, "alignment_fractions": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
-            "models": {"digits_mlp": _DIGITS, "mnist1d_cnn": {"qat_record_every": 10}, "text_transformer": {"qat_record_every": 10}},
-            "grid": {"digits_mlp": full_grid, "mnist1d_cnn": full_grid, "text_transformer": full_grid}}
+        return {**common, "seeds": 6, "alignment_fractions": [0.0, 0.1, 0.5], **_models(True, DEFAULT_MODELS[True])}
+    return {**common, "seeds": 10, "alignment_fractions": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0], **_models(False, DEFAULT_MODELS[False])}
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def arguments(parser) -> None:
+    parser.add_argument("--models", type=_comma_list, default=None,
+                        help=f"comma list of models (default {','.join(DEFAULT_MODELS[True])} with --quick, else "
+                             f"{','.join(DEFAULT_MODELS[False])}); each runs its grid of the chosen mode")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run no cell: write the tables, figures and summary of the cells stored in OUT (e.g. of an interrupted run)")
+
+
+def overrides(opts) -> dict:
+    """``--models``: those models with their budgets and grids of the chosen mode."""
+    if opts.models is None:
+        return {}
+    unknown = [key for key in opts.models if key not in _CATALOGUE[opts.quick]]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(_CATALOGUE[opts.quick])}")
+    return _models(opts.quick, opts.models)
 
 
 def specs(cfg: dict) -> dict[str, st.StudyModel]:
-    return {key: st.study_model(key, **overrides) for key, overrides in cfg["models"].items()}
+    return {key: ps.experiment_model(key, **overrides) for key, overrides in cfg["models"].items()}
+
+
+def _seeds(cfg: dict, key: str) -> int:
+    return min(cfg["seeds"], cfg["grid"][key].get("max_seeds", cfg["seeds"]))
 
 
 def cells(cfg: dict, seed: int) -> list[dict]:
     """Seeds outside arms, so an interrupted sweep leaves complete pairs."""
     return [{"model": key, "bits": b, "range": r, "arm": arm, "seed": seed + i}
             for key in cfg["models"] for b in cfg["grid"][key]["bits"] for r in cfg["grid"][key]["ranges"]
-            for i in range(cfg["seeds"]) for arm in qd.ARMS.values()]
+            for i in range(_seeds(cfg, key)) for arm in qd.ARMS.values()]
 
 
 def run_cell(cell: dict, cfg: dict, out_dir, progress: bool) -> dict:
     spec = specs(cfg)[cell["model"]]
     study = st.load_study(spec, cell["seed"], out_dir / "fp_models", progress=progress)  # seed = FP model, batches and draws
+    grid = cfg["grid"][cell["model"]]
     return qd.dynamics_cell(study, cell["bits"], cell["range"], cell["arm"], seed=cell["seed"], record_every=spec.qat_record_every,
-                            alignment_fractions=cfg["alignment_fractions"], n_null=cfg["n_null"], floor_steps=cfg["floor_steps"],
-                            accuracy_drop=cfg["accuracy_drop"], progress=progress)
+                            alignment_fractions=grid.get("alignment_fractions", cfg["alignment_fractions"]), n_null=cfg["n_null"],
+                            floor_steps=cfg["floor_steps"], accuracy_drop=cfg["accuracy_drop"],
+                            calibration_samples=cfg.get("calibration_samples", qd.CALIBRATION_SAMPLES), progress=progress)
 
 
 def _mean_sd(series: list[list[float]]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -93,10 +140,14 @@ def figures(results: list[dict], out_dir) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     opts, cfg, sweep = st.open_sweep(
-        NAME, __doc__.splitlines()[0], settings, argv, models=specs,
-        seeds_help="seeds per configuration (default: 6 quick, 10 full)",
+        NAME, __doc__.splitlines()[0], settings, argv, models=specs, arguments=arguments, overrides=overrides,
+        seeds_help="seeds per configuration (default: 6 quick, 10 full; a model's grid may cap them, max_seeds)",
     )
-    records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
+    if opts.tables_only:
+        records = sweep.records
+        print(f"--tables-only: {len(records)} of {len(cells(cfg, opts.seed))} cells stored in {opts.out}", flush=True)
+    else:
+        records = sweep.run(cells(cfg, opts.seed), lambda c: run_cell(c, cfg, opts.out, opts.progress))
     results = [r["result"] for r in records]
     comparisons = qd.paired_comparisons(results)
     drift = qd.drift_comparisons(results)
@@ -104,10 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     columns = {"model": "model", "bits": "bits", "range": "range", "contrast": "contrast", "n": "n", "diff": "Δ final loss",
                "ci_low": "95% CI low", "ci_high": "high", "wilcoxon_p": "Wilcoxon p", "holm_p": "Holm p", "hits": "hits a/b",
                "logrank_p": "log-rank p", "z_A": "z_A", "z_ctrl": "z ctrl", "pz_A": "z_A (from p)", "pz_ctrl": "z ctrl (from p)"}
+    means = qd.arm_means(results)
+    stale = ["stale_bn_final_accuracy"] if any("stale_bn_final_accuracy" in row for row in means) else []  # BatchNorm models only
     md = [sw.print_table(qd.table_rows(comparisons), columns,
                          title="Paired by seed: final held-out deployed loss, STE (A) minus control; T_hit log-rank; Stouffer-pooled alignment z"),
-          sw.print_table(qd.arm_means(results), ["model", "bits", "range", "arm", "seeds", "final_loss", "final_accuracy", "best_loss",
-                                                 "hit", "fp_accuracy", "ptq_accuracy", "s/run"], title="Per arm: means over seeds"),
+          sw.print_table(means, ["model", "bits", "range", "arm", "seeds", "final_loss", "final_accuracy", "best_loss", "hit",
+                                 "fp_accuracy", "ptq_accuracy", *stale, "s/run"], title="Per arm: means over seeds"),
           sw.print_table(qd.drift_rows(drift), {"model": "model", "bits": "bits", "range": "range", "arm": "arm", "n": "n",
                                                 "fp_continuation": "|w_T − θ_fp| FP cont.", "deployed": "|Q(w_T) − θ_fp|",
                                                 "latent": "|w_T − θ_fp|", "diff": "Δ deployed − FP cont.", "ci_low": "95% CI low",
