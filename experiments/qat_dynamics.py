@@ -12,7 +12,15 @@ T_hit, Stouffer-pooled alignment z; the distance from theta_fp of every arm's en
 continuation (arm D's latent endpoint: the same optimiser continued in full precision), paired by seed.
 
     python experiments/qat_dynamics.py --quick --out /tmp/qat_dynamics            # ~6-8 min on 2 idle cores
-    python experiments/qat_dynamics.py --out runs/qat_dynamics --seeds 10         # full: hours
+    python experiments/qat_dynamics.py --out runs/qat_dynamics                    # full (settings(quick=False)): ~1 h on a loaded 2-core machine
+    python experiments/qat_dynamics.py --quick --models resnet20_digits32 --out /tmp/qd_resnet   # one model, its quick grid
+    python experiments/qat_dynamics.py --out runs/qat_dynamics --tables-only      # tables of the cells stored so far (interrupted run)
+
+Models: the digits MLP and the MNIST-1D CNN (quick), plus the character transformer and the CIFAR ResNet-20 with
+BatchNorm on the CIFAR-shaped digits (full, or ``--models``). On the ResNet every deployed evaluation (the held-out
+series of Q(w_t), hence T_hit, the best iterate and the tolerance line) and the alignment at Q(w_t) use BatchNorm
+statistics re-estimated at that point on 256 training rows drawn with the seed (docs/qat_dynamics.md §2.3); QAT
+itself trains with the FP statistics. A rerun with the same options resumes the stored cells.
 
 results.json: cells ``params = {"model", "bits", "range", "arm", "seed"}`` (arm = estimator name);
 ``result``: the record of ``riverscape.qat_dynamics.dynamics_cell`` (raw series included);
@@ -37,22 +45,33 @@ from riverscape.report.experiment_figures import series_figures
 NAME = "qat_dynamics"
 # digits MLP over-trained (4000 Adam steps) with weight decay; QAT in mini-batches so seeds change the batch order
 _DIGITS = {"train_steps": 4000, "train_weight_decay": 1e-4, "qat_batch": 128, "qat_steps": 200, "qat_record_every": 10}
-#: models run without ``--models``
-DEFAULT_MODELS = {True: ("digits_mlp", "mnist1d_cnn"), False: ("digits_mlp", "mnist1d_cnn", "text_transformer", "resnet20_digits32")}
+#: models run without ``--models`` (in this order: an interrupted full run keeps the MLP and the ResNet first)
+DEFAULT_MODELS = {True: ("digits_mlp", "mnist1d_cnn"), False: ("digits_mlp", "resnet20_digits32", "text_transformer", "mnist1d_cnn")}
 # every model's budget overrides and grid, quick (True) and full (False); a grid may set ``max_seeds`` (at most that many of the
-# ``--seeds``) and its own ``alignment_fractions``
+# ``--seeds``) and its own ``alignment_fractions`` (logged alignment steps, fractions of the run; [] logs none)
 _CATALOGUE = {
     True: {
         "digits_mlp": (_DIGITS, {"bits": [2, 3], "ranges": ["minmax", "mse"]}),
         "mnist1d_cnn": ({"qat_steps": 150, "qat_record_every": 10}, {"bits": [2], "ranges": ["minmax"]}),
         "text_transformer": ({"qat_record_every": 10}, {"bits": [2], "ranges": ["minmax"]}),
-        "resnet20_digits32": ({"qat_record_every": 25}, {"bits": [2], "ranges": ["minmax"], "max_seeds": 3, "alignment_fractions": [0.0, 0.5]}),
+        "resnet20_digits32": ({"qat_batch": 64, "qat_record_every": 50}, {"bits": [2], "ranges": ["minmax"], "max_seeds": 3,
+                                                                          "alignment_fractions": [1.0]}),
     },
+    # The full run, sized to about an hour of one thread on the shared 2-core machine (load 7-9: wall ~2.5x CPU), from per-cell CPU
+    # costs measured there: MLP 0.3 s of QAT + 0.4 s per logged alignment step; CNN (250 steps) 2.7 s + 1.9 s per step; transformer
+    # ~10 s + 3 s per step; ResNet-20 ~65 s of QAT at batch 128 + ~125 s per logged step (101 gradients and a floor solve on 256
+    # images), and 3.5 min to train one FP model. Hence: the MLP on the whole grid (bits 2/3/4 x min-max/MSE, 10 seeds, alignment
+    # at the start and the end); the CNN at 2 and 4 bits min-max, 10 seeds, alignment at the end; the transformer and the ResNet at
+    # 2 bits min-max with 5 seeds (n = 5: the smallest n at which the exact two-sided Wilcoxon p can reach 0.0625 and a claim is
+    # read at all), the transformer's alignment at the end, the ResNet's none (it would cost 40 min per logged step over the 20
+    # runs) and its QAT in mini-batches of 64 (half the cost of ptq_methods' 128; still 150 steps). Statistics unchanged: 100 null
+    # draws per logged step, BCa CIs, exact Wilcoxon, Holm over all rows, log-rank.
     False: {
-        "digits_mlp": (_DIGITS, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
-        "mnist1d_cnn": ({"qat_record_every": 10}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
-        "text_transformer": ({"qat_record_every": 10}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
-        "resnet20_digits32": ({"qat_record_every": 25}, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"]}),
+        "digits_mlp": (_DIGITS, {"bits": [2, 3, 4], "ranges": ["minmax", "mse"], "alignment_fractions": [0.0, 1.0]}),
+        "resnet20_digits32": ({"qat_batch": 64, "qat_record_every": 50}, {"bits": [2], "ranges": ["minmax"], "max_seeds": 5,
+                                                                          "alignment_fractions": []}),
+        "text_transformer": ({"qat_record_every": 10}, {"bits": [2], "ranges": ["minmax"], "max_seeds": 5, "alignment_fractions": [1.0]}),
+        "mnist1d_cnn": ({"qat_record_every": 10}, {"bits": [2, 4], "ranges": ["minmax"], "alignment_fractions": [1.0]}),
     },
 }
 
@@ -63,7 +82,14 @@ def _models(quick: bool, keys) -> dict:
 
 
 def settings(quick: bool) -> dict:
-    """Every size of the experiment (stored as the sweep's config)."""
+    """Every size of the experiment (stored as the sweep's config).
+
+    Quick: the digits MLP at 2 and 3 bits, min-max and MSE, and the CNN at 2-bit min-max; 6 seeds; alignment at 0, 10 and 50 %
+    of the run. Full (``quick=False``; the README's full run): 10 seeds, at most 5 for the transformer and the ResNet; the MLP at
+    bits 2/3/4 x min-max/MSE, the ResNet-20 (BatchNorm re-estimated at every deployed point) and the transformer at 2-bit min-max,
+    the CNN at 2 and 4 bits min-max; 360 runs. Why this grid and not the whole one (4 models x 3 bits x 2 ranges x 10 seeds x 4
+    arms = 960 runs with 6 logged alignment steps each, about 57 h of CPU here, 54 h of it the ResNet's): see the comment on ``_CATALOGUE[False]``.
+    """
     common = {"n_null": 100, "floor_steps": 30, "accuracy_drop": 0.01, "calibration_samples": qd.CALIBRATION_SAMPLES}
     if quick:
         return {**common, "seeds": 6, "alignment_fractions": [0.0, 0.1, 0.5], **_models(True, DEFAULT_MODELS[True])}
@@ -132,9 +158,12 @@ def figures(results: list[dict], out_dir) -> None:
             for panel, key in zip(panels, ("deployed_loss", "deployed_accuracy")):
                 panels[panel][label] = (runs[0]["steps"], *_mean_sd([r[key] for r in runs]))
             steps = [row["step"] for row in runs[0]["alignment"]]
-            panels["alignment z vs matched null"][label] = (steps, *_mean_sd([[row["z"] for row in r["alignment"]] for r in runs]))
+            if steps:  # a model's grid may log no alignment step
+                panels["alignment z vs matched null"][label] = (steps, *_mean_sd([[row["z"] for row in r["alignment"]] for r in runs]))
+        if not panels["alignment z vs matched null"]:
+            del panels["alignment z vs matched null"]
         fig, mfig = series_figures(panels, f"{model}, {bits} bits, {range_method}: QAT arms (mean ± sd over {len(runs)} seeds)",
-                                   log_y=(True, False, False))
+                                   log_y=(True, False, False)[:len(panels)])
         sw.write_figure(fig, out_dir / f"arms_{model}_{bits}bit_{range_method}", static=mfig)
 
 

@@ -14,7 +14,7 @@ from riverscape import ptq_study as ps
 from riverscape import qat_dynamics as qd
 from riverscape import studies as st
 from riverscape.gradients import floor_alignment
-from riverscape.pipeline import deployed_evaluate
+from riverscape.pipeline import LINE_POINTS, accuracy_tolerance, deployed_evaluate
 from riverscape.quant import ptq
 
 from helpers import bn_study, experiment_script
@@ -74,9 +74,33 @@ def test_deployed_series_tolerance_and_best_iterate_use_statistics_reestimated_a
     tol = r["tolerance"]
     assert tol["fp_loss"] == pytest.approx(fp_loss, rel=1e-12)
     assert (tol["ptq_loss"], tol["ptq_accuracy"]) == pytest.approx((ptq_loss, ptq_accuracy), rel=1e-12)
-    assert r["threshold"] == pytest.approx(fp_loss + (tol["tau"] if tol["tau"] is not None else float("inf")), rel=1e-12)
+    # this untrained toy loses no test row anywhere on its 2-bit line (checked by hand): no tau, so every run "hits" at once
+    assert _line(study, BITS, rows)[1] is None
+    assert tol["tau"] is None and r["threshold"] == float("inf") and (r["hit"], r["hit_time"]) == (True, 0)
     below = [s for s, v in zip(r["steps"], r["deployed_loss"]) if v <= r["threshold"]]
     assert r["hit"] == bool(below) and r["hit_time"] == (below[0] if below else r["steps"][-1])
+
+
+def _line(study: st.Study, bits: int, rows: torch.Tensor) -> tuple[list, int | None]:
+    """Test metrics at every line point by hand, and the index of the first one losing at least one point of accuracy."""
+    direction = ptq(study.analysis, study.quant_map(bits, RANGE)) - study.theta_fp
+    line = [_test_metrics(_by_hand(study, study.theta_fp + t * direction, rows), study) for t in LINE_POINTS]
+    return line, next((i for i, (_, acc) in enumerate(line) if acc <= line[0][1] - 0.01), None)
+
+
+def test_the_tolerance_line_walk_stops_at_the_first_drop_with_the_result_of_every_point():
+    study = bn_study(SPEC)
+    calibration, rows = st.calibration_split(study, CALIBRATION, SEED)
+    line, first = _line(study, 1, rows)
+    assert first is not None and 0 < first < LINE_POINTS.index(1.0)  # at 1 bit the toy loses a test row on the way
+    tol = accuracy_tolerance(study.reference, study.quant_map(1, RANGE), drop=0.01, calibration=calibration)
+    assert tol.t_star == LINE_POINTS[first]
+    # float64, copied module vs direct forward: rounding only
+    assert tol.tau == pytest.approx(line[first][0] - line[0][0], rel=1e-9)
+    assert (tol.fp_loss, tol.fp_accuracy, tol.ptq_loss, tol.ptq_accuracy) == pytest.approx(
+        (*line[0], *line[LINE_POINTS.index(1.0)]), rel=1e-12)
+    stale = accuracy_tolerance(study.reference, study.quant_map(1, RANGE), drop=0.01)
+    assert stale.fp_loss == pytest.approx(float(study.evaluation.loss(study.theta_fp)), rel=1e-12) and stale.fp_loss != tol.fp_loss
 
 
 def test_alignment_is_measured_at_statistics_reestimated_at_the_deployed_point(bn_cell):

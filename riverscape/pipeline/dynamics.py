@@ -110,24 +110,41 @@ def accuracy_tolerance(ref: Reference, qmap: QuantMap, *, drop: float = 0.01, ca
     calibration : Objective, optional
         On a BatchNorm model, every line point (``theta_fp`` included) is evaluated with
         statistics re-estimated there on its data (:func:`deployed_evaluate`), the same way as
-        the deployed points whose hitting time ``tau`` defines.
+        the deployed points whose hitting time ``tau`` defines. Each such point costs its own
+        forward passes, so the line is then walked point by point and stops at the first drop
+        (plus ``t = 1``); the result is the same as evaluating every point.
     """
     if not 0 < drop < 1:
         raise ValueError(f"drop must be in (0, 1), got {drop}")
     fp = ref.theta_fp
     direction = ptq(ref.analysis, qmap) - fp
     ts = torch.tensor(LINE_POINTS, dtype=fp.dtype, device=fp.device)
-    losses, accuracy = deployed_evaluate(ref, fp[None] + ts[:, None] * direction[None], calibration=calibration)
-    if accuracy is None:
-        raise ValueError("the evaluation objective has no accuracy metric")
-    losses, accuracy = losses.tolist(), accuracy.tolist()
-    one = LINE_POINTS.index(1.0)
+    points = fp[None] + ts[:, None] * direction[None]
+    if reestimates_bn(ref, calibration):
+        values: dict[int, tuple[float, float]] = {}
+
+        def at(i: int) -> tuple[float, float]:
+            if i not in values:
+                loss, metric = deployed_evaluate(ref, points[i:i + 1], calibration=calibration)
+                if metric is None:
+                    raise ValueError("the evaluation objective has no accuracy metric")
+                values[i] = float(loss[0]), float(metric[0])
+            return values[i]
+    else:
+        losses, accuracy = ref.evaluation.evaluate(points)
+        if accuracy is None:
+            raise ValueError("the evaluation objective has no accuracy metric")
+        pairs = list(zip(losses.tolist(), accuracy.tolist()))
+        at = pairs.__getitem__
+    fp_loss, fp_accuracy = at(0)
     tau = t_star = None
-    for t, loss, acc in zip(LINE_POINTS, losses, accuracy):
-        if acc <= accuracy[0] - drop:
-            tau, t_star = loss - losses[0], t
+    for i, t in enumerate(LINE_POINTS):
+        loss, acc = at(i)
+        if acc <= fp_accuracy - drop:
+            tau, t_star = loss - fp_loss, t
             break
-    return Tolerance(tau, t_star, drop, losses[0], accuracy[0], losses[one], accuracy[one])
+    ptq_loss, ptq_accuracy = at(LINE_POINTS.index(1.0))
+    return Tolerance(tau, t_star, drop, fp_loss, fp_accuracy, ptq_loss, ptq_accuracy)
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,8 @@ def arm_alignments(
     """
     if len(steps) != latents.shape[0]:
         raise ValueError(f"{len(steps)} steps for {latents.shape[0]} latent iterates")
+    if not len(steps):
+        return []  # nothing logged: no hill frame needed
     reestimate = reestimates_bn(ref, calibration)
     data = calibration_data(calibration) if reestimate else None
     vectors = ref.basis(k).vectors
