@@ -188,3 +188,18 @@ def test_script_models_option_and_full_grid():
     assert script.overrides(type("Opts", (), {"models": None, "quick": False})) == {}
     with pytest.raises(SystemExit, match="unknown model"):
         script.overrides(type("Opts", (), {"models": ["vgg"], "quick": True}))
+
+
+def test_a_run_may_log_no_alignment_step(tmp_path):
+    """The full run's ResNet logs no alignment step: no hill frame, no rows, pooled z None, figures without the z panel."""
+    study = bn_study(SPEC)
+    r = qd.dynamics_cell(study, BITS, RANGE, "latent", seed=SEED, record_every=3, alignment_fractions=[], n_null=4, floor_steps=5,
+                         calibration_samples=CALIBRATION)
+    assert r["alignment"] == [] and r["alignment_z"] is None and r["alignment_point_z"] is None
+    assert not [key for key in study.reference._cache if isinstance(key, tuple) and key[0] == "hill"]  # no hill frame was computed
+    runs = [{**r, "seed": seed, "estimator": name, "arm": qd.ARM_LABELS[name]} for seed in (0, 1) for name in ("ste", "latent")]
+    rows = qd.paired_comparisons(runs)
+    assert rows[0]["alignment"]["A"] == {"z": None, "p": None, "n_z": 0, "point_z": None, "point_p": None, "n_point_z": 0}
+    script = experiment_script("qat_dynamics")
+    script.figures([r], tmp_path)
+    assert (tmp_path / f"arms_{r['model']}_{BITS}bit_{RANGE}.html").exists()
