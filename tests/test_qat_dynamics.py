@@ -80,6 +80,9 @@ def test_comparisons_are_paired_by_seed(micro_run):
     results = [r["result"] for r in summary["records"]]
     rows = summary["comparisons"]
     assert [(r["a"], r["b"]) for r in rows] == list(qd.COMPARISONS)
+    means = {row["arm"]: row for row in qd.arm_means(results)}  # FP accuracy: the mean over the seeds' FP models
+    fp = [r["tolerance"]["fp_accuracy"] for r in results if r["estimator"] == "ste"]
+    assert means["A"]["fp_accuracy"] == pytest.approx(float(np.mean(fp)), rel=1e-12) and len(set(fp)) > 1
     by = {(r["estimator"], r["seed"]): r for r in results}
     for row in rows:
         assert row["seeds"] == [0, 1, 2]
