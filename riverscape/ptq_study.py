@@ -40,7 +40,7 @@ from .quant.nearby import greedy_flip_search
 from .quant.ptq import GPTQ, RTN, AdaRound
 from .stats import mean_ci, paired_comparison
 from .stats.summary import format_interval, seed_interval  # re-exported: experiments/ptq_methods.py reads them from here
-from .studies import STUDY_MODELS, Study, StudyModel, run_qat, study_model
+from .studies import STUDY_MODELS, Study, StudyModel, calibration_split, run_qat, study_model, training_permutation, training_rows
 
 __all__ = [
     "RESNET_STUDY",
@@ -122,23 +122,17 @@ class TrainingSplits:
 def training_splits(study: Study, calibration_samples: int, validation_samples: int, seed: int) -> TrainingSplits:
     """Draw ``calibration_samples`` and then ``validation_samples`` rows of the training split without replacement.
 
-    One seeded permutation of the training rows: the first ``calibration_samples`` are the
-    calibration split, the next ``validation_samples`` (capped at what is left) the validation split.
+    One seeded permutation of the training rows (:func:`~riverscape.studies.training_permutation`):
+    the first ``calibration_samples`` are the calibration split
+    (:func:`~riverscape.studies.calibration_split`), the next ``validation_samples`` (capped at
+    what is left) the validation split.
     """
-    x, y = study.dataset.train
-    for name, value, low, high in (("calibration_samples", calibration_samples, 1, len(x) - 1),
-                                   ("validation_samples", validation_samples, 1, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            raise ValueError(f"{name} must be an integer in [{low}, {high or 'inf'}] (training split of {len(x)} rows), got {value!r}")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cal = order[:calibration_samples].sort().values
-    val = order[calibration_samples:calibration_samples + validation_samples].sort().values
-
-    def objective(index: Tensor) -> Objective:
-        return Objective(study.model, study.dataset.loss, (x[index], y[index]), params=study.names, dtype=study.analysis.dtype,
-                         compute_dtype=study.analysis.compute_dtype, device=study.analysis.device)
-
-    return TrainingSplits(objective(cal), objective(val), cal, val)
+    if isinstance(validation_samples, bool) or not isinstance(validation_samples, int) or validation_samples < 1:
+        raise ValueError(f"validation_samples must be an integer in [1, inf] (training split of {len(study.dataset.train[0])} rows), "
+                         f"got {validation_samples!r}")
+    calibration, cal = calibration_split(study, calibration_samples, seed)
+    val = training_permutation(study, seed)[calibration_samples:calibration_samples + validation_samples].sort().values
+    return TrainingSplits(calibration, training_rows(study, val), cal, val)
 
 
 def fp_point_cell(study: Study) -> dict:

@@ -16,17 +16,26 @@ D     ``latent``               ``w_t`` (FP training, deployed quantized)
 :func:`dynamics_cell` runs one ``(model, bits, range, arm, seed)`` and returns its raw series;
 :func:`paired_comparisons` pairs the arms by seed (A-B, A-C, A-D) with the statistics of
 :mod:`riverscape.stats` (imported lazily).
+
+On a model with BatchNorm (``resnet20_digits32``) every deployed evaluation -- the held-out
+series of ``Q(w_t)``, hence ``T_hit``, the best iterate and the tolerance line -- and the
+alignment at ``Q(w_t)`` use running statistics re-estimated at ``Q(w_t)`` on a calibration split
+of the training data (:func:`bn_calibration`; docs/qat_dynamics.md §2.3). QAT itself trains with
+the FP statistics frozen.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .pipeline import accuracy_tolerance, arm_alignments, hitting
-from .studies import Study, run_qat
+from .objective import Objective
+from .pipeline import accuracy_tolerance, arm_alignments, deployed_evaluate, hitting, reestimates_bn
+from .quant.bn_reestimate import has_batchnorm
+from .studies import Study, calibration_split, run_qat
 
-__all__ = ["ARMS", "ARM_LABELS", "COMPARISONS", "FP_CONTINUATION", "alignment_steps", "run_outcomes", "distances_to_fp", "dynamics_cell",
-           "paired_comparisons", "drift_comparisons", "drift_rows", "group_key", "table_rows", "arm_means"]
+__all__ = ["ARMS", "ARM_LABELS", "COMPARISONS", "FP_CONTINUATION", "CALIBRATION_SAMPLES", "alignment_steps", "bn_calibration",
+           "run_outcomes", "distances_to_fp", "dynamics_cell", "paired_comparisons", "drift_comparisons", "drift_rows", "group_key",
+           "table_rows", "arm_means"]
 
 #: arm letter -> registered estimator name
 ARMS = {"A": "ste", "B": "matched_noise", "C": "stochastic_rounding", "D": "latent"}
@@ -38,7 +47,10 @@ COMPARISONS = (("ste", "matched_noise"), ("ste", "stochastic_rounding"), ("ste",
 #: continued from ``theta_fp`` with the same optimiser, learning rate, steps and batches (the deployed ``Q(w_t)``
 #: is only measured), so its latent endpoint measures plain optimizer drift
 FP_CONTINUATION = "latent"
+#: training rows BatchNorm statistics are re-estimated on (one batch: the exact statistics of the split; as ``ptq_methods``)
+CALIBRATION_SAMPLES = 256
 _TOLERANCES: dict[tuple, Any] = {}
+_CALIBRATIONS: dict[tuple, Optional[Objective]] = {}
 
 
 def alignment_steps(steps: int, record_every: int, fractions: Sequence[float]) -> list[int]:
@@ -51,14 +63,28 @@ def alignment_steps(steps: int, record_every: int, fractions: Sequence[float]) -
     return sorted({min(grid, key=lambda s: abs(s - f * steps)) for f in fractions})
 
 
-def _tolerance(study: Study, bits: int, range_method: str, drop: float):
-    key = (id(study), bits, range_method, drop)
+def bn_calibration(study: Study, samples: int, seed: int) -> Optional[Objective]:
+    """The calibration split BatchNorm statistics are re-estimated on, or ``None`` for a model without BatchNorm.
+
+    ``samples`` training rows drawn with ``seed`` (:func:`~riverscape.studies.calibration_split`: the
+    calibration split ``experiments/ptq_methods.py`` uses for the same seed and size); memoised per
+    study, so the four arms of a seed share it.
+    """
+    key = (id(study), samples, seed)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = calibration_split(study, samples, seed)[0] if has_batchnorm(study.analysis) else None
+    return _CALIBRATIONS[key]
+
+
+def _tolerance(study: Study, bits: int, range_method: str, drop: float, calibration: Optional[Objective]):
+    key = (id(study), bits, range_method, drop, None if calibration is None else id(calibration))
     if key not in _TOLERANCES:
-        _TOLERANCES[key] = accuracy_tolerance(study.reference, study.quant_map(bits, range_method), drop=drop)
+        _TOLERANCES[key] = accuracy_tolerance(study.reference, study.quant_map(bits, range_method), drop=drop, calibration=calibration)
     return _TOLERANCES[key]
 
 
-def run_outcomes(study: Study, bits: int, range_method: str, run: Any, *, accuracy_drop: float = 0.01) -> dict:
+def run_outcomes(study: Study, bits: int, range_method: str, run: Any, *, accuracy_drop: float = 0.01,
+                 calibration: Optional[Objective] = None) -> dict:
     """Held-out outcomes of a QAT run from ``theta_fp`` (docs/qat_dynamics.md §2).
 
     Parameters
@@ -70,16 +96,28 @@ def run_outcomes(study: Study, bits: int, range_method: str, run: Any, *, accura
         Run with an ``eval_objective`` (``history["eval_loss"]``, ``history["eval_metric"]``), e.g. :func:`riverscape.studies.run_qat`.
     accuracy_drop : float
         ``tau`` is the held-out loss increase that costs this much accuracy (:func:`~riverscape.pipeline.accuracy_tolerance`).
+    calibration : Objective, optional
+        On a BatchNorm model (e.g. :func:`bn_calibration`): every deployed point ``Q(w_t)`` and every
+        point of the tolerance line is evaluated with statistics re-estimated there on its data
+        (:func:`~riverscape.pipeline.deployed_evaluate`). Ignored without BatchNorm.
 
     Returns
     -------
     dict
         ``steps, deployed_loss, deployed_accuracy`` (held-out, at ``Q(w_t)``); ``final_loss, final_accuracy``;
         ``best_loss, best_step, best_accuracy`` (best iterate by held-out loss); ``tolerance``; ``hit``, ``hit_time``
-        (``T_hit(tau)``, censored at the last step when not hit) and ``threshold`` ``L_eval(theta_fp) + tau``.
+        (``T_hit(tau)``, censored at the last step when not hit) and ``threshold`` ``L_eval(theta_fp) + tau``;
+        ``bn_reestimation`` (``{"samples", "batches"}`` of the calibration data, or ``None``). With re-estimation
+        also ``stale_bn_deployed_loss`` / ``stale_bn_deployed_accuracy``: the same points with the FP statistics.
     """
-    tol = _tolerance(study, bits, range_method, accuracy_drop)
+    tol = _tolerance(study, bits, range_method, accuracy_drop, calibration)
     losses, accs = run.history["eval_loss"], run.history["eval_metric"]
+    extra: dict[str, Any] = {"bn_reestimation": None}
+    if reestimates_bn(study.reference, calibration):
+        extra = {"bn_reestimation": {"samples": calibration.n_samples, "batches": len(calibration.batches)},
+                 "stale_bn_deployed_loss": losses, "stale_bn_deployed_accuracy": accs}
+        fresh_losses, fresh_accs = deployed_evaluate(study.reference, run.quantized_trajectory, calibration=calibration)
+        losses, accs = [float(v) for v in fresh_losses], [float(v) for v in fresh_accs]
     best = min(range(len(losses)), key=losses.__getitem__)
     tau = tol.tau if tol.tau is not None else float("inf")  # no one-point drop on the line: every run "hits" at once
     hit = hitting(run.trajectory_steps, losses, tol.fp_loss + tau)
@@ -87,6 +125,7 @@ def run_outcomes(study: Study, bits: int, range_method: str, run: Any, *, accura
         "steps": list(run.trajectory_steps), "deployed_loss": losses, "deployed_accuracy": accs,
         "final_loss": losses[-1], "final_accuracy": accs[-1], "best_loss": losses[best], "best_step": run.trajectory_steps[best],
         "best_accuracy": accs[best], "tolerance": tol.to_dict(), "hit": hit.hit, "hit_time": hit.time, "threshold": hit.threshold,
+        **extra,
     }
 
 
@@ -112,9 +151,14 @@ def dynamics_cell(
     n_null: int = 100,
     floor_steps: int = 50,
     accuracy_drop: float = 0.01,
+    calibration_samples: int = CALIBRATION_SAMPLES,
     progress: bool = False,
 ) -> dict:
     """One QAT run of ``arm`` from ``theta_fp`` and its measurements (a JSON-friendly dict).
+
+    On a BatchNorm model the deployed evaluations and the alignment re-estimate the statistics at
+    each ``Q(w_t)`` on ``calibration_samples`` training rows drawn with ``seed``
+    (:func:`bn_calibration`); the QAT run itself trains with the FP statistics.
 
     Returns
     -------
@@ -127,14 +171,15 @@ def dynamics_cell(
     """
     if arm not in ARM_LABELS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {tuple(ARM_LABELS)}")
+    calibration = bn_calibration(study, calibration_samples, seed)
     res = run_qat(study, bits, arm, seed=seed, record_every=record_every, progress=progress, range_method=range_method)
-    outcomes = run_outcomes(study, bits, range_method, res, accuracy_drop=accuracy_drop)
+    outcomes = run_outcomes(study, bits, range_method, res, accuracy_drop=accuracy_drop, calibration=calibration)
     hist = res.history
     chosen = alignment_steps(study.spec.qat_steps, record_every, alignment_fractions)
     rows_index = [res.trajectory_steps.index(s) for s in chosen]
     started = time.perf_counter()
     rows = arm_alignments(study.reference, study.quant_map(bits, range_method), res.latent_trajectory[rows_index], chosen, res.qparams,
-                          arm=arm, n_null=n_null, floor_steps=floor_steps, seed=seed)
+                          arm=arm, n_null=n_null, floor_steps=floor_steps, seed=seed, calibration=calibration)
     pooled = {key: _pooled([r[key] for r in rows]) for key in ("z", "point_z")}
     return {
         "model": study.spec.key, "bits": bits, "range": range_method, "arm": ARM_LABELS[arm], "estimator": arm, "seed": seed,
@@ -274,7 +319,9 @@ def table_rows(comparisons: Sequence[Mapping]) -> list[dict]:
 
 
 def arm_means(results: Iterable[Mapping], keys: Sequence[str] = ("final_loss", "final_accuracy", "best_loss")) -> list[dict]:
-    """Per ``(model, bits, range, arm)``: mean of ``keys`` over seeds, runs hitting, seconds."""
+    """Per ``(model, bits, range, arm)``: mean of ``keys`` over seeds, runs hitting, seconds, the mean FP and PTQ
+    accuracy of the seeds' FP models; on BatchNorm models also ``stale_bn_final_accuracy`` (the final deployed point
+    with the FP statistics)."""
     groups: dict[tuple, list[Mapping]] = {}
     for r in results:
         groups.setdefault((*group_key(r), r["arm"]), []).append(r)
@@ -283,9 +330,11 @@ def arm_means(results: Iterable[Mapping], keys: Sequence[str] = ("final_loss", "
         row: dict[str, Optional[float]] = {"model": model, "bits": bits, "range": range_method, "arm": arm, "seeds": len(runs)}
         for key in keys:
             row[key] = sum(r[key] for r in runs) / len(runs)
+        if all("stale_bn_deployed_accuracy" in r for r in runs):
+            row["stale_bn_final_accuracy"] = sum(r["stale_bn_deployed_accuracy"][-1] for r in runs) / len(runs)
         row["hit"] = f"{sum(bool(r['hit']) for r in runs)}/{len(runs)}"
-        row["ptq_accuracy"] = runs[0]["tolerance"]["ptq_accuracy"]
-        row["fp_accuracy"] = runs[0]["tolerance"]["fp_accuracy"]
+        for key in ("ptq_accuracy", "fp_accuracy"):  # every seed has its own FP model (and PTQ point): their mean
+            row[key] = sum(r["tolerance"][key] for r in runs) / len(runs)
         row["s/run"] = sum(r["qat_seconds"] + r["alignment_seconds"] for r in runs) / len(runs)
         rows.append(row)
     return rows

@@ -67,6 +67,9 @@ __all__ = [
     "ptq_cell",
     "qat_cell",
     "run_qat",
+    "training_rows",
+    "training_permutation",
+    "calibration_split",
     "plane_landscape",
     "within_box",
     "open_sweep",
@@ -297,6 +300,40 @@ def load_study(spec: StudyModel, seed: int, cache_dir: Path, *, checkpoints: int
     study = Study(spec=spec, seed=seed, dataset=dataset, reference=reference)
     _STUDIES[key] = study
     return study
+
+
+# ---------------------------------------------------------------------- rows of the training split
+def training_rows(study: Study, index: Tensor) -> Objective:
+    """An Objective on rows ``index`` of the study's training split: same model, loss, quantized tensors and dtype as ``analysis``."""
+    x, y = study.dataset.train
+    return Objective(study.model, study.dataset.loss, (x[index], y[index]), params=study.names, dtype=study.analysis.dtype,
+                     compute_dtype=study.analysis.compute_dtype, device=study.analysis.device)
+
+
+def training_permutation(study: Study, seed: int) -> Tensor:
+    """The seeded permutation of the training rows that :func:`calibration_split` (and
+    :func:`riverscape.ptq_study.training_splits`) draw from."""
+    return torch.randperm(len(study.dataset.train[0]), generator=torch.Generator().manual_seed(seed))
+
+
+def calibration_split(study: Study, samples: int, seed: int) -> tuple[Objective, Tensor]:
+    """``samples`` rows of the training split drawn without replacement with ``seed`` (never the test split).
+
+    The rows are the first ``samples`` of :func:`training_permutation`, so they are the calibration
+    split of :func:`riverscape.ptq_study.training_splits` with the same seed and size.
+
+    Returns
+    -------
+    objective : Objective
+        On those rows (:func:`training_rows`).
+    index : Tensor
+        Their sorted row indices into ``study.dataset.train``.
+    """
+    n = len(study.dataset.train[0])
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= n - 1:
+        raise ValueError(f"calibration samples must be an integer in [1, {n - 1}] (training split of {n} rows), got {samples!r}")
+    index = training_permutation(study, seed)[:samples].sort().values
+    return training_rows(study, index), index
 
 
 # ---------------------------------------------------------------------- cells

@@ -61,3 +61,24 @@ def digits_mlp_checkpoint(path, *, steps: int, seed: int = 0):
     result = rs.train(rs.build_model("mlp", **kwargs), ds, steps=steps, lr=1e-2, seed=seed, progress=False)
     save_checkpoint(path, result.model, model_spec=make_spec("mlp", kwargs), data_spec="digits", loss="cross_entropy", train_result=result)
     return result
+
+
+def bn_study(spec=None):
+    """A small BatchNorm CNN on random 4x4 images (float64), wrapped as a :class:`riverscape.studies.Study` without training.
+
+    ``spec`` (default ``riverscape.ptq_study.RESNET_STUDY``) supplies the budgets; 30 training rows, 10 test rows, 3 classes.
+    """
+    from riverscape import ptq_study as ps
+    from riverscape import studies as st
+    from riverscape.data import Dataset
+    from riverscape.pipeline import build_reference
+    from riverscape.quant import UniformQuantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    data = Dataset("bn_toy", x[:30], y[:30], x[30:], y[30:], "cross_entropy", 3, (1, 4, 4))
+    reference, _ = build_reference(model, "cross_entropy", data.train, data.test, quantizer=UniformQuantizer(8), dtype=torch.float64)
+    return st.Study(spec=ps.RESNET_STUDY if spec is None else spec, seed=0, dataset=data, reference=reference)
+

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats as scipy_stats
 
-from helpers import experiment_script
+from helpers import bn_study, experiment_script
 from riverscape import ptq_study as ps
 from riverscape import studies as st
 
@@ -136,24 +136,8 @@ def test_method_quantizer_ranges_and_names():
     assert ps.method_quantizer("gptq", 3, 16).short_name == "W3g16"
 
 
-def _bn_study() -> st.Study:
-    """A small BatchNorm CNN on random 4x4 images (float64), wrapped as a Study without training."""
-    from riverscape.data import Dataset
-    from riverscape.pipeline import build_reference
-    from riverscape.quant import UniformQuantizer
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(48, 3)).double().eval()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(40, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
-    data = Dataset("bn_toy", x[:30], y[:30], x[30:], y[30:], "cross_entropy", 3, (1, 4, 4))
-    reference, _ = build_reference(model, "cross_entropy", data.train, data.test, quantizer=UniformQuantizer(8), dtype=torch.float64)
-    return st.Study(spec=ps.RESNET_STUDY, seed=0, dataset=data, reference=reference)
-
-
 def test_a_batchnorm_cell_is_evaluated_with_statistics_reestimated_on_its_calibration_split():
-    study = _bn_study()
+    study = bn_study()
     fresh = ps.ptq_method_cell(study, 2, None, "rtn_minmax", seed=3, calibration_samples=8, validation_samples=10, bn_reestimate=True)
     stale = ps.ptq_method_cell(study, 2, None, "rtn_minmax", seed=3, calibration_samples=8, validation_samples=10)
     assert fresh["bn_reestimation"] == {"samples": 8, "batches": 1} and "bn_reestimation" not in stale

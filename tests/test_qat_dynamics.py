@@ -52,6 +52,7 @@ def test_micro_run_writes_records_with_raw_series(micro_run):
         assert RESULT_FIELDS <= set(r)
         assert (r["model"], r["bits"], r["range"], r["estimator"], r["seed"]) == (p["model"], p["bits"], p["range"], p["arm"], p["seed"])
         assert r["arm"] == qd.ARM_LABELS[p["arm"]]
+        assert r["bn_reestimation"] is None and "stale_bn_deployed_loss" not in r  # no BatchNorm: the reference's own objectives
         n = len(r["steps"])
         assert r["steps"] == list(range(0, 21, 5)) and len(r["deployed_loss"]) == len(r["deployed_accuracy"]) == len(r["train_loss"]) == n
         assert r["final_loss"] == r["deployed_loss"][-1] and r["best_loss"] == min(r["deployed_loss"])
@@ -79,6 +80,9 @@ def test_comparisons_are_paired_by_seed(micro_run):
     results = [r["result"] for r in summary["records"]]
     rows = summary["comparisons"]
     assert [(r["a"], r["b"]) for r in rows] == list(qd.COMPARISONS)
+    means = {row["arm"]: row for row in qd.arm_means(results)}  # FP accuracy: the mean over the seeds' FP models
+    fp = [r["tolerance"]["fp_accuracy"] for r in results if r["estimator"] == "ste"]
+    assert means["A"]["fp_accuracy"] == pytest.approx(float(np.mean(fp)), rel=1e-12) and len(set(fp)) > 1
     by = {(r["estimator"], r["seed"]): r for r in results}
     for row in rows:
         assert row["seeds"] == [0, 1, 2]
@@ -114,6 +118,27 @@ def test_drift_is_paired_against_the_fp_continuation(micro_run):
     assert control["latent"]["difference"]["estimate"] == 0.0
     assert json.loads((out / "results.json").read_text())["summary"]["drift"] == to_jsonable(summary["drift"])
     assert len(qd.drift_comparisons([r for r in results if r["estimator"] != qd.FP_CONTINUATION])) == 0  # no control, no rows
+
+
+def test_tables_only_summarises_a_partial_run_without_running_cells(micro_run, tmp_path):
+    """An interrupted sweep: its stored cells give the tables; nothing is computed (seed 2 stays missing)."""
+    out, summary = micro_run
+    stored = json.loads((out / "results.json").read_text())
+    stored["cells"] = [c for c in stored["cells"] if c["params"]["seed"] < 2]
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    script = experiment_script("qat_dynamics")
+    script.settings = _micro
+    partial = script.main(["--out", str(tmp_path), "--no-progress", "--quick", "--seeds", "3", "--tables-only"])
+    torch.set_num_threads(1)
+    assert len(partial["records"]) == 8 and len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 8
+    assert [row["seeds"] for row in partial["comparisons"]] == [[0, 1]] * 3
+    full = {(r["a"], r["b"]): r for r in summary["comparisons"]}
+    by = {(r["result"]["estimator"], r["result"]["seed"]): r["result"] for r in summary["records"]}
+    for row in partial["comparisons"]:
+        diffs = [by[(row["a"], s)]["final_loss"] - by[(row["b"], s)]["final_loss"] for s in (0, 1)]
+        assert row["final_loss"]["difference"]["estimate"] == pytest.approx(float(np.mean(diffs)), rel=1e-12)
+        assert full[(row["a"], row["b"])]["final_loss"]["n"] == 3
+    assert "| digits_mlp |" in (tmp_path / "tables.md").read_text()
 
 
 # ---------------------------------------------------------------------- the measurements

@@ -12,7 +12,7 @@ The command line's analysis (:func:`riverscape.analysis.run_analysis`), every ex
 """
 from types import ModuleType as _ModuleType
 
-from .dynamics import LINE_POINTS, Hitting, Tolerance, accuracy_tolerance, arm_alignments, hitting
+from .dynamics import LINE_POINTS, Hitting, Tolerance, accuracy_tolerance, arm_alignments, deployed_evaluate, hitting, reestimates_bn
 from .measure import (
     PlaneLandscape,
     PointObjectives,
