@@ -142,20 +142,42 @@ def test_the_quanto_point_reaches_the_damage_analysis():
     assert abs(result.predicted_loss_increase) < float("inf")
 
 
-def test_the_cli_analyses_a_saved_quanto_point(tmp_path):
-    """``torch.save(dequantized_weights(model))`` then ``riverscape analyze --quantized-weights``: the analysed PTQ point is quanto's."""
-    net = digits_mlp_checkpoint(tmp_path / "ckpt.pt", steps=60).model
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits MLP checkpoint, its int4 quanto model and both ways of saving that model."""
+    folder = tmp_path_factory.mktemp("quanto_cli")
+    net = digits_mlp_checkpoint(folder / "ckpt.pt", steps=60).model
     model = _quantized(net, qint4)
-    torch.save(dequantized_weights(model), tmp_path / "quanto.pt")
+    torch.save(dequantized_weights(model), folder / "dequantized.pt")
+    torch.save(model.state_dict(), folder / "quanto_state.pt")  # quanto's own serialization: '<name>.weight._data._data', ...
+    return folder, model
+
+
+def _analyze(folder, weights: str) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main([str(a) for a in ("analyze", tmp_path / "ckpt.pt", "--quantized-weights", tmp_path / "quanto.pt", "--bits", "4",
+        code = cli.main([str(a) for a in ("analyze", folder / "ckpt.pt", "--quantized-weights", folder / weights, "--bits", "4",
                                          "--budget", "quick", "--skip", "slices,density,paths,alignment,damage,layers", "--qat-steps", "0",
-                                         "--max-samples", "0", "--top-k", "2", "--out", tmp_path / "report")])
-    assert code == 0, err.getvalue()
-    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+                                         "--max-samples", "0", "--top-k", "2", "--out", folder / f"report_{weights}")])
+    return code, err.getvalue()
+
+
+def test_the_cli_analyses_a_saved_quanto_point(digits):
+    """``torch.save(dequantized_weights(model))`` then ``riverscape analyze --quantized-weights``: the analysed PTQ point is quanto's."""
+    folder, model = digits
+    code, err = _analyze(folder, "dequantized.pt")
+    assert code == 0, err
+    m = json.loads((folder / "report_dequantized.pt" / "metrics.json").read_text())
     x, y = rs.load_dataset("digits").test
     with torch.no_grad():
         own = nn.functional.cross_entropy(model(x), y).item()
     assert m["ptq"]["ptq_method"] == "external" and m["ptq"]["loss"] == pytest.approx(own, rel=1e-5)
     assert m["ptq"]["grid_residual_max"] < 1e-3  # quanto's per-channel affine int4 grid (64 and fewer inputs: no groups)
+
+
+def test_quantos_own_state_dict_is_refused_with_the_way_to_save_it(digits):
+    folder, _ = digits
+    code, err = _analyze(folder, "quanto_state.pt")
+    errors = [line for line in err.strip().splitlines() if line.startswith("riverscape: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "lacks 2 of the quantized tensors" in errors[0] and "'1.weight._data._data'" in errors[0] and "dequantized_weights(model)" in errors[0]
