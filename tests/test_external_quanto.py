@@ -156,7 +156,7 @@ def digits(tmp_path_factory):
 def _analyze(folder, weights: str) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main([str(a) for a in ("analyze", folder / "ckpt.pt", "--quantized-weights", folder / weights, "--bits", "4",
+        code = cli.main([str(a) for a in ("analyze", folder / "ckpt.pt", "--quantized-weights", folder / weights, "--bits", "4", "--range", "minmax",
                                          "--budget", "quick", "--skip", "slices,density,paths,alignment,damage,layers", "--qat-steps", "0",
                                          "--max-samples", "0", "--top-k", "2", "--out", folder / f"report_{weights}")])
     return code, err.getvalue()
