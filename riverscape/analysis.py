@@ -430,8 +430,11 @@ def _external_point(options, names: list[str]):
     weights = dequantized_weights(raw.state_dict)
     missing = [n for n in names if n not in weights]
     if missing:
+        packed = [k for k in raw.state_dict if k.startswith(f"{missing[0]}.")]  # e.g. optimum-quanto's '<name>._data._data'
+        hint = (f"; it holds {packed[0]!r}: a library's serialized quantized tensor, so save the dequantized weights "
+                "instead: torch.save(riverscape.quant.ptq.dequantized_weights(model), FILE)") if packed else ""
         raise InputError(f"{options.quantized_weights} lacks {len(missing)} of the quantized tensors: {', '.join(missing[:4])}"
-                         + (" ..." if len(missing) > 4 else ""))
+                         + (" ..." if len(missing) > 4 else "") + hint)
     return External(weights, source=str(options.quantized_weights), group_size=options.group_size)
 
 

@@ -55,6 +55,28 @@ def test_conv_channel_axis_and_hand_computed_grid():
     torch.testing.assert_close(grid.qparams.scale, q.qparams(conv).scale, rtol=1e-12, atol=0)
 
 
+def test_an_affine_grid_without_zero_is_recovered_with_its_offset():
+    """optimum-quanto's int4 layout written by hand: ``w = s q - shift`` per group of 32, codes 0..15, a float shift."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (4, 64), generator=gen)
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group uses both ends of its range
+    scale = 0.01 + 0.1 * torch.rand(4, 2, dtype=torch.float64, generator=gen)
+    shift = 0.1 + 0.5 * torch.rand(4, 2, dtype=torch.float64, generator=gen)  # not a multiple of the step: zero is off the grid
+    w = (scale.repeat_interleave(32, dim=1) * codes - shift.repeat_interleave(32, dim=1)).float()
+    grid = infer_grid(w, group_size=32)
+    assert grid.affine and grid.on_grid and grid.residual < 1e-4  # float32 values: ~1e-6 of a step
+    assert (grid.qparams.qmin, grid.qparams.qmax, grid.levels) == (0, 15, 16)
+    assert torch.equal(torch.round(w / grid.qparams.scale + grid.qparams.zero_point).long(), codes)
+    # least-squares step and offset from 32 float32 values: ~1e-7 relative
+    torch.testing.assert_close(grid.qparams.scale[:, ::32].double(), scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close((grid.qparams.zero_point * grid.qparams.scale)[:, ::32].double(), shift, rtol=1e-5, atol=0)
+    forced = infer_grid(w, group_size=32, zero_on_grid=True)  # zero on the grid: no step up to 16 bits fits these values
+    assert not forced.affine and not forced.on_grid
+    # values on s * integers fit both descriptions with as many codes: zero stays on the grid
+    assert not infer_grid(torch.tensor([[0.5, -1.0, 0.0, 1.5]])).affine
+    assert infer_grid(torch.tensor([[0.5, -1.0, 0.0, 1.5]]), zero_on_grid=False).affine
+
+
 def test_values_off_a_uniform_grid_are_refused_unless_allowed():
     obj = _obj(_wide_mlp(0))
     noisy = {k: v + 1e-3 * torch.randn_like(v) for k, v in obj.unflatten(ptq_result(obj, UniformQuantizer(3)).theta_q).items()}
