@@ -20,7 +20,7 @@ reports its peak resident memory (``ru_maxrss``); ``allreduce`` times one all-re
 (float32: top-5, trace, slice and alignment to ~1e-4 relative). The workload is
 :func:`benchmarks.workloads.mlp_of_size` (a tanh MLP, random data).
 
-    python benchmarks/data_parallel.py [--sizes 1e4,1e5,1e6,1e7] [--json out.json]
+    python benchmarks/data_parallel.py [--sizes 1e4,1e5,1e6,1e7] [--samples N] [--tasks top5,trace] [--json out.json]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def default_samples(params: int) -> int:
     return 2048 if params <= 2_000_000 else 256
 
 
-def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repeats: int) -> dict:
+def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repeats: int, tasks: tuple[str, ...] = TASKS) -> dict:
     """Run every task in this process (one of a data-parallel group when launched so)."""
     import torch
 
@@ -83,11 +83,13 @@ def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repe
         eigs["values"], eigs["vectors"] = hessian_eigs(obj, theta, k=5, seed=0)
         return eigs["values"].tolist()
 
-    timed("top5", top5)
-    timed("trace", lambda: hessian_trace(obj, theta, matvecs=trace_matvecs, seed=0).value)
-    d1, d2 = random_direction(obj, seed=1), random_direction(obj, seed=2)
-    timed("slice", lambda: slice_2d(obj, theta, d1, d2, span=0.5, steps=25, progress=False).loss.flatten().tolist())
-    basis = HillBasis.from_vectors(obj, theta, eigs["vectors"], values=eigs["values"])
+    if "top5" in tasks or "alignment" in tasks:
+        timed("top5", top5)
+    if "trace" in tasks:
+        timed("trace", lambda: hessian_trace(obj, theta, matvecs=trace_matvecs, seed=0).value)
+    if "slice" in tasks:
+        d1, d2 = random_direction(obj, seed=1), random_direction(obj, seed=2)
+        timed("slice", lambda: slice_2d(obj, theta, d1, d2, span=0.5, steps=25, progress=False).loss.flatten().tolist())
 
     gradients = {"count": 0}
     grad_terms = obj._grad_terms
@@ -103,8 +105,10 @@ def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repe
                         floor_null=False, per_layer=False, seed=0, progress=False)
         return [res.inward, res.cosine_floor, res.null_z]
 
-    timed("alignment", align)
-    out["alignment_gradients"] = gradients["count"]
+    if "alignment" in tasks:
+        basis = HillBasis.from_vectors(obj, theta, eigs["vectors"], values=eigs["values"])
+        timed("alignment", align)
+        out["alignment_gradients"] = gradients["count"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ranks = [None] * distributed.world_size()
     if obj.reduction is not None:
@@ -128,7 +132,8 @@ def run_group(world: int, params: int, args: argparse.Namespace) -> dict:
            "MASTER_PORT": str(_free_port())}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, __file__, "--child", "--sizes", str(params), "--samples", str(args.samples or default_samples(params)),
-           "--trace-matvecs", str(args.trace_matvecs), "--null-draws", str(args.null_draws), "--repeats", str(args.repeats)]
+           "--trace-matvecs", str(args.trace_matvecs), "--null-draws", str(args.null_draws), "--repeats", str(args.repeats),
+           "--tasks", args.tasks]
     procs = []
     for rank in range(world):
         extra = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)} if world > 1 else {}
@@ -148,8 +153,12 @@ def _max_rel(a: list[float], b: list[float]) -> float:
 
 def agreement(one: dict, two: dict) -> dict:
     """Largest relative difference between the two configurations, per task."""
-    return {"top5": _max_rel(one["top5"], two["top5"]), "trace": _max_rel([one["trace"]], [two["trace"]]),
-            "slice": _max_rel(one["slice"], two["slice"]), "alignment": _max_rel(one["alignment"][:2], two["alignment"][:2])}
+    out = {}
+    for task in ("top5", "trace", "slice", "alignment"):
+        if task in one:
+            a, b = (one[task], two[task]) if isinstance(one[task], list) else ([one[task]], [two[task]])
+            out[task] = _max_rel(a[:2], b[:2]) if task == "alignment" else _max_rel(a, b)
+    return out
 
 
 def dominant_cost(two: dict) -> str:
@@ -169,7 +178,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         one, two = row["one"], row["two"]
         ratio = one["hvp_seconds"] / one["gradient_seconds"]
-        for i, task in enumerate(TASKS):
+        for i, task in enumerate(t for t in TASKS if f"{t}_seconds" in one):
             head = (f"{one['dim']:,}", str(one["samples"]), f"{ratio:.2f}") if i == 0 else ("", "", "")
             a, b = one[f"{task}_seconds"], two[f"{task}_seconds"]
             name = task
@@ -194,13 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--null-draws", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="gradients/HVPs averaged for those rows")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     if args.child:
         sys.path.insert(0, str(REPO))
-        print(json.dumps(measure(sizes[0], args.samples, args.trace_matvecs, args.null_draws, args.repeats)))
+        print(json.dumps(measure(sizes[0], args.samples, args.trace_matvecs, args.null_draws, args.repeats, tuple(args.tasks.split(",")))))
         return
     rows = []
     for params in sizes:
