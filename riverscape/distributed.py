@@ -255,6 +255,31 @@ class AllReduce:
         """Process 0's ``value`` on every process."""
         return agree(value, self.group)
 
+    # -------------------------------------------- a CoordinateSplit (riverscape.linalg.operators)
+    def _width(self, n: int) -> int:
+        return -(-n // torch.distributed.get_world_size(self.group))
+
+    def coordinates(self, n: int) -> slice:
+        """This process's coordinates of an ``n``-vector: block ``rank`` of ``ceil(n / W)`` (the last one shorter)."""
+        width = self._width(n)
+        start = min(torch.distributed.get_rank(self.group) * width, n)
+        return slice(start, min(start + width, n))
+
+    def gather_coordinates(self, part: Tensor, n: int) -> Tensor:
+        """The whole ``n``-vector from every process's :meth:`coordinates` part (one all-gather)."""
+        width, mine = self._width(n), self.coordinates(n)
+        if part.shape != (mine.stop - mine.start,):
+            raise ValueError(f"process {rank()} holds coordinates {mine.start}..{mine.stop} of {n}, got {tuple(part.shape)}")
+        out = part.new_empty(width * torch.distributed.get_world_size(self.group))
+        blocks = list(out.split(width))  # all_gather writes straight into the output's blocks
+        padded = part if part.shape[0] == width else torch.cat([part, part.new_zeros(width - part.shape[0])])
+
+        def gather() -> None:
+            torch.distributed.all_gather(blocks, padded, group=self.group, async_op=True).wait(timeout=self.timeout)
+
+        _collective("an all-gather", gather)
+        return out[:n]
+
 
 class AllGather:
     """The :class:`~riverscape.objective.PointSplit` of a process group: strided points, results all-gathered.

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,6 +104,7 @@ def compute(world: int) -> dict:
         out[f"op_{mode}"] = {"block": (op @ block).tolist(), "vector": (op @ v).tolist()}
     values, _ = hessian_eigs(obj, theta, 3, seed=0)
     out["eigenvalues"] = values.tolist()
+    out["lanczos"] = split_lanczos_numbers(obj, theta)
     out["trace"] = hessian_trace(obj, theta, matvecs=12, seed=5).value
     d1, d2 = random_direction(obj, seed=6), random_direction(obj, seed=7)
     out["slice"] = slice_2d(obj, theta, d1, d2, span=0.5, steps=3, progress=False).loss.tolist()
@@ -123,6 +125,26 @@ def compute(world: int) -> dict:
     out["points"] = point_parallel_numbers()
     out["world"] = world
     return out
+
+
+def split_lanczos_numbers(obj, theta) -> dict:
+    """Top-3 eigenpairs by the torch thick-restart Lanczos, whose basis is split by coordinates across processes.
+
+    Records the length of every basis block this process sent to the all-gathers: its own
+    coordinates (20 and 19 of 39 in two processes), so the basis really was split.
+    """
+    from riverscape.linalg import eigenpairs
+
+    op = obj.hessian(theta)
+    blocks = []
+    if op.coordinate_split is not None:
+        gather = op.coordinate_split.gather_coordinates
+        op.coordinate_split = SimpleNamespace(coordinates=op.coordinate_split.coordinates, sum=op.coordinate_split.sum,
+                                              gather_coordinates=lambda part, n: (blocks.append(part.shape[0]), gather(part, n))[1])
+    values, vectors = eigenpairs(op, 3, solver="lanczos", seed=0)
+    vectors = vectors * torch.sign(vectors[vectors.abs().argmax(dim=0), range(3)])  # a fixed sign per eigenvector
+    return {"values": values.tolist(), "vectors": vectors.tolist(), "blocks": sorted(set(blocks)), "gathers": len(blocks),
+            "products": op.matvecs}
 
 
 def point_parallel_numbers() -> dict:
@@ -243,6 +265,11 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
     # timing; one point each, so process 0's), then the other 23 together (12 and 11)
     assert single["points"].pop("work") == {"slice_points": 25, "null_gradients": 7}
     assert [r["points"].pop("work") for r in ranks] == [{"slice_points": 14, "null_gradients": 4}, {"slice_points": 11, "null_gradients": 3}]
+    # the Lanczos basis split by coordinates: each process held and sent its own block (20 and 19 of 39),
+    # one all-gather per product plus one per returned eigenvector; one process gathers nothing
+    lanczos = [r["lanczos"] for r in ranks]
+    assert [b.pop("blocks") for b in lanczos] == [[20], [19]] and single["lanczos"].pop("blocks") == []
+    assert [b.pop("gathers") - b["products"] for b in lanczos] == [3, 3] and single["lanczos"].pop("gathers") == 0
     assert ranks[0] == ranks[1], "the two processes disagree (they must compute bit-identical numbers)"
     assert ranks[0]["n"] == single["n"] == [37, 37] and ranks[0]["world"] == 2
     assert ranks[0]["lm"]["n"] == single["lm"]["n"]

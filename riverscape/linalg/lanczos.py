@@ -20,16 +20,19 @@ __all__ = ["lanczos", "orthogonalise_", "owned_product", "spectral_density", "Sp
 DENSITY_CHECK_EVERY = 10  # Lanczos steps between two convergence checks of spectral_density(tol=...)
 
 
-def orthogonalise_(w: Tensor, basis: Tensor) -> Tensor:
+def orthogonalise_(w: Tensor, basis: Tensor, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Remove the span of ``basis``'s rows (orthonormal) from ``w`` in place, twice.
 
     Classical Gram-Schmidt applied twice ("twice is enough"), with no temporary of ``w``'s
     size. Returns the float64 coefficients of both passes added, ``basis @ w`` of the original
-    ``w`` to rounding (on the CPU).
+    ``w`` to rounding (on the CPU). When ``w`` and ``basis`` hold only some coordinates of the
+    vectors (a :class:`~riverscape.linalg.operators.CoordinateSplit`), ``total`` completes the
+    partial dot products over the processes (one small sum per pass).
     """
-    first = basis @ w
+    complete = (lambda x: x) if total is None else total
+    first = complete(basis @ w)
     w.addmv_(basis.T, first, alpha=-1.0)
-    second = basis @ w
+    second = complete(basis @ w)
     w.addmv_(basis.T, second, alpha=-1.0)
     return first.double().cpu() + second.double().cpu()
 

@@ -22,7 +22,7 @@ Shapes: ``n`` the operator's dimension, ``K`` vectors in a block.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.func import vmap
 
 __all__ = [
+    "CoordinateSplit",
     "Operator",
     "DenseOperator",
     "BlockOperator",
@@ -41,6 +42,24 @@ __all__ = [
 ]
 
 HVP_MODES = ("auto", "reuse", "forward", "reverse", "finite_difference")
+
+
+class CoordinateSplit(Protocol):
+    """How processes that all hold the same products share out the coordinates of vectors.
+
+    :class:`riverscape.distributed.AllReduce` is one. Process ``r`` of ``W`` owns the
+    contiguous coordinates :meth:`coordinates`; sums over coordinates are completed with
+    :meth:`sum` and whole vectors rebuilt with :meth:`gather_coordinates`.
+    """
+
+    def coordinates(self, n: int) -> slice:
+        """This process's coordinates of an ``n``-vector (contiguous; together they cover ``0..n``)."""
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes, in place (every process gets the sum)."""
+
+    def gather_coordinates(self, part: Tensor, n: int) -> Tensor:
+        """The whole ``n``-vector from every process's :meth:`coordinates` part of it."""
 
 
 class Operator(LinearOperator):
@@ -63,7 +82,12 @@ class Operator(LinearOperator):
     device : torch.device
     matvecs : int
         Products computed so far (a block of ``K`` vectors counts ``K``).
+    coordinate_split : CoordinateSplit or None
+        Set when every process of a group computes the same products (a data-parallel Hessian):
+        vector work on top of them (the Lanczos basis) can then be split by coordinates.
     """
+
+    coordinate_split: "CoordinateSplit | None" = None
 
     def __init__(self, n: int, dtype: torch.dtype, device: Union[torch.device, str]) -> None:
         super().__init__(dtype=np.float64, shape=(int(n), int(n)))
@@ -283,6 +307,12 @@ class HessianOperator(Operator):
             raise ValueError("mode 'reuse' keeps a gradient graph per batch, which a streaming Objective does not hold; use 'forward'")
         self.mode = mode
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
+        # every process of a data-parallel Objective gets the same all-reduced products; a
+        # reduction that can also split coordinates (riverscape.distributed.AllReduce) lets the
+        # eigensolver share out its basis instead of repeating the vector work in every process
+        reduction = getattr(objective, "reduction", None)
+        if hasattr(reduction, "gather_coordinates"):
+            self.coordinate_split = reduction
 
     def _build_graphs(self) -> None:
         obj = self.objective

@@ -16,8 +16,14 @@ projections add only rounding, or a low-precision operator's noise, which the
 re-orthogonalisation removes). Ritz pair ``(theta_i, V y_i)`` has residual
 ``||A V y_i - theta_i V y_i|| = ||r|| |y_i[-1]|`` with ``r`` the residual of the last step.
 
+When every process of a group computes the same products (``operator.coordinate_split``, a
+data-parallel Hessian), each process keeps only its block of coordinates of the basis: the
+re-orthogonalisation, norms and restart rotations are split ``W`` ways, and each step adds one
+all-gather of the new basis vector (the next product's input) and small sums of ``ncv`` dot
+products. The numbers are those of one process up to the summation order of the dot products.
+
 Shapes: ``n`` the operator's dimension, ``k`` eigenpairs, ``ncv`` basis vectors, ``p`` kept
-Ritz vectors at a restart.
+Ritz vectors at a restart, ``c`` this process's coordinates (``n`` in one process).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from ..errors import ConvergenceError
 from .lanczos import orthogonalise_, owned_product
-from .operators import Operator
+from .operators import CoordinateSplit, Operator
 
 __all__ = ["thick_restart_lanczos", "ritz_order", "ROTATE_BLOCK", "RESIDUAL_FLOOR"]
 
@@ -64,12 +70,42 @@ def ritz_order(values: Tensor, which: str) -> Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
-def _fresh(basis: Tensor, generator: torch.Generator) -> Tensor:
+class _Coordinates:
+    """The coordinates of the basis this process holds: all ``n``, or its block of a :class:`CoordinateSplit`."""
+
+    def __init__(self, n: int, split: CoordinateSplit | None) -> None:
+        self.n, self.split = n, split
+        self.mine = slice(0, n) if split is None else split.coordinates(n)
+        self.size = self.mine.stop - self.mine.start
+
+    def total(self, partial: Tensor) -> Tensor:
+        """Dot products over this block completed over the processes (unchanged in one process)."""
+        return partial if self.split is None else self.split.sum(partial)
+
+    def norm(self, w: Tensor) -> float:
+        if self.split is None:
+            return float(torch.linalg.vector_norm(w))
+        return float(self.total(torch.dot(w, w).double().reshape(1))[0]) ** 0.5
+
+    def whole(self, row: Tensor) -> Tensor:
+        """The whole ``n``-vector of a basis row (an all-gather when split)."""
+        return row if self.split is None else self.split.gather_coordinates(row, self.n)
+
+    def block(self, vector: Tensor) -> Tensor:
+        """This process's block of a whole ``n``-vector (a copy when split, so the vector can be freed)."""
+        return vector if self.split is None else vector[self.mine].clone()
+
+    def random_block(self, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """This block of a random ``n``-vector (the same draw in every process), not yet normalised."""
+        return self.block(torch.randn(self.n, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def _fresh(basis: Tensor, generator: torch.Generator, coords: _Coordinates) -> Tensor:
     """A random unit vector orthogonal to ``basis`` (rows), to continue past an invariant subspace."""
-    w = torch.randn(basis.shape[1], generator=generator, dtype=torch.float64).to(dtype=basis.dtype, device=basis.device)
+    w = coords.random_block(generator, basis.dtype, basis.device)
     for _ in range(2):  # a second pass in case the first left a large component in the span
-        orthogonalise_(w, basis)
-    return w / torch.linalg.vector_norm(w)
+        orthogonalise_(w, basis, coords.total)
+    return w / coords.norm(w)
 
 
 def _rotate(basis: Tensor, coefficients: Tensor) -> None:
@@ -133,23 +169,26 @@ def thick_restart_lanczos(
     eps = torch.finfo(dtype).eps
     generator = torch.Generator().manual_seed(seed)
     keep = min(k + (ncv - k) // 2, ncv - 1)  # Ritz vectors kept at a restart (Wu & Simon's choice)
-    basis = torch.empty(ncv, n, dtype=dtype, device=device)
-    v = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-    basis[0] = v / torch.linalg.vector_norm(v)
+    coords = _Coordinates(n, operator.coordinate_split)
+    basis = torch.empty(ncv, coords.size, dtype=dtype, device=device)
+    v = coords.random_block(generator, dtype, device)
+    basis[0] = v / coords.norm(v)
     del v
     projected = torch.zeros(ncv, ncv, dtype=torch.float64)
     start, scale = 0, 0.0
     for _ in range(maxiter):
         for j in range(start, ncv):
-            w = owned_product(operator.torch_matmat(basis[j][:, None])[:, 0], basis)  # changed in place below
-            h = orthogonalise_(w, basis[: j + 1])
+            product = operator.torch_matmat(coords.whole(basis[j])[:, None])[:, 0]
+            w = owned_product(coords.block(product), basis)  # changed in place below
+            del product
+            h = orthogonalise_(w, basis[: j + 1], coords.total)
             projected[j, j] = h[j]  # alpha_j; the other coefficients are rounding, or the couplings set at the restart
-            beta = float(torch.linalg.vector_norm(w))
+            beta = coords.norm(w)
             scale = max(scale, float(h.abs().max()), beta)
             if j + 1 == ncv:
                 break
             if beta <= eps * scale:  # the Krylov space is invariant: go on with a new direction (coupling 0)
-                basis[j + 1] = _fresh(basis[: j + 1], generator)
+                basis[j + 1] = _fresh(basis[: j + 1], generator, coords)
                 continue
             basis[j + 1] = w.div_(beta)
             projected[j + 1, j] = projected[j, j + 1] = beta
@@ -165,6 +204,8 @@ def thick_restart_lanczos(
             del w
             wanted = wanted[torch.argsort(ritz[wanted], descending=True, stable=True)]
             _rotate(basis, y[:, wanted])
+            if coords.split is not None:  # every process returns the whole vectors
+                return ritz[wanted], torch.stack([coords.whole(row) for row in basis[:k]], dim=1)
             # row-major (n, k) like ARPACK's: the layout decides the summation order of later products,
             # so a stored and reloaded basis (row-major) gives bit-identical numbers; the basis is freed on return
             return ritz[wanted], basis[:k].T.contiguous()
@@ -172,7 +213,7 @@ def thick_restart_lanczos(
         _rotate(basis, y[:, kept])
         coupling = beta * y[-1, kept]
         if beta <= eps * scale:  # the residual carries no direction: restart from a new one, uncoupled
-            basis[keep] = _fresh(basis[:keep], generator)
+            basis[keep] = _fresh(basis[:keep], generator, coords)
             coupling.zero_()
         else:
             basis[keep] = w.div_(beta)
