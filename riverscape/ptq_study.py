@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .objective import Objective
-from .pipeline import evaluate_point, measure_ptq
+from .pipeline import evaluate_point, measure_ptq, point_objectives
 from .quant import UniformQuantizer
 from .quant.bn_reestimate import objective_on_module
 from .quant.nearby import greedy_flip_search
@@ -214,7 +214,13 @@ def ptq_method_cell(
                    qat_steps=study.spec.qat_steps, total_grid_flips=int(sum(res.grid_flips)))
         return {**out, "seconds": time.perf_counter() - start}
     if method == "nearby":
-        search = greedy_flip_search(calibration, qmap, study.theta_fp, rounds=flip_rounds, candidates_per_round=flip_candidates,
+        searched = calibration
+        if bn_reestimate:  # search on the loss the point is deployed with: statistics re-estimated at the RTN start, then fixed
+            start_objectives = point_objectives(study.reference, qmap, qmap(study.theta_fp), bn_reestimate=True, calibration=calibration)
+            if start_objectives is not None:
+                searched = objective_on_module(calibration, start_objectives.module)
+                out["search_bn"] = "re-estimated at the RTN start"
+        search = greedy_flip_search(searched, qmap, study.theta_fp, rounds=flip_rounds, candidates_per_round=flip_candidates,
                                     diagonal_matvecs=flip_matvecs, seed=seed, progress=progress)
         point = search.theta_best
         summary = search.to_dict()

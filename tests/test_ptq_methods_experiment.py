@@ -169,3 +169,23 @@ def test_experiment_models_include_the_resnet():
         ps.experiment_model("vgg")
     spec = ps.RESNET_STUDY
     assert spec.to_dict()["model_options"] == [["width", 8]] and "model_options" not in st.study_model("digits_mlp").to_dict()
+
+
+def test_the_nearby_search_of_a_batchnorm_cell_runs_on_the_statistics_of_its_start(monkeypatch):
+    """With re-estimation the flips are judged on the deployed loss: statistics re-estimated at the RTN-MSE start.
+
+    The searched objective's loss at the start must equal the RTN-MSE cell's calibration loss (measured
+    with statistics re-estimated at that point on the same rows); the stale FP statistics give another.
+    """
+    study = bn_study()
+    searched = []
+    real = ps.greedy_flip_search
+    monkeypatch.setattr(ps, "greedy_flip_search", lambda objective, *a, **k: (searched.append(objective), real(objective, *a, **k))[1])
+    options = dict(seed=3, calibration_samples=8, validation_samples=10, flip_rounds=2, flip_candidates=4, flip_matvecs=4)
+    fresh = ps.ptq_method_cell(study, 2, None, "nearby", bn_reestimate=True, **options)
+    stale = ps.ptq_method_cell(study, 2, None, "nearby", **options)
+    rtn = ps.ptq_method_cell(study, 2, None, "rtn_mse", seed=3, calibration_samples=8, validation_samples=10, bn_reestimate=True)
+    start = study.reference.quant_map(ps.method_quantizer("nearby", 2, None))(study.theta_fp)
+    assert fresh["search_bn"] == "re-estimated at the RTN start" and "search_bn" not in stale
+    assert searched[0].loss(start) == pytest.approx(rtn["calibration_loss"], rel=1e-12)
+    assert abs(searched[1].loss(start) - rtn["calibration_loss"]) > 1e-4  # without re-estimation: the stale statistics
