@@ -1,10 +1,11 @@
 """What ``torch.compile`` buys for an exact Hessian-vector product on CPU, by model size.
 
-The HVP is forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, the kernel of
-``Objective.hvp``'s forward mode) of a tanh MLP (:func:`benchmarks.workloads.mlp_of_size`) on fixed
-random data, one thread. Eager and compiled run side by side in one invocation; the table gives
-the mean time per HVP after one warm-up call, the compile time (the first compiled call) and the
-number of HVPs after which compiling pays for itself.
+riverscape's two forward-over-reverse HVPs side by side in one invocation, one thread: the eager
+``Objective(hvp_mode="forward")`` and the opt-in ``Objective(hvp_mode="compiled")`` (``torch.func.jvp``
+of ``torch.func.grad`` through ``torch.compile``), on a tanh MLP
+(:func:`benchmarks.workloads.mlp_of_size`) and fixed random data in one batch. The table gives the
+mean time per HVP after one warm-up call, the compile time (the first compiled call) and the number
+of HVPs after which compiling pays for itself.
 
     python benchmarks/compile_hvp.py [--sizes 10000 100000 1000000] [--samples 1024] [--repeats 5]
 """
@@ -27,39 +28,31 @@ def _mean_seconds(fn, args: tuple, repeats: int) -> float:
 
 
 def measure(size: int, samples: int, repeats: int) -> dict:
-    """Eager vs compiled HVP on an MLP of about ``size`` parameters."""
+    """Eager vs compiled riverscape HVP on an MLP of about ``size`` parameters."""
     import torch
-    from torch.func import functional_call, grad, jvp
 
+    import riverscape as rs
     from benchmarks.workloads import mlp_of_size
 
     torch.set_num_threads(1)
     workload = mlp_of_size(size, samples=samples)
-    model = workload.model
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    def loss(flat):
-        params, start = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[start : start + shape.numel()].view(shape)
-            start += shape.numel()
-        return workload.loss_fn(functional_call(model, params, (workload.x,)), workload.y)
+    def objective(mode: str) -> rs.Objective:
+        return rs.Objective(workload.fresh_model(), "cross_entropy", (workload.x, workload.y), batch_size=samples,
+                            dtype=torch.float32, hvp_mode=mode)
 
-    def hvp(flat, v):
-        return jvp(grad(loss), (flat,), (v,))[1]
-
+    eager, compiled = objective("forward"), objective("compiled")
+    theta = eager.theta0
     v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
-    eager = _mean_seconds(hvp, (theta, v), repeats)
-    compiled = torch.compile(hvp)
+    eager_seconds = _mean_seconds(eager.hvp, (theta, v), repeats)
     start = time.perf_counter()
-    compiled(theta, v)
+    compiled.hvp(theta, v)
     compile_seconds = time.perf_counter() - start
-    fast = _mean_seconds(compiled, (theta, v), repeats)
-    difference = float((compiled(theta, v) - hvp(theta, v)).norm() / hvp(theta, v).norm())
-    gain = eager - fast
-    return {"dim": int(theta.numel()), "eager": eager, "compiled": fast, "compile_seconds": compile_seconds,
+    fast = _mean_seconds(compiled.hvp, (theta, v), repeats)
+    reference = eager.hvp(theta, v)
+    difference = float((compiled.hvp(theta, v) - reference).norm() / reference.norm())
+    gain = eager_seconds - fast
+    return {"dim": int(theta.numel()), "eager": eager_seconds, "compiled": fast, "compile_seconds": compile_seconds,
             "break_even_hvps": compile_seconds / gain if gain > 0 else None, "relative_difference": difference}
 
 

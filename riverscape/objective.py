@@ -40,7 +40,7 @@ from .batching import (
 )
 from .io.reading import HALF_DTYPES
 from .limits import DEFAULT_MEMORY_LIMIT
-from .linalg.operators import HVP_MODES, HessianOperator
+from .linalg.operators import HVP_MODES, CompiledHVP, HessianOperator
 from .streaming import BatchRecord, collect_batches
 
 __all__ = [
@@ -221,11 +221,14 @@ class Objective:
         ``exp(loss)`` for token-level losses (``"causal_lm"``, ``"model"`` on a causal LM or
         token labels); :attr:`metric_name` says which. A callable
         ``metric(outputs, targets) -> Tensor`` (mean over the batch) is used as is.
-    hvp_mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}
+    hvp_mode : {"auto", "reuse", "forward", "reverse", "compiled", "finite_difference"}
         How :meth:`hessian` computes repeated HVPs at one point: ``"reuse"`` keeps the
         gradient graph and runs only the second backward (about 1.5 gradients per HVP),
         ``"forward"`` is forward-over-reverse (``jvp`` of ``grad``; no memory held between
-        calls), ``"reverse"`` is reverse-over-reverse. ``"auto"`` reuses the graph when the
+        calls), ``"reverse"`` is reverse-over-reverse. ``"compiled"`` is forward-over-reverse
+        through ``torch.compile`` (also for :meth:`hvp` and :meth:`hvps`): the first product
+        compiles (seconds), later ones are faster on small models (README "Performance");
+        never chosen by ``"auto"``. ``"auto"`` reuses the graph when the
         analysis set has at most ``reuse_max_batches`` batches. ``"finite_difference"``
         makes *every* HVP (:meth:`hvp`, :meth:`hvps`, :meth:`hessian`) a central difference
         of exact gradients (see :meth:`finite_difference_hvp`), for models with an op
@@ -359,6 +362,7 @@ class Objective:
         else:
             raise ValueError(f"metric must be 'auto', None or a callable, got {metric!r}")
         self._reverse_hvp = hvp_mode == "reverse"
+        self._compiled_hvp = CompiledHVP(self) if hvp_mode == "compiled" else None  # compiles at its first product
         self._vmap_ok = True
         self._selected: list[tuple[Tensor, ParamSpec]] | None = None  # for plain forwards (_load)
         self._forward_context: Callable[[], ContextManager] = contextlib.nullcontext
@@ -706,19 +710,32 @@ class Objective:
         """Exact Hessian-vector product ``H(theta) v`` (forward-over-reverse).
 
         Falls back to reverse-over-reverse for losses that hit PyTorch issue 123996. With
-        ``hvp_mode="finite_difference"`` it is :meth:`finite_difference_hvp` instead.
+        ``hvp_mode="finite_difference"`` it is :meth:`finite_difference_hvp` instead; with
+        ``hvp_mode="compiled"`` the forward-over-reverse kernel runs through ``torch.compile``
+        (the same exact product; the first call compiles, seconds).
         """
+        return self._hvp_sum(theta, v, self._compiled_hvp or self._hvp_batch)
+
+    def hvps(self, theta: Tensor, vectors: Tensor) -> Tensor:
+        """Hessian times a block of vectors: ``(D, K) -> (D, K)``, vectorised with ``vmap``.
+
+        With ``hvp_mode="compiled"``: one compiled product per column instead of ``vmap``.
+        """
+        return self._hvps_sum(theta, vectors, self._compiled_hvp)
+
+    def _hvp_sum(self, theta: Tensor, v: Tensor, batch_hvp: Callable[[Tensor, Tensor, Any, Any], Tensor]) -> Tensor:
+        """``H v`` over the analysis set from ``batch_hvp(theta, v, x, y)`` per batch (or finite differences)."""
         theta = self.check_theta(theta)
         v = self.check_theta(v)
         if self.finite_difference:
             return self.finite_difference_hvp(theta, v)
         out = torch.zeros_like(theta)
         for w, x, y in self.weighted_batches():
-            out.add_(self._hvp_batch(theta, v, x, y), alpha=w)
+            out.add_(batch_hvp(theta, v, x, y), alpha=w)
         return self.reduce_sum(out)
 
-    def hvps(self, theta: Tensor, vectors: Tensor) -> Tensor:
-        """Hessian times a block of vectors: ``(D, K) -> (D, K)``, vectorised with ``vmap``."""
+    def _hvps_sum(self, theta: Tensor, vectors: Tensor, compiled: Callable[[Tensor, Tensor, Any, Any], Tensor] | None) -> Tensor:
+        """``H V`` for a block: ``vmap`` of the eager batch HVP, or ``compiled`` column by column."""
         theta = self.check_theta(theta)
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         if vectors.ndim != 2 or vectors.shape[0] != self.dim:
@@ -727,6 +744,10 @@ class Objective:
             return torch.stack([self.finite_difference_hvp(theta, v) for v in vectors.T], dim=1)
         out = torch.zeros_like(vectors)
         for w, x, y in self.weighted_batches():
+            if compiled is not None:  # contiguous columns: a strided view would compile the kernel again
+                for k, column in enumerate(vectors.T.contiguous()):
+                    out[:, k].add_(compiled(theta, column, x, y), alpha=w)
+                continue
             batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
             out.add_(batched.T, alpha=w)
         return self.reduce_sum(out)
@@ -741,7 +762,7 @@ class Objective:
         ----------
         theta : Tensor, shape (D,)
             Point of evaluation.
-        mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}, optional
+        mode : {"auto", "reuse", "forward", "reverse", "compiled", "finite_difference"}, optional
             The operator's HVP mode (default: the Objective's ``hvp_mode``), owned by the
             operator: this Objective is not modified. An Objective in ``"finite_difference"``
             mode, whose exact HVPs fail, always gives differences.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -287,3 +288,44 @@ def test_hessian_operator_algorithms_agree_with_dense(classification_data):
     values, _ = eigenpairs(op, 3, ncv=20)  # D = 39 > ncv: ARPACK on the Hessian operator
     assert_close(values, torch.linalg.eigvalsh(dense).flip(0)[:3], rtol=1e-8, what="top-3")
     assert abs(estimate_trace(op, matvecs=39).value - float(dense.trace())) < 1e-10
+
+
+def test_compiled_hvps_equal_the_eager_ones_and_share_one_kernel(classification_data):
+    """hvp_mode="compiled": torch.compile of the same forward-over-reverse kernel, so the same exact product.
+
+    float64, two equal batches (one compile); 1e-12 relative is rounding (the compiled graph may fuse
+    and reorder the same float64 operations), far below a wrong batch weight or a missing term (1e-2).
+    """
+    x, y = classification_data
+    eager = rs.Objective(tiny_mlp(2), "cross_entropy", (x[:32], y[:32]), batch_size=16)
+    compiled = rs.Objective(tiny_mlp(2), "cross_entropy", (x[:32], y[:32]), batch_size=16, hvp_mode="compiled")
+    theta = eager.theta0 + 0.05
+    g = torch.Generator().manual_seed(3)
+    v, block = torch.randn(eager.dim, generator=g, dtype=torch.float64), torch.randn(eager.dim, 3, generator=g, dtype=torch.float64)
+    assert_close(compiled.hvp(theta, v), eager.hvp(theta, v), rtol=1e-12, atol=1e-14, what="compiled hvp")
+    assert_close(compiled.hvps(theta, block), eager.hvps(theta, block), rtol=1e-12, atol=1e-14, what="compiled hvps")
+    op = compiled.hessian(theta)
+    assert op.mode == "compiled" and op._compiled is compiled._compiled_hvp  # no second compile
+    dense = eager.dense_hessian(theta)
+    values, _ = eigenpairs(op, 3, ncv=20)
+    assert_close(values, torch.linalg.eigvalsh(dense).flip(0)[:3], rtol=1e-8, what="compiled top-3")
+
+
+def test_a_failed_compile_warns_once_and_gives_the_eager_product(classification_data, monkeypatch):
+    import riverscape.linalg.operators as operators
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("the compiler does not support this op\nlong traceback")
+        return call
+
+    monkeypatch.setattr(operators.torch, "compile", broken)
+    obj = rs.Objective(tiny_mlp(2), "cross_entropy", classification_data, batch_size=16, hvp_mode="compiled")
+    eager = rs.Objective(tiny_mlp(2), "cross_entropy", classification_data, batch_size=16, hvp_mode="forward")
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the HVP failed .*RuntimeError: the compiler does not support this op\\)"):
+        first = obj.hvp(obj.theta0, v)
+    assert obj._compiled_hvp.failed and torch.equal(first, eager.hvp(obj.theta0, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(obj.hvp(obj.theta0, v), first)

@@ -22,15 +22,17 @@ Shapes: ``n`` the operator's dimension, ``K`` vectors in a block.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
-from torch.func import vmap
+from torch.func import grad, jvp, vmap
 
 __all__ = [
+    "CompiledHVP",
     "CoordinateSplit",
     "Operator",
     "DenseOperator",
@@ -41,7 +43,7 @@ __all__ = [
     "HVP_MODES",
 ]
 
-HVP_MODES = ("auto", "reuse", "forward", "reverse", "finite_difference")
+HVP_MODES = ("auto", "reuse", "forward", "reverse", "compiled", "finite_difference")
 
 
 class CoordinateSplit(Protocol):
@@ -264,6 +266,42 @@ def as_operator(
     raise TypeError(f"cannot use a {type(operator).__name__} as an operator: need an Operator, a Tensor or torch_matmat")
 
 
+class CompiledHVP:
+    """One batch's forward-over-reverse HVP of an Objective through ``torch.compile`` (HVP mode ``"compiled"``).
+
+    Called as ``(theta, v, x, y) -> H_batch v`` like the Objective's eager ``_hvp_batch``; compiles
+    at the first call (seconds; a new batch shape compiles again). If that first compile fails
+    (an op the compiler does not support), a ``RuntimeWarning`` says so and the eager kernel,
+    the same exact product, is used from then on.
+
+    Parameters
+    ----------
+    objective : Objective
+        Typed ``Any``: linalg imports no model code.
+    """
+
+    def __init__(self, objective: Any) -> None:
+        self.objective = objective
+        self._kernel: Any = None
+        self.failed = False
+
+    def __call__(self, theta: Tensor, v: Tensor, x: Any, y: Any) -> Tensor:
+        if self.failed:
+            return self.objective._hvp_batch(theta, v, x, y)
+        if self._kernel is not None:
+            return self._kernel(theta, v, x, y)
+        grad_fn = grad(self.objective.batch_loss)
+        self._kernel = torch.compile(lambda t, u, xb, yb: jvp(lambda s: grad_fn(s, xb, yb), (t,), (u,))[1])
+        try:
+            return self._kernel(theta, v, x, y)
+        except Exception as err:  # noqa: BLE001 - the compiler raises many error types; the eager kernel is exact
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile of the HVP failed ({type(err).__name__}: {first}); using the eager "
+                          "forward-over-reverse HVP", RuntimeWarning, stacklevel=2)
+            self.failed = True
+            return self.objective._hvp_batch(theta, v, x, y)
+
+
 class HessianOperator(Operator):
     """The exact Hessian ``H(theta)`` of an Objective as an :class:`Operator`.
 
@@ -276,11 +314,12 @@ class HessianOperator(Operator):
         The :class:`~riverscape.objective.Objective` (typed ``Any``: linalg imports no model code).
     theta : Tensor, shape (D,)
         Point of evaluation.
-    mode : {"auto", "reuse", "forward", "reverse", "finite_difference"}
+    mode : {"auto", "reuse", "forward", "reverse", "compiled", "finite_difference"}
         ``"reuse"`` builds every batch's gradient graph once (create_graph) and runs only the
         second backward per product; ``"forward"`` is the Objective's forward-over-reverse
         :meth:`~riverscape.objective.Objective.hvp` (with its reverse fallback for ops without
-        a forward-mode derivative); ``"reverse"`` is reverse-over-reverse; ``"finite_difference"``
+        a forward-mode derivative); ``"compiled"`` the same through ``torch.compile`` (compiled
+        at the first product); ``"reverse"`` is reverse-over-reverse; ``"finite_difference"``
         central differences of gradients. ``"auto"``: ``"reuse"`` when the analysis set has at
         most ``objective.reuse_max_batches`` batches and holds them (it does not stream), else
         ``"forward"``; ``"reuse"`` on a streaming Objective raises ``ValueError``. An Objective in
@@ -307,6 +346,8 @@ class HessianOperator(Operator):
             raise ValueError("mode 'reuse' keeps a gradient graph per batch, which a streaming Objective does not hold; use 'forward'")
         self.mode = mode
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
+        # mode "compiled": the Objective's kernel when it has one (hvp_mode="compiled"), else this operator's own
+        self._compiled = (getattr(objective, "_compiled_hvp", None) or CompiledHVP(objective)) if mode == "compiled" else None
         # every process of a data-parallel Objective gets the same all-reduced products; a
         # reduction that can also split coordinates (riverscape.distributed.AllReduce) lets the
         # eigensolver share out its basis instead of repeating the vector work in every process
@@ -347,6 +388,8 @@ class HessianOperator(Operator):
             return self.objective.finite_difference_hvp(self.theta, v)
         if self.mode == "reverse":
             return self._reverse(v[:, None])[:, 0]
+        if self.mode == "compiled":
+            return self.objective._hvp_sum(self.theta, v, self._compiled)
         return self.objective.hvp(self.theta, v)
 
     def _apply(self, vectors: Tensor) -> Tensor:
@@ -356,6 +399,8 @@ class HessianOperator(Operator):
             return torch.stack([self._apply_vector(v) for v in vectors.T], dim=1)
         if self.mode == "reverse":
             return self._reverse(vectors)
+        if self.mode == "compiled":
+            return self.objective._hvps_sum(self.theta, vectors, self._compiled)
         return self.objective.hvps(self.theta, vectors)
 
     def release(self) -> None:
