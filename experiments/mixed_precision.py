@@ -5,7 +5,8 @@ budgets of 2.5 and 3 bits (candidates 2/3/4/8 per layer, RTN with MSE scales per
 per-layer sensitivities (exact second-order damage u^T H u and HAWQ-V2's tr(H)/n ||u||^2) are
 measured on 256 training rows drawn with the seed; the optimal plan of the additive model (an exact
 knapsack) is compared, on the test split, with the HAWQ-V2 plan at the same budget, 20 random
-allocations within it (their mean and their best) and the uniform allocation at floor(budget) bits.
+allocations within it (their mean, and the one with the lowest loss on the calibration rows) and the
+uniform allocation at floor(budget) bits.
 Paired by seed: plan minus each other arm (BCa interval, Wilcoxon p, wins).
 
     python experiments/mixed_precision.py --quick --out /tmp/mixed   # 3 seeds
@@ -32,7 +33,7 @@ from riverscape.stats.summary import format_interval
 NAME = "mixed_precision"
 MODELS = ("digits_mlp", "mnist1d_cnn")
 LABELS = {"loss_plan": "second-order plan", "loss_hawq": "HAWQ-V2 plan", "random_mean": "random (mean of 20)",
-          "random_best": "random (best of 20)", "loss_uniform": "uniform floor(budget)"}
+          "random_best": "random (best of 20 on calibration)", "loss_uniform": "uniform floor(budget)"}
 
 
 def settings(quick: bool) -> dict:
