@@ -10,7 +10,6 @@ uniform allocation at floor(budget) bits.
 Paired by seed: plan minus each other arm (BCa interval, Wilcoxon p, wins).
 
     python experiments/mixed_precision.py --quick --out /tmp/mixed   # 3 seeds
-    python experiments/mixed_precision.py --models digits_mlp --seeds 10 --out runs/mixed
     python experiments/mixed_precision.py --out runs/mixed_precision  # 10 seeds
 
 results.json: cells ``params = {"model", "budget", "seed"}``, ``result``: the record of
