@@ -20,11 +20,11 @@ from .stats import paired_comparison
 from .stats.summary import seed_interval
 from .studies import Study, calibration_split
 
-__all__ = ["CANDIDATE_BITS", "ARMS", "MIXED_CONTRASTS", "mixed_precision_cell", "mixed_summary_rows", "mixed_contrasts"]
+__all__ = ["CANDIDATE_BITS", "PLAN_ARMS", "MIXED_CONTRASTS", "mixed_precision_cell", "mixed_summary_rows", "mixed_contrasts"]
 
 CANDIDATE_BITS = (2, 3, 4, 8)
 """Bit-widths a layer may get."""
-ARMS = ("loss_plan", "loss_hawq", "random_mean", "random_best", "loss_uniform")
+PLAN_ARMS = ("loss_plan", "loss_hawq", "random_mean", "random_best", "loss_uniform")
 """Test losses of a cell: the second-order plan, HAWQ-V2, the mean of the random allocations and the one with
 the lowest calibration loss (a search over measured allocations), uniform."""
 MIXED_CONTRASTS = (("loss_plan", "loss_hawq"), ("loss_plan", "random_mean"), ("loss_hawq", "random_mean"),
@@ -54,7 +54,7 @@ def mixed_precision_cell(study: Study, budget_bits: float, *, seed: int, calibra
     Returns
     -------
     dict
-        ``loss_fp`` and the :data:`ARMS` (test losses), ``plan_bits``/``hawq_bits`` (layer ->
+        ``loss_fp`` and the :data:`PLAN_ARMS` (test losses), ``plan_bits``/``hawq_bits`` (layer ->
         bits), ``plan_average_bits``, ``hawq_average_bits``, ``random_losses`` (test),
         ``random_calibration_losses``, ``random_best_index``,
         ``random_average_bits``, ``uniform_bits``, ``calibration_samples``, ``seconds``.
@@ -99,7 +99,7 @@ def mixed_summary_rows(records: Iterable[Mapping], *, level: float = 0.95) -> li
     for (model, budget), cells in sorted(_by_setting(records).items()):
         results = [cells[s] for s in sorted(cells)]
         rows.append({"model": model, "budget": budget, "n": len(results),
-                     **{arm: seed_interval([r[arm] for r in results], level) for arm in ("loss_fp",) + ARMS}})
+                     **{arm: seed_interval([r[arm] for r in results], level) for arm in ("loss_fp",) + PLAN_ARMS}})
     return rows
 
 

@@ -72,7 +72,7 @@ def test_the_cell_measures_each_allocation_on_the_test_split(micro_run):
 
 def test_contrasts_pair_the_arms_by_seed():
     losses = {0: (0.30, 0.35, 0.50, 0.31, 0.40), 1: (0.20, 0.19, 0.45, 0.25, 0.30), 2: (0.50, 0.60, 0.70, 0.40, 0.55)}
-    records = [{"params": {"model": "m", "budget": 3.0, "seed": s}, "result": dict(zip(mp.ARMS, v), loss_fp=0.1)} for s, v in losses.items()]
+    records = [{"params": {"model": "m", "budget": 3.0, "seed": s}, "result": dict(zip(mp.PLAN_ARMS, v), loss_fp=0.1)} for s, v in losses.items()]
     rows = {(c["a"], c["b"]): c for c in mp.mixed_contrasts(records)}
     plan_hawq = rows[("loss_plan", "loss_hawq")]
     assert plan_hawq["n"] == 3 and plan_hawq["wins"] == 2  # seed 1: the plan loses to HAWQ
