@@ -351,10 +351,13 @@ def test_signals_give_one_exit_code_at_every_moment(ckpt, tmp_path, signum, code
     time.sleep(delay)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    if delay < 0.1 and proc.returncode == -signum and stderr == "":
+    if delay < 0.1 and ((proc.returncode == -signum and stderr == "") or
+                        (proc.returncode != 0 and stderr.startswith("Fatal Python error: init_import_site"))):
         # the signal came while the interpreter itself was still starting (under load, tens of
         # milliseconds), before any riverscape code ran: the default action ends it silently,
-        # which a shell reports as the same 130/143. Never a traceback, never output.
+        # which a shell reports as the same 130/143; or, a little later, Python's own KeyboardInterrupt
+        # inside its site import (.pth files of the environment) ends it with Python's fatal-error
+        # message. Neither is riverscape's code, and neither leaves output (checked below).
         pass
     else:
         assert proc.returncode == code, stderr
