@@ -13,8 +13,9 @@ QAT-ste minus RTN-minmax, and GPTQ / AdaRound / flips minus RTN-mse (BCa interva
 ``--models resnet20_digits32`` (or a comma list with the default ``digits_mlp,mnist1d_cnn``) adds the
 CIFAR ResNet-20 (width 8, BatchNorm; ``riverscape.ptq_study.RESNET_STUDY``) on the CIFAR-shaped
 digits (``riverscape.data.digits32``); it is not in the default set: on a shared 2-core machine
-(load ~18) one seed's FP training took 15-30 min and the 15 per-channel cells of one seed
-(5 methods x 3 bits) about 50 min, QAT (8-13 min per cell) and AdaRound (4-5 min) the largest. Every deployed point (PTQ and QAT) is evaluated with BatchNorm running
+(load ~18) one seed's FP training took 15-30 min; on the idle machine a cell takes 7-12 s (RTN, GPTQ),
+15-30 s (AdaRound), 50-90 s (QAT) and 6-14 min for the flip search at 2 bits, which at 4 bits runs all
+its rounds (over 30 min per cell). Every deployed point (PTQ and QAT) is evaluated with BatchNorm running
 statistics re-estimated at that point on the calibration split (no effect on the models without
 BatchNorm); the cells of a BatchNorm model also record the test numbers with the stale FP
 statistics (``stale_bn_accuracy``, ``stale_bn_loss``). ``--methods``, ``--bits`` and ``--group-sizes`` restrict
