@@ -743,9 +743,10 @@ class Objective:
         if self.finite_difference:
             return torch.stack([self.finite_difference_hvp(theta, v) for v in vectors.T], dim=1)
         out = torch.zeros_like(vectors)
+        columns = None if compiled is None else vectors.T.contiguous()  # a strided column would compile the kernel again
         for w, x, y in self.weighted_batches():
-            if compiled is not None:  # contiguous columns: a strided view would compile the kernel again
-                for k, column in enumerate(vectors.T.contiguous()):
+            if columns is not None:
+                for k, column in enumerate(columns):
                     out[:, k].add_(compiled(theta, column, x, y), alpha=w)
                 continue
             batched = vmap(lambda v: self._hvp_batch(theta, v, x, y))(vectors.T)
