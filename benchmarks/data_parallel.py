@@ -5,7 +5,10 @@ processes on strided halves (:func:`riverscape.distributed.shard`,
 :func:`riverscape.distributed.data_parallel`), side by side in one invocation:
 
 - ``gradient``: one full-data gradient (the unit of cost);
-- ``hvp``: one Hessian-vector product (forward-over-reverse), also as a multiple of ``gradient``;
+- ``hvp``: one Hessian-vector product of the Hessian operator the eigensolver and trace use, in
+  ``--hvp-mode`` (default ``"auto"``, the library's default: ``"reuse"`` for these materialised
+  data, i.e. the gradient graph is built once per operator and each product is the second
+  backward; ``"forward"`` is forward-over-reverse, no graph kept), also as a multiple of ``gradient``;
 - ``top5``: the top-5 Hessian eigenpairs (:func:`~riverscape.landscape.hessian_eigs`);
 - ``trace``: a Hutch++ trace with ``--trace-matvecs`` products;
 - ``slice``: a 25 x 25 2D slice (:func:`~riverscape.landscape.slice_2d`);
@@ -20,7 +23,7 @@ reports its peak resident memory (``ru_maxrss``); ``allreduce`` times one all-re
 (float32: top-5, trace, slice and alignment to ~1e-4 relative). The workload is
 :func:`benchmarks.workloads.mlp_of_size` (a tanh MLP, random data).
 
-    python benchmarks/data_parallel.py [--sizes 1e4,1e5,1e6,1e7] [--samples N] [--tasks top5,trace] [--json out.json]
+    python benchmarks/data_parallel.py [--sizes 1e4,1e5,1e6,1e7] [--samples N] [--tasks top5,trace] [--hvp-mode auto] [--json out.json]
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def default_samples(params: int) -> int:
     return 2048 if params <= 2_000_000 else 256
 
 
-def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repeats: int, tasks: tuple[str, ...] = TASKS) -> dict:
+def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repeats: int, tasks: tuple[str, ...] = TASKS,
+            hvp_mode: str = "auto") -> dict:
     """Run every task in this process (one of a data-parallel group when launched so)."""
     import torch
 
@@ -58,10 +62,13 @@ def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repe
     distributed.init()
     workload = mlp_of_size(params, samples=samples)
     data = distributed.shard((workload.x, workload.y))
-    obj = distributed.data_parallel(rs.Objective(workload.model, workload.loss_fn, data, hvp_mode="forward"))
+    obj = distributed.data_parallel(rs.Objective(workload.model, workload.loss_fn, data, hvp_mode=hvp_mode))
     theta = obj.theta0
-    obj.hvp(theta, theta)  # warm-up (lazy imports, allocator)
-    out: dict = {"world_size": distributed.world_size(), "dim": obj.dim, "samples": obj.n_samples}
+    hessian = obj.hessian(theta)  # the operator hessian_eigs and hessian_trace build, in the same mode
+    probe = theta[:, None]
+    obj.grad(theta)  # warm-up (lazy imports, allocator)
+    hessian.torch_matmat(probe)  # mode "reuse" builds its gradient graph here
+    out: dict = {"world_size": distributed.world_size(), "dim": obj.dim, "samples": obj.n_samples, "hvp_mode": hessian.mode}
 
     def timed(name: str, run, times: int = 1) -> None:
         distributed.agree(None)  # barrier
@@ -73,7 +80,8 @@ def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repe
         out[f"{name}_seconds"] = (time.perf_counter() - start) / times
 
     timed("gradient", lambda: float(obj.grad(theta).norm()), repeats)
-    timed("hvp", lambda: float(obj.hvp(theta, theta).norm()), repeats)
+    timed("hvp", lambda: float(hessian.torch_matmat(probe).norm()), repeats)
+    hessian.release()  # the tasks below build their own operators
     if obj.reduction is not None:
         message = torch.ones(obj.dim + 2, dtype=obj.dtype)
         timed("allreduce", lambda: float(obj.reduction.sum(message)[0]), repeats)
@@ -133,7 +141,7 @@ def run_group(world: int, params: int, args: argparse.Namespace) -> dict:
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, __file__, "--child", "--sizes", str(params), "--samples", str(args.samples or default_samples(params)),
            "--trace-matvecs", str(args.trace_matvecs), "--null-draws", str(args.null_draws), "--repeats", str(args.repeats),
-           "--tasks", args.tasks]
+           "--tasks", args.tasks, "--hvp-mode", args.hvp_mode]
     procs = []
     for rank in range(world):
         extra = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)} if world > 1 else {}
@@ -173,13 +181,13 @@ def dominant_cost(two: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """The README table: seconds at 1 and 2 processes, speed-up, peak memory per rank, what dominates."""
-    lines = ["| parameters | samples | HVP / gradient | task | 1 process (s) | 2 processes (s) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| parameters | samples | HVP mode | HVP / gradient | task | 1 process (s) | 2 processes (s) | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         one, two = row["one"], row["two"]
         ratio = one["hvp_seconds"] / one["gradient_seconds"]
         for i, task in enumerate(t for t in TASKS if f"{t}_seconds" in one):
-            head = (f"{one['dim']:,}", str(one["samples"]), f"{ratio:.2f}") if i == 0 else ("", "", "")
+            head = (f"{one['dim']:,}", str(one["samples"]), one["hvp_mode"], f"{ratio:.2f}") if i == 0 else ("", "", "", "")
             a, b = one[f"{task}_seconds"], two[f"{task}_seconds"]
             name = task
             if task == "alignment" and "alignment_gradients" in one:
@@ -191,7 +199,7 @@ def table(rows: list[dict]) -> str:
         one, two, agree = row["one"], row["two"], row["agreement"]
         per_rank = ", ".join(f"{m:.0f}" for m in two["peak_rss_mb_per_rank"])
         lines.append(f"| {one['dim']:,} | {one['peak_rss_mb']:.0f} | {per_rank} | {two['allreduce_seconds']:.3g} | "
-                     f"{dominant_cost(two)} | {max(agree.values()):.1e} |")
+                     f"{dominant_cost(two)} | {max(agree.values(), default=0.0):.1e} |")
     return "\n".join(lines)
 
 
@@ -204,13 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="gradients/HVPs averaged for those rows")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--hvp-mode", default="auto", help="the Objective's hvp_mode (default: the library default, 'auto')")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     if args.child:
         sys.path.insert(0, str(REPO))
-        print(json.dumps(measure(sizes[0], args.samples, args.trace_matvecs, args.null_draws, args.repeats, tuple(args.tasks.split(",")))))
+        print(json.dumps(measure(sizes[0], args.samples, args.trace_matvecs, args.null_draws, args.repeats, tuple(args.tasks.split(",")),
+                                 args.hvp_mode)))
         return
     rows = []
     for params in sizes:

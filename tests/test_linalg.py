@@ -26,6 +26,7 @@ from riverscape.linalg import (
     hutchpp_trace,
     lanczos,
     rademacher,
+    random_signs,
     spectral_density,
 )
 
@@ -199,6 +200,19 @@ def test_lanczos_on_operator_equals_callable(indefinite):
     assert_close(b1, b2, rtol=1e-12, atol=1e-14, what="betas")
     t = torch.diag(a1) + torch.diag(b1, 1) + torch.diag(b1, -1)
     assert_close(basis.T @ indefinite @ basis, t, rtol=0, atol=1e-12, what="V^T A V = T")
+
+
+def test_random_signs_are_the_int64_draws_in_the_probe_dtype():
+    """The int8 draws equal the former int64 recipe entry for entry and leave the generator where it left it,
+    so every probe (trace, SLQ, alignment nulls) and every pinned number built on them is unchanged."""
+    for dtype, shape in ((torch.float64, (1001, 7)), (torch.float32, (3, 5, 11))):
+        new, old = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        signs = random_signs(shape, new, dtype, torch.device("cpu"))
+        expected = (torch.randint(0, 2, shape, generator=old) * 2 - 1).to(dtype)
+        assert signs.dtype == dtype and torch.equal(signs, expected)
+        assert torch.equal(torch.rand(4, generator=new), torch.rand(4, generator=old))  # the same state afterwards
+    assert torch.equal(rademacher(9, 2, torch.Generator().manual_seed(1), torch.float64, torch.device("cpu")),
+                       random_signs((9, 2), torch.Generator().manual_seed(1), torch.float64, torch.device("cpu")))
 
 
 def test_slq_moments_are_exact_gauss_quadrature(indefinite):

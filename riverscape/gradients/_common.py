@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..landscape.curvature import hessian_eigs
+from ..linalg import random_signs
 from ..objective import HessianOperator, Objective
 from ..quant import QuantizerLike, QuantMap, resolve_quant_map
 
@@ -149,9 +150,8 @@ def random_orthonormal(dim: int, k: int, generator: torch.Generator, like: Tenso
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    """Independent random signs +-1."""
-    signs = torch.randint(0, 2, shape, generator=generator) * 2 - 1
-    return signs.to(dtype=like.dtype, device=like.device)
+    """Independent random signs +-1 in ``like``'s dtype and device (:func:`riverscape.linalg.random_signs`)."""
+    return random_signs(shape, generator, like.dtype, like.device)
 
 
 def per_coordinate_scale(qmap: QuantMap, theta: Tensor) -> Tensor:

@@ -10,12 +10,12 @@ from .eigs import EIG_SOLVERS, EIG_WHICH, default_ncv, default_solver, eigenpair
 from .lanczos import SpectralDensity, lanczos, spectral_density
 from .operators import HVP_MODES, BlockOperator, DenseOperator, HessianOperator, Operator, ScaledOperator, as_operator
 from .restart import thick_restart_lanczos
-from .trace import TRACE_METHODS, TraceEstimate, estimate_trace, exact_trace, hutchinson_trace, hutchpp_trace, rademacher
+from .trace import TRACE_METHODS, TraceEstimate, estimate_trace, exact_trace, hutchinson_trace, hutchpp_trace, rademacher, random_signs
 
 __all__ = [
     "Operator", "DenseOperator", "BlockOperator", "ScaledOperator", "HessianOperator", "as_operator", "HVP_MODES",
     "eigenpairs", "eigenpair_residuals", "default_ncv", "default_solver", "EIG_WHICH", "EIG_SOLVERS", "thick_restart_lanczos",
-    "estimate_trace", "hutchinson_trace", "hutchpp_trace", "exact_trace", "TraceEstimate", "TRACE_METHODS", "rademacher",
+    "estimate_trace", "hutchinson_trace", "hutchpp_trace", "exact_trace", "TraceEstimate", "TRACE_METHODS", "rademacher", "random_signs",
     "lanczos", "spectral_density", "SpectralDensity",
     "estimate_diagonal", "DiagonalEstimate",
 ]

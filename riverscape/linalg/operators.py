@@ -372,11 +372,11 @@ class HessianOperator(Operator):
         """``H v`` from the stored gradient graphs, summed over this process's batches only."""
         if self._graphs is None:
             self._build_graphs()
-        out = torch.zeros_like(v)
+        out = None
         for w, leaf, g in self._graphs:
             (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
-            out.add_(hv, alpha=w)
-        return out
+            out = hv * w if out is None else out.add_(hv, alpha=w)  # a new tensor: hv may be v itself (a linear gradient)
+        return torch.zeros_like(v) if out is None else out
 
     # A data-parallel Objective combines the processes' shares with ``reduce_sum``: exactly once
     # per product call in the modes "reuse", "forward" and "reverse", so processes that resolved
@@ -394,6 +394,8 @@ class HessianOperator(Operator):
 
     def _apply(self, vectors: Tensor) -> Tensor:
         if self.mode == "reuse":
+            if vectors.shape[1] == 1:  # one column (Lanczos): no stacked copy
+                return self.objective.reduce_sum(self._reuse(vectors[:, 0]))[:, None]
             return self.objective.reduce_sum(torch.stack([self._reuse(v) for v in vectors.T], dim=1))
         if self.mode == "finite_difference":
             return torch.stack([self._apply_vector(v) for v in vectors.T], dim=1)
