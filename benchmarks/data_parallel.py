@@ -41,11 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ("gradient", "hvp", "top5", "trace", "slice", "alignment")
 
 
-def default_samples(params: int) -> int:
-    """Samples per size: 2048 up to 1e6 parameters, fewer above so one forward stays ~0.1-0.2 s on one thread."""
-    return 2048 if params <= 2_000_000 else 256
-
-
 def measure(params: int, samples: int, trace_matvecs: int, null_draws: int, repeats: int, tasks: tuple[str, ...] = TASKS,
             hvp_mode: str = "auto") -> dict:
     """Run every task in this process (one of a data-parallel group when launched so)."""
@@ -139,7 +134,7 @@ def run_group(world: int, params: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, __file__, "--child", "--sizes", str(params), "--samples", str(args.samples or default_samples(params)),
+    cmd = [sys.executable, __file__, "--child", "--sizes", str(params), "--samples", str(args.samples),
            "--trace-matvecs", str(args.trace_matvecs), "--null-draws", str(args.null_draws), "--repeats", str(args.repeats),
            "--tasks", args.tasks, "--hvp-mode", args.hvp_mode]
     procs = []
@@ -206,7 +201,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e4,1e5,1e6,1e7", help="comma-separated parameter counts")
-    parser.add_argument("--samples", type=int, default=None, help="samples (default: 2048 up to 2e6 parameters, 256 above)")
+    parser.add_argument("--samples", type=int, default=2048,
+                        help="samples at every size (default 2048; at 1e7 parameters fewer leave the D-sized work per product and the collectives a larger share)")
     parser.add_argument("--trace-matvecs", type=int, default=30)
     parser.add_argument("--null-draws", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="gradients/HVPs averaged for those rows")
